@@ -1,0 +1,28 @@
+# The two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/shakespeare_char
+
+.PHONY: demo test install bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m train.pretrain_gpt --config=configs/gpt.py:shakespeare_char --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]' torch==2.13.0
+	$(PY) bench/train_speed.py --model gpt --size small
+
+clean:
+	rm -rf $(VENV) workdirs
