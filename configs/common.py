@@ -1,0 +1,44 @@
+"""Pieces every run config shares: the train, mesh and sharding blocks, and model presets as ConfigDicts.
+
+Each program's config file (gpt.py, ...) starts from `base_config()` and fills in its model and data.
+"""
+
+import dataclasses
+
+import ml_collections
+
+
+def model_config(preset) -> ml_collections.ConfigDict:
+  """A model preset (frozen dataclass) as a ConfigDict: every field overridable from the CLI,
+  and a mistyped field is an error."""
+  return ml_collections.ConfigDict(dataclasses.asdict(preset))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.init_from = ""  # a workdir whose latest checkpoint's params start this run
+  # Mesh sizes; one may be -1 ("the rest of the devices").
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  config.sharding = "fsdp"  # a rule set of fmjax/sharding.py: dp | fsdp | fsdp_tp
+
+  t = config.train = ml_collections.ConfigDict()
+  t.steps = 1000
+  t.batch_size = 32  # global batch (all hosts)
+  t.accum_steps = 1  # gradient accumulation: micro-batches per optimizer step
+  t.learning_rate = 1e-3
+  t.warmup_steps = 100
+  t.decay = "cosine"  # cosine | linear | constant
+  t.end_factor = 0.1  # final learning rate = end_factor * learning_rate
+  t.weight_decay = 0.1
+  t.b1 = 0.9
+  t.b2 = 0.95
+  t.eps = 1e-8
+  t.grad_clip = 1.0
+  t.log_every = 50
+  t.eval_every = 500
+  t.eval_batches = 20
+  t.save_every = 500
+  t.keep_checkpoints = 3
+  t.time_budget_s = 0.0  # >0: stop (and save) after this many seconds of training
+  return config

@@ -1,0 +1,141 @@
+"""Small shared layers: projections, embeddings, norms, MLPs and rotary positions.
+
+Shape key: B batch, T length, D width, F MLP width, N heads, K kv heads, H head dim, V vocab.
+
+Every parameter is created with *logical* axis names (see fmjax/sharding.py for the one table
+that maps them onto mesh axes), so no model ever names a mesh axis. The wrapping with
+`nn.with_logical_partitioning` happens here, once, instead of at every call site.
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def partitioned(init: Callable, axes: Axes) -> Callable:
+  """Wraps an initializer so the parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+class Dense(nn.Module):
+  """A linear map with logical axis names on its kernel (and bias).
+
+  `features` may be a tuple, e.g. (N, H) for a query projection, and `axis` may
+  contract several trailing input axes, e.g. (-2, -1) for an output projection
+  from (N, H) back to D.
+  """
+  features: int | Sequence[int]
+  kernel_axes: Axes
+  axis: int | Sequence[int] = -1
+  use_bias: bool = True
+  kernel_init: Callable = default_kernel_init
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = tuple(a % x.ndim for a in axis)
+    in_shape = tuple(x.shape[a] for a in axis)
+    kernel = self.param("kernel", partitioned(self.kernel_init, self.kernel_axes),
+                        in_shape + features, self.param_dtype)
+    x, kernel = jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype)
+    y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", partitioned(nn.initializers.zeros, self.kernel_axes[len(axis):]),
+                        features, self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
+
+
+class Embed(nn.Module):
+  """Token (or position / token-type) embedding table of shape (V, D)."""
+  num_embeddings: int
+  features: int
+  axes: Axes = ("vocab", "embed")
+  embedding_init: Callable = default_kernel_init
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param("embedding", partitioned(self.embedding_init, self.axes),
+                                (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids):
+    """(B, T) int -> (B, T, D)."""
+    return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+
+  def attend(self, x):
+    """Tied output projection: (B, T, D) -> (B, T, V) logits."""
+    return jnp.einsum("BTD,VD->BTV", x, jnp.asarray(self.embedding, self.dtype))
+
+
+def Norm(kind: str, *, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
+  """LayerNorm ("layer") or RMSNorm ("rms"); statistics in float32 either way."""
+  scale_init = partitioned(nn.initializers.ones, ("embed",))
+  if kind == "layer":
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=scale_init,
+                        bias_init=partitioned(nn.initializers.zeros, ("embed",)))
+  if kind == "rms":
+    return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                      scale_init=scale_init)
+  raise ValueError(f"unknown norm {kind!r}; expected 'layer' or 'rms'")
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # BERT: exact erf GELU.
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),  # GPT-2 "gelu_new".
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+class MLP(nn.Module):
+  """Position-wise feed-forward: D -> F -> D, or gated (SwiGLU) when `gated`."""
+  mlp_dim: int
+  activation: str = "gelu_tanh"
+  gated: bool = False
+  use_bias: bool = True
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
+    act = ACTIVATIONS[self.activation]
+    dense = lambda f, axes, name: Dense(f, axes, use_bias=self.use_bias, dtype=self.dtype,
+                                        param_dtype=self.param_dtype, name=name)
+    h = act(dense(self.mlp_dim, ("embed", "mlp"), "wi")(x))  # (B, T, F)
+    if self.gated:  # SwiGLU: act(x W_gate) * (x W_up).
+      h = h * dense(self.mlp_dim, ("embed", "mlp"), "wi_up")(x)
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=not train)
+    return dense(x.shape[-1], ("mlp", "embed"), "wo")(h)
+
+
+def apply_rope(x, positions, *, max_wavelength: float = 10_000.0):
+  """Rotary position embedding (Su et al. 2021), rotate-half convention.
+
+  Args:
+    x: (B, T, N, H) queries or keys; H must be even.
+    positions: (B, T) integer positions.
+  Returns:
+    x rotated by position-dependent angles, same shape and dtype.
+  """
+  h = x.shape[-1]
+  freq = max_wavelength ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # (H/2,)
+  angle = positions[..., None].astype(jnp.float32) * freq  # (B, T, H/2)
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)

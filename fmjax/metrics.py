@@ -1,0 +1,135 @@
+"""What a run reports: metrics.jsonl, TensorBoard, the loss-curve PNG, and MFU.
+
+MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / peak FLOP/s.
+Peak numbers are per device: dense bf16 from the vendors' data sheets for TPUs and
+GPUs; on CPU the fp32 matmul rate is measured once and cached.
+"""
+
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak FLOP/s per JAX device (a TPU v2/v3 device is one core).
+PEAK_FLOPS = {
+    "TPU v2": 22.5e12, "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12, "TPU7x": 2307e12,
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "V100": 125e12, "T4": 65e12, "B200": 2250e12,
+}
+
+
+def _cache_path():
+  base = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+  return os.path.join(base, "fmjax", "cpu_peak_flops.json")
+
+
+def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+  """Best observed fp32 matmul FLOP/s of an (n x n) @ (n x n) product on this host's CPU."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def peak_flops_per_device(device=None) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the number comes from)."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind
+  if device.platform != "cpu":
+    for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+      if name.lower() in kind.lower():
+        return flops, f"data sheet ({kind}, bf16 dense)"
+    return float("nan"), f"unknown device kind {kind!r}: MFU not reported"
+  key = f"{platform.processor() or platform.machine()}-{os.cpu_count()}-{jax.device_count()}"
+  path = _cache_path()
+  try:
+    with open(path) as f:
+      cached = json.load(f)
+    if key in cached:
+      return cached[key], f"measured fp32 matmul on this CPU (cached in {path})"
+  except (OSError, ValueError):
+    cached = {}
+  # Simulated host devices share the same cores: the host peak is split between them.
+  flops = measure_cpu_peak_flops() / jax.local_device_count()
+  cached[key] = flops
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(cached, f)
+  except OSError:
+    pass
+  return flops, "measured fp32 matmul on this CPU"
+
+
+class MetricsWriter:
+  """metrics.jsonl + TensorBoard events + loss-curve PNG in the workdir; one writer per job.
+
+  On resume at step s, lines with step > s are dropped first, so a resumed run's
+  metrics.jsonl equals an uninterrupted one's.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir = workdir
+    self._tb = None
+    if not self.enabled:
+      return
+    kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+    with open(self.path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    from tensorboardX import SummaryWriter  # imported lazily: heavy, and only process 0 needs it
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for k, v in row.items():
+      if k != "step":
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      plot_loss_curve(self.path, os.path.join(self.workdir, "loss_curve.png"))
+
+
+def read_metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(metrics_path: str, png_path: str) -> None:
+  """Plots every */loss key of metrics.jsonl against step."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = read_metrics(metrics_path)
+  keys = sorted({k for r in rows for k in r if k.endswith("loss")})
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for k in keys:
+    pts = [(r["step"], r[k]) for r in rows if k in r]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(png_path, dpi=100)
+  plt.close(fig)

@@ -1,0 +1,134 @@
+"""GPT: a decoder-only causal language model (Radford et al. 2018, 2019).
+
+Shape key: B batch, T length, D width, F MLP width, N heads, K kv heads, H head dim, V vocab.
+
+tokens -> token embedding (+ learned positions, or rotary inside attention) -> dropout
+       -> L pre-LN causal blocks -> final norm -> logits through the tied embedding.
+"""
+
+import dataclasses
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fmjax.layers import Dense, Embed, Norm
+from fmjax.transformer import BlockConfig, TransformerStack
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+  vocab_size: int = 50257
+  max_len: int = 1024
+  num_layers: int = 12
+  num_heads: int = 12
+  embed_dim: int = 768
+  mlp_dim: int = 3072
+  num_kv_heads: int | None = None
+  position: str = "learned"  # "learned" (GPT-2) | "rope"
+  norm: str = "layer"
+  mlp_activation: str = "gelu_tanh"
+  gated_mlp: bool = False
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.0
+  attention_impl: str = "auto"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
+  param_dtype: str = "float32"  # parameters and optimizer state
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  def block(self) -> BlockConfig:
+    return BlockConfig(
+        num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
+        num_kv_heads=self.num_kv_heads, causal=True, pre_ln=True, norm=self.norm,
+        mlp_activation=self.mlp_activation, gated_mlp=self.gated_mlp, use_bias=self.use_bias,
+        rope=self.position == "rope", dropout_rate=self.dropout_rate,
+        attention_impl=self.attention_impl, dtype=jnp.dtype(self.dtype),
+        param_dtype=jnp.dtype(self.param_dtype))
+
+
+PRESETS = {
+    "tiny": GPTConfig(vocab_size=256, max_len=64, num_layers=2, num_heads=4, embed_dim=64,
+                      mlp_dim=256),
+    # nanoGPT's shakespeare_char shape, sized for a CPU.
+    "shakespeare_char": GPTConfig(vocab_size=65, max_len=256, num_layers=4, num_heads=4,
+                                  embed_dim=256, mlp_dim=1024),
+    "gpt2_small": GPTConfig(),  # 124M
+    "gpt2_medium": GPTConfig(num_layers=24, num_heads=16, embed_dim=1024, mlp_dim=4096),  # 350M
+}
+
+
+def get_config(name: str, **overrides) -> GPTConfig:
+  """A preset by name with field overrides, e.g. get_config("tiny", vocab_size=65)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown GPT preset {name!r}; choose from {sorted(PRESETS)}")
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+class GPT(nn.Module):
+  config: GPTConfig
+
+  @nn.compact
+  def __call__(self, tokens, *, positions=None, segment_ids=None, train: bool = False):
+    """Next-token logits.
+
+    Args:
+      tokens: (B, T) int token ids.
+      positions: (B, T) positions, restarting at 0 in each packed document; default arange.
+      segment_ids: (B, T) document ids for packed sequences (attention stays inside one).
+      train: enables dropout.
+    Returns:
+      (B, T, V) float32 logits.
+    """
+    c = self.config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    embed = Embed(c.vocab_size, c.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                  name="wte")
+    x = embed(tokens)  # (B, T, D)
+    if c.position == "learned":
+      x = x + Embed(c.max_len, c.embed_dim, axes=(None, "embed"), dtype=dtype,
+                    embedding_init=nn.initializers.normal(0.01), param_dtype=param_dtype,
+                    name="wpe")(positions)
+    x = nn.Dropout(c.dropout_rate)(x, deterministic=not train)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    x = TransformerStack(c.block(), c.num_layers, scan=c.scan_layers,
+                         remat_policy=c.remat_policy, name="blocks")(
+                             x, segment_ids=segment_ids, positions=positions, train=train)
+    x = Norm(c.norm, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name="ln_f")(x)
+    if c.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+                     param_dtype=param_dtype, name="lm_head")(x)
+    return logits.astype(jnp.float32)
+
+
+def num_params(c: GPTConfig) -> int:
+  """Closed-form parameter count (biases and LayerNorms included when configured)."""
+  d, f, v, l = c.embed_dim, c.mlp_dim, c.vocab_size, c.num_layers
+  kv = (c.num_kv_heads or c.num_heads) * c.head_dim
+  b = 1 if c.use_bias else 0
+  norm = 2 * d if c.norm == "layer" else d
+  attn = d * d + 2 * d * kv + d * d + b * (d + 2 * kv + d)
+  n_in = 2 if c.gated_mlp else 1
+  mlp = n_in * (d * f + b * f) + f * d + b * d
+  total = l * (attn + mlp + 2 * norm) + norm + v * d
+  total += c.max_len * d if c.position == "learned" else 0
+  total += 0 if c.tie_embeddings else d * v
+  return total
+
+
+def flops_per_token(c: GPTConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
+
+  6 * (non-embedding matmul params + the tied output projection) + 12 * L * T * D for attention.
+  """
+  d, f, v, l = c.embed_dim, c.mlp_dim, c.vocab_size, c.num_layers
+  kv = (c.num_kv_heads or c.num_heads) * c.head_dim
+  matmul = l * (2 * d * d + 2 * d * kv + (3 if c.gated_mlp else 2) * d * f) + d * v
+  return 6.0 * matmul + 12.0 * l * seq_len * d

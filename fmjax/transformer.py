@@ -1,0 +1,151 @@
+"""Multi-head attention, the Transformer block and the layer stack, shared by every model.
+
+Shape key: B batch, T length, S key length, D width, F MLP width, N heads, K kv heads,
+H head dim.
+
+Vaswani et al. 2017 ("Attention Is All You Need") with the usual variants: pre-LN (GPT-2,
+ViT) or post-LN (BERT) blocks, grouped/multi-query kv heads, rotary or learned positions.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fmjax import attention
+from fmjax.layers import MLP, Dense, Norm, apply_rope
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Everything that defines one Transformer block; models derive it from their own config."""
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  num_kv_heads: int | None = None  # None: = num_heads (MHA); 1: MQA; else GQA.
+  causal: bool = False
+  pre_ln: bool = True  # False: post-LN as in the original Transformer and BERT.
+  norm: str = "layer"  # "layer" | "rms"
+  norm_eps: float = 1e-5
+  mlp_activation: str = "gelu_tanh"
+  gated_mlp: bool = False  # SwiGLU when True (with mlp_activation="silu").
+  use_bias: bool = True
+  rope: bool = False
+  dropout_rate: float = 0.0  # residual and MLP dropout
+  attention_dropout_rate: float = 0.0
+  attention_impl: str = "auto"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention (kv=None) or cross-attention (kv given) with optional grouped kv heads."""
+  config: BlockConfig
+
+  @nn.compact
+  def __call__(self, x, kv=None, *, q_segment_ids=None, kv_segment_ids=None, kv_mask=None,
+               q_positions=None, kv_positions=None, causal=False, train: bool = False):
+    c = self.config
+    num_kv = c.num_kv_heads or c.num_heads
+    proj = lambda feats, axes, name: Dense(feats, axes, use_bias=c.use_bias, dtype=c.dtype,
+                                           param_dtype=c.param_dtype, name=name)
+    kv = x if kv is None else kv
+    q = proj((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "query")(x)  # (B,T,N,H)
+    k = proj((num_kv, c.head_dim), ("embed", "kv_heads", "head_dim"), "key")(kv)  # (B,S,K,H)
+    v = proj((num_kv, c.head_dim), ("embed", "kv_heads", "head_dim"), "value")(kv)  # (B,S,K,H)
+    if c.rope:
+      q = apply_rope(q, _positions(q_positions, x))
+      k = apply_rope(k, _positions(kv_positions, kv))
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+    dropout = c.attention_dropout_rate if train else 0.0
+    out = attention.dot_product_attention(
+        q, k, v, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        kv_mask=kv_mask, q_positions=q_positions, kv_positions=kv_positions,
+        impl=c.attention_impl, dropout_rate=dropout,
+        dropout_rng=self.make_rng("dropout") if dropout > 0 else None)  # (B,T,N,H)
+    out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
+    return Dense(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=c.use_bias,
+                 dtype=c.dtype, param_dtype=c.param_dtype, name="out")(out)
+
+
+def _positions(positions, x):
+  if positions is not None:
+    return positions
+  return jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+
+
+class Block(nn.Module):
+  """One Transformer layer: attention then MLP, each with a residual and a norm.
+
+  pre-LN:  x + Attn(LN(x)), then x + MLP(LN(x))      (GPT-2, ViT)
+  post-LN: LN(x + Attn(x)), then LN(x + MLP(x))      (original Transformer, BERT)
+
+  The signature (x, segment_ids, positions, kv_mask, train) -> (x, None) is the one
+  nn.scan needs, so the same block serves the Python loop and the scanned stack.
+  """
+  config: BlockConfig
+
+  @nn.compact
+  def __call__(self, x, segment_ids, positions, kv_mask, train: bool):
+    c = self.config
+    norm = lambda name: Norm(c.norm, epsilon=c.norm_eps, dtype=c.dtype,
+                             param_dtype=c.param_dtype, name=name)
+    drop = lambda y: nn.Dropout(c.dropout_rate)(y, deterministic=not train)
+    attn = lambda y: MultiHeadAttention(c, name="attn")(
+        y, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, kv_mask=kv_mask,
+        q_positions=positions, kv_positions=positions, causal=c.causal, train=train)
+    mlp = lambda y: MLP(c.mlp_dim, c.mlp_activation, gated=c.gated_mlp, use_bias=c.use_bias,
+                        dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype,
+                        name="mlp")(y, train=train)
+    if c.pre_ln:
+      x = x + drop(attn(norm("ln_attn")(x)))
+      x = x + drop(mlp(norm("ln_mlp")(x)))
+    else:
+      x = norm("ln_attn")(x + drop(attn(x)))
+      x = norm("ln_mlp")(x + drop(mlp(x)))
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    return x, None
+
+
+# Named rematerialisation policies: what the backward pass may keep instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class TransformerStack(nn.Module):
+  """`num_layers` blocks, as a Python loop or as one nn.scan over stacked parameters.
+
+  scan=True compiles one block and stacks its parameters on a leading "layers" axis:
+  compile time stops growing with depth. remat_policy names an entry of REMAT_POLICIES.
+  """
+  config: BlockConfig
+  num_layers: int
+  scan: bool = False
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, x, *, segment_ids=None, positions=None, kv_mask=None, train: bool = False):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; "
+                       f"choose from {sorted(REMAT_POLICIES)}")
+    block = Block
+    if self.remat_policy != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy],
+                       prevent_cse=not self.scan, static_argnums=(5,))  # 5: `train` (self is 0)
+    if self.scan:
+      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(self.config, name="layers")(x, segment_ids, positions, kv_mask, train)
+    else:
+      for i in range(self.num_layers):
+        x, _ = block(self.config, name=f"layer_{i}")(x, segment_ids, positions, kv_mask, train)
+    return x

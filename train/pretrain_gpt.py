@@ -1,0 +1,106 @@
+"""GPT causal-LM pretraining.
+
+  python -m train.pretrain_gpt --config=configs/gpt.py:shakespeare_char --workdir=DIR \
+      [--config.train.steps=3000 ...]
+
+Reads text (local files or a tfds catalog name), trains or loads a tokenizer, packs the
+documents into one token stream, trains, evaluates, checkpoints and finally prints a
+sample. Rerunning the same command resumes from DIR/checkpoints.
+"""
+
+import dataclasses
+import os
+import sys
+
+import jax
+import numpy as np
+
+from fmjax import data as fdata
+from fmjax import generate, training
+from fmjax.models import gpt
+from train import common
+
+
+def build_tokenizer(config, workdir: str, documents) -> fdata.Tokenizer:
+  """The run's tokenizer: loaded from the workdir when resuming, else made and saved there."""
+  d = config.data
+  saved = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(saved, "fmjax_tokenizer.json")):
+    return fdata.load_tokenizer(saved)
+  if d.tokenizer_path:
+    tok = (fdata.SentencePieceTokenizer.from_file(d.tokenizer_path)
+           if d.tokenizer_path.endswith(".model") else fdata.load_tokenizer(d.tokenizer_path))
+  elif d.tokenizer == "char":
+    tok = fdata.CharTokenizer.from_text(iter(documents))
+  elif d.tokenizer == "byte":
+    tok = fdata.ByteTokenizer()
+  elif d.tokenizer == "sentencepiece":
+    tok = fdata.train_sentencepiece(iter(documents), vocab_size=d.vocab_size)
+  else:
+    raise ValueError(f"config.data.tokenizer={d.tokenizer!r}: choose char, byte or sentencepiece")
+  if jax.process_index() == 0:
+    tok.save(saved)
+  return tok
+
+
+def lm_loss(model):
+  """Next-token cross-entropy over every position of packed windows."""
+  def loss_fn(params, batch, rng, train):
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"], train=train, rngs={"dropout": rng})
+    loss, accuracy, _ = training.cross_entropy(logits, batch["targets"])
+    return loss, {"accuracy": accuracy}
+  return loss_fn
+
+
+def run(config, workdir: str):
+  """Trains per `config` in `workdir`; returns (state, tokenizer, model, last metrics)."""
+  common.prepare_workdir(config, workdir)
+  d, t = config.data, config.train
+  data_dir = d.data_dir or os.path.join(workdir, "data")
+  source = dict(data_dir=data_dir, train_path=d.train_path or None, eval_path=d.eval_path or None,
+                tfds_name=d.tfds_name or None, text_key=d.text_key,
+                val_fraction=0.0 if d.eval_path else d.val_fraction, document_split=d.document_split)
+  train_docs = fdata.load_documents(split="train", **source)
+  tokenizer = build_tokenizer(config, workdir, train_docs)
+  model_config = common.model_config(gpt.GPTConfig, config.model, tokenizer)
+  if d.seq_len > model_config.max_len:
+    raise ValueError(f"config.data.seq_len={d.seq_len} exceeds config.model.max_len="
+                     f"{model_config.max_len}; lower one or raise the other")
+  model = gpt.GPT(model_config)
+
+  train_tokens = fdata.load_token_stream(tokenizer, split="train", **source)
+  eval_tokens = fdata.load_token_stream(tokenizer, split="validation", **source)
+  train_data = fdata.LMBatchIterator(
+      train_tokens, batch_size=t.batch_size, seq_len=d.seq_len, seed=config.seed, mode=d.mode,
+      eos_id=tokenizer.eos_id, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  eval_data = lambda: fdata.eval_batches(
+      eval_tokens, t.batch_size, d.seq_len, max_batches=t.eval_batches, eos_id=tokenizer.eos_id,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  task = common.Task(
+      model=model, model_config=model_config, loss_fn=lm_loss(model), train_data=train_data,
+      eval_data=eval_data, example_batch=train_data.batch_at(0),
+      init_args=lambda b: (b["inputs"],),
+      flops_per_example=gpt.flops_per_token(model_config, d.seq_len) * d.seq_len,
+      tokens_per_example=d.seq_len)
+  state, last = common.fit(config, workdir, task)
+
+  if config.sample.num_tokens > 0 and jax.process_index() == 0:
+    apply_fn = _apply_fn(model)
+    ids = generate.generate(apply_fn, jax.device_get(state.params), tokenizer.encode(config.sample.prompt),
+                            max_new_tokens=config.sample.num_tokens, window=model_config.max_len,
+                            rng=jax.random.key(config.seed), temperature=config.sample.temperature,
+                            top_k=config.sample.top_k)
+    print("\n--- sample ---\n" + config.sample.prompt + tokenizer.decode(ids) + "\n--------------")
+  common.report(workdir, last)
+  return state, tokenizer, model, last
+
+
+def _apply_fn(model):
+  return lambda params, tokens: model.apply({"params": params}, tokens)
+
+
+if __name__ == "__main__":
+  common.main(run, sys.argv)
