@@ -1,0 +1,20 @@
+"""Text data for language models: tokenizers, corpora as tfds datasets, packed LM batches.
+
+Reading order: `tokenizers.py` (str <-> ids), `text.py` (files or tfds catalog -> documents),
+`packing.py` (documents -> one cached token stream), `batches.py` (stream -> batches).
+"""
+
+from fmjax.data.batches import LMBatchIterator, eval_batches, make_batch
+from fmjax.data.packing import load_token_stream, pack_documents, token_cache_path, token_dtype
+from fmjax.data.text import (DataError, Documents, LocalText, LocalTextConfig, load_documents,
+                             split_documents, split_fraction)
+from fmjax.data.tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTokenizer,
+                                   Tokenizer, load_tokenizer, train_sentencepiece)
+
+__all__ = [
+    "ByteTokenizer", "CharTokenizer", "DataError", "Documents", "LMBatchIterator", "LocalText",
+    "LocalTextConfig", "SentencePieceTokenizer", "Tokenizer", "eval_batches",
+    "load_documents", "load_token_stream", "load_tokenizer", "make_batch", "pack_documents",
+    "split_documents", "split_fraction", "token_cache_path", "token_dtype",
+    "train_sentencepiece",
+]

@@ -1,0 +1,268 @@
+"""Text corpora as tfds datasets: local files via the `LocalText` builder, or the tfds catalog.
+
+Both kinds end up as ArrayRecord files read with random access (no TensorFlow needed), and
+`load_documents` hands back an indexable `Documents` sequence of strings. Local files are
+checked up front; every problem with them is one `DataError` naming the file and the fix.
+
+A local corpus is identified by its files' real paths, sizes and modification times (plus
+the splitting options): that fingerprint is the builder config name, so editing a file
+prepares a fresh dataset while an untouched one is reused.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+
+import tensorflow_datasets as tfds
+
+DOCUMENT_SPLITS = ("file", "blank_line")
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*(?:\n[ \t\r\f\v]*)*\n")
+
+
+class DataError(ValueError):
+  """Unusable input data; the message names the file and what to do about it."""
+
+
+def resolve_files(patterns: str | Sequence[str]) -> list[str]:
+  """Expands paths/globs into a sorted-per-pattern list of existing, non-empty files.
+
+  Args:
+    patterns: a path or glob, or a sequence of them; order across patterns is kept.
+
+  Returns:
+    Absolute real paths, without duplicates.
+  """
+  patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
+  files = []
+  for pattern in map(os.fspath, patterns):
+    matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not matches:
+      raise DataError(f"{pattern}: no file matches this path or glob; check the spelling "
+                      f"(relative paths are taken from {os.getcwd()})")
+    for path in matches:
+      if os.path.isdir(path):
+        raise DataError(f"{path} is a directory, not a text file; pass the files inside it, "
+                        f"e.g. '{os.path.join(path, '*.txt')}'")
+      if os.path.getsize(path) == 0:
+        raise DataError(f"{path} is empty (0 bytes); remove it from the corpus or fill it")
+      path = os.path.realpath(path)
+      if path not in files:
+        files.append(path)
+  return files
+
+
+def read_text_file(path: str) -> str:
+  """Reads a UTF-8 file, raising DataError on bad bytes or whitespace-only content."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise DataError(
+        f"{path} is not valid UTF-8: byte {raw[e.start]:#04x} at byte offset {e.start} "
+        f"(line {line}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+  if not text.strip():
+    raise DataError(f"{path} contains only whitespace; remove it from the corpus or fill it")
+  return text
+
+
+def split_documents(text: str, document_split: str) -> list[str]:
+  """Cuts one file's text into documents.
+
+  Args:
+    text: the file's content.
+    document_split: "file" (the whole text, verbatim, is one document) or "blank_line"
+      (runs of blank lines separate documents; the separating newlines are dropped).
+
+  Returns:
+    The non-empty documents, in file order.
+  """
+  if document_split == "file":
+    return [text]
+  if document_split == "blank_line":
+    return [d for d in _BLANK_LINES.split(text.strip("\n")) if d.strip()]
+  raise ValueError(f"document_split must be one of {DOCUMENT_SPLITS}, got {document_split!r}")
+
+
+def split_fraction(documents: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+  """Splits documents at a character boundary: the first part trains, the rest validates.
+
+  The cut is at character `int(n * (1 - val_fraction))` of the concatenated documents
+  (n characters in all), as nanoGPT's `data[:int(n*0.9)]`; a document spanning the cut
+  is split in two.
+
+  Returns:
+    (train documents, validation documents).
+  """
+  if not 0.0 < val_fraction < 1.0:
+    raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+  cut = int(sum(map(len, documents)) * (1.0 - val_fraction))
+  train, val, start = [], [], 0
+  for doc in documents:
+    head, tail = doc[:max(cut - start, 0)], doc[max(cut - start, 0):]
+    train += [head] if head else []
+    val += [tail] if tail else []
+    start += len(doc)
+  return train, val
+
+
+@dataclasses.dataclass(eq=False)
+class LocalTextConfig(tfds.core.BuilderConfig):
+  """Which local files make which split; build with `LocalTextConfig.for_files`."""
+  train_files: tuple[str, ...] = ()
+  eval_files: tuple[str, ...] = ()
+  document_split: str = "file"
+  val_fraction: float = 0.0
+
+  @classmethod
+  def for_files(cls, train_path, eval_path=None, *, document_split="file",
+                val_fraction=0.0) -> LocalTextConfig:
+    """Resolves the paths/globs and names the config after the files' fingerprint."""
+    if document_split not in DOCUMENT_SPLITS:
+      raise ValueError(f"document_split must be one of {DOCUMENT_SPLITS}, got {document_split!r}")
+    if eval_path is not None and val_fraction:
+      raise ValueError("give either eval_path or val_fraction for the validation split, not both")
+    train = tuple(resolve_files(train_path))
+    evals = tuple(resolve_files(eval_path)) if eval_path is not None else ()
+    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in train + evals]
+    key = json.dumps([stats, len(train), document_split, val_fraction])
+    name = f"{document_split}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return cls(name=name, train_files=train, eval_files=evals,
+               document_split=document_split, val_fraction=val_fraction)
+
+
+class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Local UTF-8 text files as a tfds dataset of `{"text": Text}` documents, in file order."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # No checksums/metadata files sit next to this module, and tfds 4.9.10's lookup of them
+    # imports the undeclared `importlib_resources` (tensorflow/datasets#11212).
+    return None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Built directly: `dataset_info_from_configs` expects a catalog package directory.
+    return tfds.core.DatasetInfo(
+        builder=self, description="Local text files: " + ", ".join(self.builder_config.train_files),
+        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+        disable_shuffling=True)  # keep file order: nanoGPT-style splits are positional
+
+  def _split_generators(self, dl_manager):
+    config = self.builder_config
+    documents = lambda paths: [d for p in paths
+                               for d in split_documents(read_text_file(p), config.document_split)]
+    train = documents(config.train_files)
+    splits = {"train": train}
+    if config.eval_files:
+      splits["validation"] = documents(config.eval_files)
+    elif config.val_fraction:
+      splits["train"], splits["validation"] = split_fraction(train, config.val_fraction)
+    for name, docs in splits.items():
+      if not docs:
+        raise DataError(f"split {name!r} of {config.train_files + config.eval_files} is empty; "
+                        "lower val_fraction or add text")
+    return {name: self._generate_examples(docs) for name, docs in splits.items()}
+
+  def _generate_examples(self, documents):
+    for i, text in enumerate(documents):
+      yield i, {"text": text}
+
+
+class Documents(collections.abc.Sequence):
+  """An indexable sequence of document strings read from a tfds ArrayRecord data source.
+
+  Attributes:
+    cache_dir: directory of the prepared tfds data, where derived caches (token streams) go.
+    name: "dataset/config/version:split", for messages.
+  """
+
+  def __init__(self, source, *, text_key: str, cache_dir: str, name: str):
+    self._source, self.text_key, self.cache_dir, self.name = source, text_key, cache_dir, name
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _text(self, record) -> str:
+    if self.text_key not in record:
+      raise DataError(f"{self.name} has no feature {self.text_key!r}; its features are "
+                      f"{sorted(record)}: set text_key to the one holding the text")
+    value = record[self.text_key]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    return self._text(self._source[index])
+
+  def __iter__(self):
+    # Batched reads: one ArrayRecord lookup per document is slow on large corpora.
+    for start in range(0, len(self), 1024):
+      indices = range(start, min(start + 1024, len(self)))
+      yield from map(self._text, self._source.__getitems__(list(indices)))
+
+
+def load_documents(*, data_dir: str, split: str = "train", train_path=None, eval_path=None,
+                   tfds_name: str | None = None, text_key: str = "text",
+                   document_split: str = "file", val_fraction: float = 0.0) -> Documents:
+  """Prepares (once) and opens a text corpus split.
+
+  Args:
+    data_dir: tfds data directory; prepared datasets (and token caches) live under it.
+    split: "train", "validation", or any tfds split string (e.g. "train[:1%]").
+    train_path: local path/glob (or a sequence of them) for the "train" split.
+    eval_path: local path/glob(s) for the "validation" split.
+    tfds_name: a tfds catalog name instead of local files, e.g. "tiny_shakespeare",
+      "lm1b", "c4/en"; needs the internet the first time it is prepared.
+    text_key: the feature holding the text in catalog datasets.
+    document_split: for local files, "file" or "blank_line" (see `split_documents`).
+    val_fraction: for local files without eval_path, the trailing fraction of the
+      characters that forms "validation" (nanoGPT uses 0.1).
+
+  Returns:
+    The split's documents as strings.
+  """
+  if (train_path is None) == (tfds_name is None):
+    raise ValueError("pass exactly one of train_path (local files) or tfds_name (catalog)")
+  if train_path is not None:
+    config = LocalTextConfig.for_files(train_path, eval_path, document_split=document_split,
+                                       val_fraction=val_fraction)
+    if split.startswith("validation") and not (config.eval_files or val_fraction):
+      raise DataError(f"no validation split for {list(config.train_files)}: "
+                      "set eval_path or val_fraction (e.g. 0.1)")
+    builder = LocalText(config=config, data_dir=data_dir, file_format="array_record")
+  else:
+    builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+  if not builder.is_prepared():
+    _prepare(builder)
+  source = builder.as_data_source(split=split)
+  name = f"{builder.info.full_name}:{split}"
+  return Documents(source, text_key=text_key, cache_dir=os.fspath(builder.data_dir), name=name)
+
+
+def _prepare(builder: tfds.core.DatasetBuilder) -> None:
+  """download_and_prepare in ArrayRecord, turning a missing module into advice."""
+  try:
+    builder.download_and_prepare(file_format="array_record")
+  except ModuleNotFoundError as e:
+    if e.name == "importlib_resources":
+      advice = ("`pip install importlib_resources`: tfds 4.9.x needs it on Python >= 3.9 but "
+                "does not declare it (tensorflow/datasets#11212)")
+    else:
+      advice = (f"this catalog builder needs it to generate the data (many, e.g. tiny_shakespeare "
+                "and lm1b, use TensorFlow file I/O; c4 uses Apache Beam). Prepare it once where "
+                f"that is installed with `tfds build {builder.name} --file_format=array_record "
+                "--data_dir=DATA_DIR` and pass that data_dir, or pass the raw text files as "
+                "train_path")
+    raise ImportError(f"preparing tfds dataset {builder.info.full_name!r} failed: module "
+                      f"{e.name!r} is not installed; {advice}") from e
