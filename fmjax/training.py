@@ -100,7 +100,7 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None)
       loss, aux, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, aux, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"train/loss": loss, "grad_norm": optax.tree.norm(grads),
                **{f"train/{k}": v for k, v in aux.items()}}
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
