@@ -61,11 +61,12 @@ class MultiHeadAttention(nn.Module):
       q = apply_rope(q, _positions(q_positions, x))
       k = apply_rope(k, _positions(kv_positions, kv))
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+    # Positions only rotate q/k here: within packed documents (segment ids) index-causal
+    # masking equals position-causal, and leaves splash/cuDNN free to use their own masks.
     dropout = c.attention_dropout_rate if train else 0.0
     out = attention.dot_product_attention(
         q, k, v, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        kv_mask=kv_mask, q_positions=q_positions, kv_positions=kv_positions,
-        impl=c.attention_impl, dropout_rate=dropout,
+        kv_mask=kv_mask, impl=c.attention_impl, dropout_rate=dropout,
         dropout_rng=self.make_rng("dropout") if dropout > 0 else None)  # (B,T,N,H)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
     return Dense(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=c.use_bias,

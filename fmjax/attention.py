@@ -1,0 +1,361 @@
+"""Dot-product attention, softmax(Q K^T * scale + mask) V, written once with several backends.
+
+Shape key: B batch, T query length, S key length, N query heads, K kv heads, G = N // K query heads
+per kv head (grouped-query attention; K == 1 is multi-query), H head dim.
+
+Papers: Vaswani et al. 2017 (attention); Shazeer 2019 and Ainslie et al. 2023 (multi-query and
+grouped-query attention); Rabe & Staats 2021 and Dao et al. 2022/2023 (memory-efficient "flash"
+attention, which `chunked` follows, including its recomputing backward pass).
+
+One masking rule for every backend: query t may attend key s iff kv_mask[s] and
+q_segment_ids[t] == kv_segment_ids[s] and, when causal, q_positions[t] >= kv_positions[s].
+A query with no key it may attend (e.g. a padding query) outputs zeros and gets zero gradient.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "splash", "auto")
+
+# A finite "minus infinity": -inf logits would give exp(-inf - -inf) = NaN in fully masked rows.
+# 0.7 * max (the splash kernel's choice) leaves headroom: subtracting a row max cannot overflow.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# `auto` off TPU/GPU: xla materialises B*N*T*S float32 logits, so above this many logits per head
+# (64 MiB per head and example) it switches to chunked, whose memory grows like T*chunk_size.
+_AUTO_CHUNKED_MIN_LOGITS = 4096 * 4096
+# Splash masks keys only through segment ids, so padding keys get an id no query is given.
+_NO_SEGMENT = int(np.iinfo(np.int32).min)
+_F32 = jnp.float32
+
+
+def make_attention_mask(*, q_len, kv_len, causal=False, q_segment_ids=None, kv_segment_ids=None,
+                        kv_mask=None, q_positions=None, kv_positions=None):
+  """Boolean attention mask, True where query t may attend key s.
+
+  Args:
+    q_len, kv_len: T and S.
+    causal: if True, a query attends only keys whose position is <= its own.
+    q_segment_ids, kv_segment_ids: (B, T) and (B, S) int; attend only within equal ids (packed
+      sequences). Give both or neither.
+    kv_mask: (B, S) bool; False marks a padding key.
+    q_positions, kv_positions: (B, T) and (B, S) int positions used by `causal`; default
+      arange. A KV-cache decode step passes q_positions=[[t]] to attend keys 0..t of the cache.
+
+  Returns:
+    (B or 1, 1, T, S) bool; the batch axis is 1 when no per-example input is given.
+  """
+  inputs = _mask_inputs(q_len, kv_len, q_segment_ids, kv_segment_ids, kv_mask, q_positions,
+                        kv_positions)
+  return _mask_block(*inputs, causal)[:, None]
+
+
+def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
+                          kv_mask=None, q_positions=None, kv_positions=None, scale=None,
+                          impl="xla", dropout_rate=0.0, dropout_rng=None, chunk_size=512):
+  """Multi-head, grouped-query or multi-query attention.
+
+  Args:
+    q: (B, T, N, H) queries. k, v: (B, S, K, H) keys and values, N % K == 0.
+    causal, q_segment_ids, kv_segment_ids, kv_mask, q_positions, kv_positions: the mask, as in
+      `make_attention_mask`; it is never materialised by `chunked` or `splash`.
+    scale: logit multiplier (a Python float), default H ** -0.5.
+    impl: one of IMPLEMENTATIONS. "xla" einsum reference; "chunked" online-softmax loop over
+      chunk_size blocks, O(T * chunk_size) memory in forward and backward; "cudnn" cuDNN flash
+      attention (NVIDIA GPU, bf16/fp16); "splash" Pallas TPU kernel (TPU only, no custom
+      positions; see `splash_attention` to run it in the interpreter); "auto" picks splash on TPU,
+      cudnn on GPU when supported, else xla, or chunked above 4096*4096 logits per head, and
+      always xla while dropout is active.
+    dropout_rate, dropout_rng: dropout on the attention probabilities, applied only when
+      rate > 0 and an rng is given; only "xla" supports it.
+    chunk_size: block length of "chunked" (queries and keys); any S, padded internally.
+
+  Returns:
+    (B, T, N, H) in q.dtype. Softmax is always computed in float32.
+  """
+  _check_shapes(q, k, v)
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"Unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}.")
+  (_, T, N, H), S = q.shape, k.shape[1]
+  dropout = dropout_rate > 0 and dropout_rng is not None
+  has_positions = q_positions is not None or kv_positions is not None
+  if impl == "auto":
+    impl = _auto_impl(q, S, dropout, has_positions)
+  if dropout and impl != "xla":
+    raise ValueError(f"Attention dropout (rate {dropout_rate}) is only supported by impl='xla', "
+                     f"not impl={impl!r}; use impl='xla' or set dropout_rate=0.")
+  scale = H ** -0.5 if scale is None else scale
+  inputs = _mask_inputs(T, S, q_segment_ids, kv_segment_ids, kv_mask, q_positions, kv_positions)
+  if impl == "xla":
+    return _xla(q, k, v, _mask_block(*inputs, causal), scale, dropout_rate if dropout else 0.0,
+                dropout_rng)
+  if impl == "chunked":
+    return _chunked(q, k, v, inputs, causal, scale, chunk_size)
+  if impl == "cudnn":
+    only_causal = not has_positions and q_segment_ids is None and kv_mask is None
+    return _cudnn(q, k, v, inputs, causal, scale, only_causal)
+  if jax.default_backend() != "tpu":
+    raise ValueError(f"impl='splash' needs a TPU, but the backend is {jax.default_backend()!r}. "
+                     "Use impl='auto', or splash_attention(..., interpret=True) for a slow test "
+                     "run on CPU.")
+  if has_positions:
+    raise ValueError("impl='splash' masks causally by index and cannot take q_positions or "
+                     "kv_positions; drop them (e.g. use them only for RoPE) or use impl='chunked'.")
+  return splash_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
+                          kv_segment_ids=kv_segment_ids, kv_mask=kv_mask, scale=scale)
+
+
+def _check_shapes(q, k, v):
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f"Expected q (B,T,N,H) and k, v (B,S,K,H); got {q.shape}, {k.shape}, "
+                     f"{v.shape}.")
+  if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+    raise ValueError(f"q {q.shape} and k {k.shape} need equal B and H, and N a multiple of K.")
+
+
+def _auto_impl(q, S, dropout, has_positions):
+  """The fastest implementation that supports this call (see dot_product_attention)."""
+  T, H = q.shape[1], q.shape[3]
+  backend = jax.default_backend()
+  if dropout:
+    return "xla"
+  if backend == "tpu" and not has_positions and min(T, S) >= 128:  # shorter pads to a 128 block
+    return "splash"
+  if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and H <= 128 and H % 8 == 0:
+    return "cudnn"
+  return "chunked" if T * S > _AUTO_CHUNKED_MIN_LOGITS else "xla"
+
+
+def _mask_inputs(T, S, q_seg, kv_seg, kv_mask, q_pos, kv_pos):
+  """Every mask ingredient as a (B or 1, length) array, with defaults that mask nothing."""
+  if (q_seg is None) != (kv_seg is None):
+    raise ValueError("Give both q_segment_ids and kv_segment_ids, or neither (self-attention "
+                     "passes the same ids twice).")
+  q_pos = jnp.arange(T)[None] if q_pos is None else jnp.asarray(q_pos)
+  kv_pos = jnp.arange(S)[None] if kv_pos is None else jnp.asarray(kv_pos)
+  q_seg = jnp.zeros((1, T), jnp.int32) if q_seg is None else jnp.asarray(q_seg)
+  kv_seg = jnp.zeros((1, S), jnp.int32) if kv_seg is None else jnp.asarray(kv_seg)
+  kv_ok = jnp.ones((1, S), bool) if kv_mask is None else jnp.asarray(kv_mask, bool)
+  for name, x, n in (("q_positions", q_pos, T), ("kv_positions", kv_pos, S),
+                     ("q_segment_ids", q_seg, T), ("kv_segment_ids", kv_seg, S),
+                     ("kv_mask", kv_ok, S)):
+    if x.ndim != 2 or x.shape[1] != n:
+      raise ValueError(f"{name} must have shape (B, {n}); got {x.shape}.")
+  return q_pos, q_seg, kv_pos, kv_seg, kv_ok
+
+
+def _mask_block(q_pos, q_seg, kv_pos, kv_seg, kv_ok, causal):
+  """(B or 1, t, s) bool mask of a block of t queries and s keys."""
+  mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & kv_ok[:, None, :]
+  if causal:
+    mask &= q_pos[:, :, None] >= kv_pos[:, None, :]
+  return mask
+
+
+def _einsum(eq, x, y):
+  """Einsum in y's dtype (x is cast, e.g. float32 probabilities to bf16), float32 result."""
+  return jnp.einsum(eq, x.astype(y.dtype), y, preferred_element_type=_F32)
+
+
+def _xla(q, k, v, mask, scale, dropout_rate, dropout_rng):
+  B, T, N, H = q.shape
+  K = k.shape[2]
+  q = q.reshape(B, T, K, N // K, H)  # G query heads share each kv head; k, v are never repeated.
+  logits = _einsum("BTKGH,BSKH->BKGTS", q, k) * scale
+  mask = mask[:, None, None]  # (B|1, 1, 1, T, S)
+  probs = jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1)
+  # Rows with no allowed key would be uniform over masked keys; zero them (finite, zero grads).
+  probs = jnp.where(mask, probs, 0.0)
+  if dropout_rate > 0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  out = _einsum("BKGTS,BSKH->BTKGH", probs, v)
+  return out.reshape(B, T, N, H).astype(q.dtype)
+
+
+def _chunks(x, size):
+  """(B, L, ...) -> (L // size, B, size, ...): a leading axis for lax.scan to loop over."""
+  return jnp.moveaxis(x.reshape(x.shape[0], -1, size, *x.shape[2:]), 1, 0)
+
+
+def _unchunk(x):
+  """Inverse of _chunks: (n, B, size, ...) -> (B, n * size, ...)."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+def _pad_to(x, multiple, value=0):
+  """Pads axis 1 of x up to a multiple of `multiple`."""
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, -x.shape[1] % multiple)
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _chunked(q, k, v, inputs, causal, scale, chunk_size):
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  bq, bk = min(chunk_size, T), min(chunk_size, S)
+  q_pos, q_seg, kv_pos, kv_seg, kv_ok = inputs
+  # Padding queries are sliced off below; padding keys are masked through kv_ok = False.
+  q_pos, q_seg = _pad_to(q_pos, bq), _pad_to(q_seg, bq)
+  kv_pos, kv_seg, kv_ok = _pad_to(kv_pos, bk), _pad_to(kv_seg, bk), _pad_to(kv_ok, bk, False)
+  qg = _pad_to(q.reshape(B, T, K, N // K, H), bq)
+  out = _flash((causal, float(scale), bq, bk), qg, _pad_to(k, bk), _pad_to(v, bk),
+               (q_pos, q_seg, kv_pos, kv_seg, kv_ok))
+  return out[:, :T].reshape(B, T, N, H)
+
+
+def _block_logits(static, qb, kb, q_pos, q_seg, kv_in):
+  """Masked float32 logits (B, K, G, bq, bk) of one query block against one key block."""
+  causal, scale = static[:2]
+  kv_pos, kv_seg, kv_ok = kv_in
+  mask = _mask_block(q_pos, q_seg, kv_pos, kv_seg, kv_ok, causal)[:, None, None]
+  logits = _einsum("BTKGH,BSKH->BKGTS", qb, kb) * scale
+  return jnp.where(mask, logits, _MASK_VALUE), mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))  # static: (causal, scale, bq, bk)
+def _flash(static, q, k, v, inputs):
+  return _flash_fwd(static, q, k, v, inputs)[0]
+
+
+def _flash_fwd(static, q, k, v, inputs):
+  """Online softmax: q (B, T, K, G, H), k, v (B, S, K, H), T and S multiples of the blocks."""
+  _, _, bq, bk = static
+  q_pos, q_seg, kv_pos, kv_seg, kv_ok = inputs
+  kv_blocks = (_chunks(k, bk), _chunks(v, bk),
+               (_chunks(kv_pos, bk), _chunks(kv_seg, bk), _chunks(kv_ok, bk)))
+
+  def q_block(xs):
+    qb, qpb, qsb = xs
+
+    def kv_step(carry, kv):
+      m, l, acc = carry  # running max and sum (B, K, G, bq); unnormalised output (B, K, G, bq, H)
+      kb, vb, kv_in = kv
+      logits, mask = _block_logits(static, qb, kb, qpb, qsb, kv_in)
+      m_new = jnp.maximum(m, logits.max(-1))
+      p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
+      alpha = jnp.exp(m - m_new)  # rescales what was summed under the old maximum
+      acc = alpha[..., None] * acc + _einsum("BKGTS,BSKH->BKGTH", p, vb)
+      return (m_new, alpha * l + p.sum(-1), acc), None
+
+    B, _, K, G, H = qb.shape
+    init = (jnp.full((B, K, G, bq), _MASK_VALUE, _F32), jnp.zeros((B, K, G, bq), _F32),
+            jnp.zeros((B, K, G, bq, H), _F32))
+    (m, l, acc), _ = jax.lax.scan(kv_step, init, kv_blocks)
+    l = jnp.where(l == 0, 1.0, l)  # no allowed key: acc == 0, so the output is 0
+    out = jnp.einsum("BKGTH->BTKGH", acc / l[..., None]).astype(qb.dtype)
+    return out, jnp.einsum("BKGT->BTKG", m + jnp.log(l))  # logsumexp, for the backward pass
+
+  out, lse = jax.lax.map(q_block, (_chunks(q, bq), _chunks(q_pos, bq), _chunks(q_seg, bq)))
+  out, lse = _unchunk(out), _unchunk(lse)
+  return out, (q, k, v, inputs, out, lse)
+
+
+def _flash_bwd(static, res, dout):
+  """Recomputes each probability block from the saved logsumexp, so memory stays O(T * block)."""
+  _, scale, bq, bk = static
+  q, k, v, inputs, out, lse = res
+  q_pos, q_seg, kv_pos, kv_seg, kv_ok = inputs
+  delta = jnp.einsum("BTKGH,BTKGH->BTKG", dout.astype(_F32), out.astype(_F32))  # rowsum(dP * P)
+  kv_blocks = (_chunks(k, bk), _chunks(v, bk),
+               (_chunks(kv_pos, bk), _chunks(kv_seg, bk), _chunks(kv_ok, bk)))
+
+  def q_block(dkv, xs):
+    qb, dob, lseb, deltab, qpb, qsb = xs
+    lseb, deltab = jnp.einsum("BTKG->BKGT", lseb), jnp.einsum("BTKG->BKGT", deltab)
+
+    def kv_step(dq, kv):
+      kb, vb, kv_in = kv
+      logits, mask = _block_logits(static, qb, kb, qpb, qsb, kv_in)
+      p = jnp.exp(jnp.where(mask, logits - lseb[..., None], -jnp.inf))  # exactly 0 where masked
+      dp = _einsum("BTKGH,BSKH->BKGTS", dob, vb)
+      ds = p * (dp - deltab[..., None]) * scale  # gradient w.r.t. the unscaled logits
+      dq = dq + _einsum("BKGTS,BSKH->BTKGH", ds, kb)
+      return dq, (_einsum("BKGTS,BTKGH->BSKH", ds, qb), _einsum("BKGTS,BTKGH->BSKH", p, dob))
+
+    dq, (dk, dv) = jax.lax.scan(kv_step, jnp.zeros(qb.shape, _F32), kv_blocks)
+    return (dkv[0] + dk, dkv[1] + dv), dq
+
+  zeros = jnp.zeros(kv_blocks[0].shape, _F32)
+  (dk, dv), dq = jax.lax.scan(
+      q_block, (zeros, zeros),
+      tuple(_chunks(x, bq) for x in (q, dout.astype(q.dtype), lse, delta, q_pos, q_seg)))
+  return (_unchunk(dq).astype(q.dtype), _unchunk(dk).astype(k.dtype),
+          _unchunk(dv).astype(v.dtype), None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _rows_with_keys(inputs, causal, block):
+  """(B or 1, T) bool: whether query t may attend any key, scanning key blocks (no T x S mask)."""
+  q_pos, q_seg, kv_pos, kv_seg, kv_ok = inputs
+  kv_in = tuple(_chunks(_pad_to(x, block), block) for x in (kv_pos, kv_seg, kv_ok))  # pad: False
+  step = lambda has, kv: (has | _mask_block(q_pos, q_seg, *kv, causal).any(-1), None)
+  init = jnp.zeros((max(x.shape[0] for x in inputs), q_pos.shape[1]), bool)
+  return jax.lax.scan(step, init, kv_in)[0]
+
+
+def _cudnn(q, k, v, inputs, causal, scale, only_causal):
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"impl='cudnn' needs an NVIDIA GPU, but the backend is "
+                     f"{jax.default_backend()!r}; use impl='auto', 'xla' or 'chunked'.")
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"impl='cudnn' takes bfloat16 or float16 inputs, got {q.dtype}; cast q, k, v "
+                     "or use impl='chunked'.")
+  T, S = q.shape[1], k.shape[1]
+  # cuDNN's own causal mask covers square causal attention with no other mask input (and no mask
+  # at all needs nothing); anything else becomes a dense mask, which cuDNN turns into a bias.
+  plain_causal = causal and T == S and only_causal
+  needs_mask = not (plain_causal or (only_causal and not causal))
+  mask = _mask_block(*inputs, causal)[:, None] if needs_mask else None  # (B|1, 1, T, S)
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=plain_causal,
+                                     implementation="cudnn")
+  if mask is not None:
+    out = jnp.where(mask[:, 0].any(-1)[:, :, None, None], out, 0)
+  return out.astype(q.dtype)
+
+
+def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
+                     kv_mask=None, scale=None, block_size=512, interpret=False):
+  """Pallas TPU splash attention kernel, with dot_product_attention's masking conventions.
+
+  Args:
+    q, k, v, causal, q_segment_ids, kv_segment_ids, kv_mask, scale: as in dot_product_attention
+      (causal is by index; custom positions are not supported by the kernel).
+    block_size: kernel tile length; T and S are padded to multiples of min(block_size, 128-padded
+      length), and block_size must be a multiple of 128.
+    interpret: run the kernel in the Pallas interpreter, which works on CPU (slow; for tests).
+
+  Returns:
+    (B, T, N, H) in q.dtype.
+  """
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU-only; import lazily.
+  _check_shapes(q, k, v)
+  if block_size % 128:
+    raise ValueError(f"splash block_size must be a multiple of 128, got {block_size}.")
+  (B, T, N, H), S = q.shape, k.shape[1]
+  scale = H ** -0.5 if scale is None else scale
+  inputs = _mask_inputs(T, S, q_segment_ids, kv_segment_ids, kv_mask, None, None)
+  _, q_seg, _, kv_seg, kv_ok = inputs
+  bq, bk = (min(block_size, -(-n // 128) * 128) for n in (T, S))
+  q_seg = _pad_to(jnp.broadcast_to(q_seg, (B, T)).astype(jnp.int32), bq)
+  kv_seg = jnp.where(kv_ok, kv_seg, _NO_SEGMENT).astype(jnp.int32)
+  kv_seg = _pad_to(jnp.broadcast_to(kv_seg, (B, S)), bk, _NO_SEGMENT)
+  shape = (q_seg.shape[1], kv_seg.shape[1])
+  base = sa.CausalMask(shape) if causal else sa.FullMask(shape)
+  blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                         block_q_dq=bq, block_kv_dq=bk)
+  kernel = sa.make_splash_mha(sa.MultiHeadMask([base] * N), block_sizes=blocks, head_shards=1,
+                              q_seq_shards=1, interpret=interpret)
+  # The kernel has no scale argument and wants heads first, (N, T, H), one example at a time.
+  heads_first = lambda x, b: jnp.swapaxes(_pad_to(x, b), 1, 2)
+  out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sa.SegmentIds(qs, ks)))(
+      heads_first((q * scale).astype(q.dtype), bq), heads_first(k, bk), heads_first(v, bk),
+      q_seg, kv_seg)
+  out = jnp.swapaxes(out, 1, 2)[:, :T]
+  # The kernel averages the values for a query with no allowed key; the contract is zeros.
+  has_key = _rows_with_keys(inputs, causal, bk)
+  return jnp.where(has_key[:, :, None, None], out, 0).astype(q.dtype)
