@@ -32,8 +32,10 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    # should_save_fn, not save_interval_steps: orbax's default policy also saves the first
+    # step it sees (a step-1 checkpoint). The trainer forces the final and time-budget saves.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every, create=True,
+        max_to_keep=keep, should_save_fn=lambda step, _: step % save_every == 0, create=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))

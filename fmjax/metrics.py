@@ -75,7 +75,7 @@ class MetricsWriter:
   """metrics.jsonl + TensorBoard events + loss-curve PNG in the workdir; one writer per job.
 
   On resume at step s, lines with step > s are dropped first, so a resumed run's
-  metrics.jsonl equals an uninterrupted one's.
+  metrics.jsonl equals an uninterrupted one's (and TensorBoard is told to purge them too).
   """
 
   def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool | None = None):
@@ -83,13 +83,17 @@ class MetricsWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.workdir = workdir
     self._tb = None
+    self.last = {}  # the last row kept on resume (without "step"): a finished run's result
     if not self.enabled:
       return
     kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+    self.last = {k: v for k, v in kept[-1].items() if k != "step"} if kept else {}
     with open(self.path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     from tensorboardX import SummaryWriter  # imported lazily: heavy, and only process 0 needs it
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # purge_step: TensorBoard hides the earlier event files' steps > resume_step, which
+    # this run writes again (as metrics.jsonl drops them above).
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: dict) -> None:
     if not self.enabled:

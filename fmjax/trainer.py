@@ -117,41 +117,42 @@ def fit(config, workdir: str, task: Task):
            task.flops_per_example / task.tokens_per_example, peak, peak_source,
            jax.device_count(), dict(mesh.shape), config.sharding)
 
+  if jax.process_index() == 0:  # recorded only now: a run refused above changes nothing
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   writer = metrics.MetricsWriter(workdir, resume_step=start)
   meta = lambda: {"model": signature, "data": task.train_data.get_state(), "seed": config.seed,
                   **task.extra_meta}
   bar = tqdm.tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
-  last, window_start, window_steps = {}, time.perf_counter(), 0
+  last, window_start, window_steps = writer.last, time.perf_counter(), 0
   step, began = start, time.perf_counter()
   with sharding.context(mesh, rules):
     while step < t.steps:
-      if t.time_budget_s and time.perf_counter() - began > t.time_budget_s:
-        log.info("time budget of %.0f s reached at step %d", t.time_budget_s, step)
-        if step % t.log_every:
-          last = {**jax.device_get(step_metrics), **evaluate_if(task, p_eval, state, mesh)}
-          writer.write(step, last)
-        ckpt.save(step, state, meta(), force=True)
-        break
       batch = sharding.shard_batch(next(task.train_data), mesh)
       state, step_metrics = p_train(state, batch, rng)
       step += 1
       window_steps += 1
       bar.update(1)
-      if step % t.log_every == 0 or step == t.steps:
+      out_of_time = bool(t.time_budget_s) and time.perf_counter() - began > t.time_budget_s
+      final = step == t.steps or out_of_time
+      if step % t.log_every == 0 or final:
         m = jax.device_get(step_metrics)  # waits for the step: the window's time is all compute
         examples_per_s = window_steps * t.batch_size / (time.perf_counter() - window_start)
         m["tokens_per_second"] = examples_per_s * task.tokens_per_example
         m["mfu"] = examples_per_s * task.flops_per_example / peak_total
-        if step % t.eval_every == 0 or step == t.steps:
+        if step % t.eval_every == 0 or final:
           m.update(evaluate_if(task, p_eval, state, mesh))
         writer.write(step, m)
         last = m
         bar.set_postfix({k.split("/")[-1] if k.startswith("train/") else k: f"{float(v):.4g}"
                          for k, v in m.items() if k in ("train/loss", "eval/loss",
                                                         "tokens_per_second", "mfu")})
-      if ckpt.save(step, state, meta(), force=step == t.steps) or step % t.log_every == 0:
+      if ckpt.save(step, state, meta(), force=final) or step % t.log_every == 0:
         window_start, window_steps = time.perf_counter(), 0  # eval and saving are not throughput
+      if out_of_time:
+        log.info("time budget of %.0f s reached at step %d", t.time_budget_s, step)
+        break
   bar.close()
   ckpt.close()
   writer.close()

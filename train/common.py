@@ -6,11 +6,13 @@ errors) and --workdir, and turns expected failures into one line on stderr and e
 """
 
 import dataclasses
+import difflib
 import json
 import logging
 import os
 import sys
 
+import ml_collections
 import tensorflow_datasets as tfds
 from absl import app, flags
 from absl import logging as absl_logging
@@ -29,7 +31,11 @@ EXPECTED_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectory
 
 
 def prepare_workdir(config, workdir: str) -> None:
-  """Creates the workdir (refusing an unwritable one) and records the resolved config."""
+  """Creates the workdir, refusing an unwritable one.
+
+  The resolved config is recorded (config.json) by `fit`, once the run has passed its
+  checks, so a refused run leaves the workdir as it found it.
+  """
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, ".write_test")
@@ -39,8 +45,6 @@ def prepare_workdir(config, workdir: str) -> None:
   except OSError as e:
     raise PermissionError(f"workdir {workdir!r} is not writable ({e.strerror}); "
                           "pass a --workdir you can write to") from None
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
 
 
 def model_config(cls, cfg, tokenizer):
@@ -69,6 +73,51 @@ def report(workdir: str, last: dict) -> None:
         f"  tokenizer:   {os.path.join(workdir, 'tokenizer')}")
 
 
+def fail(message: str) -> None:
+  """Reports an error the user can fix as one line on stderr and exits with status 2."""
+  print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_override(argv) -> str | None:
+  """Names the first --config.a.b=value in argv whose path is not a field of the config."""
+  config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                     next((b for a, b in zip(argv, argv[1:]) if a == "--config"), None))
+  if config_file is None:
+    return None
+  config = FLAGS["config"].parser.parse(config_file)  # as the file makes it, before overrides
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    node, where = config, "config"
+    for key in arg[len("--config."):].split("=", 1)[0].split("."):
+      if not isinstance(node, ml_collections.ConfigDict):
+        return f"{arg}: {where} is the {type(node).__name__} {node!r}, it has no key {key!r}"
+      if key not in node:
+        close = difflib.get_close_matches(key, list(node.keys()), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"its keys are {sorted(node.keys())}"
+        return f"{arg}: {where} has no key {key!r}; {hint}"
+      node, where = node[key], f"{where}.{key}"
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, but a bad --config file or override is one `error:` line (exit 2)."""
+  try:
+    args = FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # ml_collections defers a config file's load error to first use
+    return args
+  except (flags.Error, KeyError, AttributeError, OSError) as e:
+    if os.environ.get("FMJAX_DEBUG"):
+      raise
+    if isinstance(e, (KeyError, AttributeError)):  # an override naming no config field
+      fail(_unknown_override(argv) or repr(e))
+    # A config file that failed to load gives a multi-line report ending with the cause.
+    lines = str(e).strip().splitlines()
+    fail(lines[0] if len(lines) == 1 else f"--config: {lines[-1]}")
+
+
 def main(run, argv) -> None:
   """absl entry point shared by the programs."""
   def _main(argv):
@@ -76,14 +125,19 @@ def main(run, argv) -> None:
       raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if FLAGS.workdir is None or _CONFIG.value is None:
       raise app.UsageError("both --config=FILE:VARIANT and --workdir=DIR are required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    absl_logging.set_verbosity(absl_logging.ERROR)  # tfds and orbax chatter
+    absl_logging.set_verbosity(absl_logging.ERROR)  # tfds and orbax chatter (the root logger)
+    # fmjax's own progress lines (model size, resumed from ...) get their own handler, which
+    # the root logger's ERROR level set just above would otherwise silence.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    fmjax_log = logging.getLogger("fmjax")
+    fmjax_log.handlers, fmjax_log.propagate = [handler], False
+    fmjax_log.setLevel(logging.INFO)
     tfds.disable_progress_bar()
     try:
       run(_CONFIG.value, FLAGS.workdir)
     except EXPECTED_ERRORS as e:
       if os.environ.get("FMJAX_DEBUG"):
         raise
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-  app.run(_main, argv)
+      fail(str(e))
+  app.run(_main, argv, flags_parser=parse_flags)

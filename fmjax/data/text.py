@@ -254,6 +254,14 @@ def _prepare(builder: tfds.core.DatasetBuilder) -> None:
   """download_and_prepare in ArrayRecord, turning a missing module into advice."""
   try:
     builder.download_and_prepare(file_format="array_record")
+  except DataError:
+    # tfds created the dataset folders before our generator found the bad file: remove the
+    # empty ones so a refused corpus leaves nothing behind.
+    root = os.fspath(builder.data_dir_root)
+    for path, _, _ in os.walk(root, topdown=False):
+      if path != root and not any(os.scandir(path)):
+        os.rmdir(path)
+    raise
   except ModuleNotFoundError as e:
     if e.name == "importlib_resources":
       advice = ("`pip install importlib_resources`: tfds 4.9.x needs it on Python >= 3.9 but "
