@@ -47,7 +47,7 @@ def fmjax_gpt(c: gpt.GPTConfig, batch: int, seq_len: int):
     loss, acc, _ = training.cross_entropy(logits, b["targets"])
     return loss, {}
 
-  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  mesh = sharding.make_mesh({"data": -1})
   rules = sharding.get_rules("dp")
   state, shardings = sharding.sharded_init(training.init_fn(model, tx, data["inputs"]), mesh,
                                            rules, jax.random.key(0))

@@ -25,6 +25,8 @@ _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # `auto` off TPU/GPU: xla materialises B*N*T*S float32 logits, so above this many logits per head
 # (64 MiB per head and example) it switches to chunked, whose memory grows like T*chunk_size.
 _AUTO_CHUNKED_MIN_LOGITS = 4096 * 4096
+# Query block of the xla path's causal skipping (T a multiple of it and at least two blocks).
+_CAUSAL_BLOCK = 128
 # Splash masks keys only through segment ids, so padding keys get an id no query is given.
 _NO_SEGMENT = int(np.iinfo(np.int32).min)
 _F32 = jnp.float32
@@ -88,8 +90,11 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
   scale = H ** -0.5 if scale is None else scale
   inputs = _mask_inputs(T, S, q_segment_ids, kv_segment_ids, kv_mask, q_positions, kv_positions)
   if impl == "xla":
+    # Causal self-attention in index order skips the masked upper triangle block-wise.
+    block = _CAUSAL_BLOCK if (causal and T == S and not has_positions and T % _CAUSAL_BLOCK == 0
+                              and T >= 2 * _CAUSAL_BLOCK) else None
     return _xla(q, k, v, _mask_block(*inputs, causal), scale, dropout_rate if dropout else 0.0,
-                dropout_rng)
+                dropout_rng, causal_block=block)
   if impl == "chunked":
     return _chunked(q, k, v, inputs, causal, scale, chunk_size)
   if impl == "cudnn":
@@ -158,20 +163,35 @@ def _einsum(eq, x, y):
   return jnp.einsum(eq, x.astype(y.dtype), y, preferred_element_type=_F32)
 
 
-def _xla(q, k, v, mask, scale, dropout_rate, dropout_rng):
+def _xla(q, k, v, mask, scale, dropout_rate, dropout_rng, causal_block=None):
+  """Einsum attention in the (B, K, G, T, H) layout that batched matmuls want.
+
+  causal_block: with a causal mask over T == S in plain index order, queries are taken in
+  blocks of this many and each block only sees keys up to its end, skipping the masked upper
+  triangle's matmuls and softmax work (about half of it at two blocks).
+  """
   B, T, N, H = q.shape
   K = k.shape[2]
-  q = q.reshape(B, T, K, N // K, H)  # G query heads share each kv head; k, v are never repeated.
-  logits = _einsum("BTKGH,BSKH->BKGTS", q, k) * scale
+  # G query heads share each kv head; k, v are never repeated.
+  q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
   mask = mask[:, None, None]  # (B|1, 1, 1, T, S)
-  probs = jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1)
-  # Rows with no allowed key would be uniform over masked keys; zero them (finite, zero grads).
-  probs = jnp.where(mask, probs, 0.0)
-  if dropout_rate > 0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  out = _einsum("BKGTS,BSKH->BTKGH", probs, v)
-  return out.reshape(B, T, N, H).astype(q.dtype)
+  blocks = [(0, T, k.shape[2])] if not causal_block else \
+      [(i, i + causal_block, i + causal_block) for i in range(0, T, causal_block)]
+  outs = []
+  for n, (lo, hi, kv_end) in enumerate(blocks):
+    m = mask[..., lo:hi, :kv_end]
+    logits = _einsum("BKGTH,BKSH->BKGTS", q[..., lo:hi, :], k[:, :, :kv_end]) * scale
+    probs = jax.nn.softmax(jnp.where(m, logits, _MASK_VALUE), axis=-1)
+    # Rows with no allowed key would be uniform over masked keys; zero them (finite, zero grads).
+    probs = jnp.where(m, probs, 0.0)
+    if dropout_rate > 0:
+      keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, n), 1.0 - dropout_rate,
+                                  probs.shape)
+      probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    outs.append(_einsum("BKGTS,BKSH->BKGTH", probs, v[:, :, :kv_end]))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # (B, K, G, T, H)
+  return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
 def _chunks(x, size):

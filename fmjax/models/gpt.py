@@ -53,9 +53,9 @@ class GPTConfig:
 PRESETS = {
     "tiny": GPTConfig(vocab_size=256, max_len=64, num_layers=2, num_heads=4, embed_dim=64,
                       mlp_dim=256),
-    # nanoGPT's shakespeare_char shape, sized for a CPU.
+    # Char-level tiny Shakespeare sized for a 2-core CPU (nanoGPT's shakespeare_char, shrunk).
     "shakespeare_char": GPTConfig(vocab_size=65, max_len=256, num_layers=4, num_heads=4,
-                                  embed_dim=256, mlp_dim=1024),
+                                  embed_dim=192, mlp_dim=768),
     "gpt2_small": GPTConfig(),  # 124M
     "gpt2_medium": GPTConfig(num_layers=24, num_heads=16, embed_dim=1024, mlp_dim=4096),  # 350M
 }
