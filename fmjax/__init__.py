@@ -1,11 +1,12 @@
 """fmjax: Transformer foundation models in JAX/Flax.
 
-Reading order: attention.py -> layers.py -> transformer.py -> models/gpt.py -> sharding.py
+Reading order: attention.py -> layers.py -> transformer.py -> models/gpt.py (then models/bert.py) -> sharding.py
 -> training.py -> checkpoint.py -> data/ -> trainer.py (the loop the programs in train/ share).
 """
 
 from fmjax import attention, checkpoint, data, generate, layers, metrics, sharding, training, transformer
 from fmjax.attention import dot_product_attention, make_attention_mask
+from fmjax.models.bert import BertConfig, BertEncoder, BertForPreTraining
 from fmjax.models.gpt import GPT, GPTConfig
 from fmjax.sharding import make_mesh, sharded_init, shard_batch
 from fmjax.training import TrainState, make_eval_step, make_optimizer, make_train_step
@@ -14,7 +15,7 @@ from fmjax.transformer import Block, BlockConfig, MultiHeadAttention, Transforme
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
+    "GPT", "GPTConfig", "BertConfig", "BertEncoder", "BertForPreTraining", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
     "TrainState", "attention", "checkpoint", "data", "dot_product_attention", "generate",
     "layers", "make_attention_mask", "make_eval_step", "make_mesh", "make_optimizer",
     "make_train_step", "metrics", "shard_batch", "sharded_init", "sharding", "training",

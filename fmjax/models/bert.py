@@ -1,0 +1,207 @@
+"""BERT: a bidirectional Transformer encoder pretrained by masked LM + next sentence prediction
+(Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for Language
+Understanding").
+
+Shape key: B batch, T length, D width, F MLP width, N heads, H head dim, V vocab,
+P masked predictions per sequence.
+
+tokens + positions + segments (token types) -> LayerNorm -> dropout
+       -> L post-LN bidirectional blocks (exact erf GELU) -> sequence output (B, T, D)
+       -> pooler: tanh(Dense(first token, [CLS]))                -> pooled output (B, D)
+Pretraining heads (section 3.1, appendix A.1):
+  MLM: hidden at the P masked positions -> Dense -> GELU -> LayerNorm -> tied embedding + bias
+  NSP: Dense(2) over the pooled output.
+Every weight starts from normal(0.02), biases at zero, as in the reference implementation.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fmjax.layers import ACTIVATIONS, Dense, Embed, Norm, partitioned
+from fmjax.training import cross_entropy
+from fmjax.transformer import BlockConfig, TransformerStack
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  vocab_size: int = 30522  # WordPiece, uncased
+  max_len: int = 512
+  type_vocab_size: int = 2  # sentence A / sentence B
+  num_layers: int = 12
+  num_heads: int = 12
+  embed_dim: int = 768
+  mlp_dim: int = 3072
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  attention_impl: str = "auto"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
+  param_dtype: str = "float32"  # parameters and optimizer state
+  norm_eps: float = 1e-12  # as the TensorFlow reference; 1e-5 would not match checkpoints
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  def block(self) -> BlockConfig:
+    return BlockConfig(
+        num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, causal=False,
+        pre_ln=False, norm="layer", norm_eps=self.norm_eps, mlp_activation="gelu",
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        attention_impl=self.attention_impl, dtype=jnp.dtype(self.dtype),
+        param_dtype=jnp.dtype(self.param_dtype))
+
+
+PRESETS = {
+    "tiny": BertConfig(vocab_size=1000, max_len=128, num_layers=2, num_heads=2, embed_dim=128,
+                       mlp_dim=512),
+    # The small BERTs of Turc et al. 2019 ("Well-Read Students Learn Better").
+    "mini": BertConfig(num_layers=4, num_heads=4, embed_dim=256, mlp_dim=1024),
+    "small": BertConfig(num_layers=4, num_heads=8, embed_dim=512, mlp_dim=2048),
+    "medium": BertConfig(num_layers=8, num_heads=8, embed_dim=512, mlp_dim=2048),
+    "base": BertConfig(),  # 110M
+    "large": BertConfig(num_layers=24, num_heads=16, embed_dim=1024, mlp_dim=4096),  # 340M
+}
+
+
+def get_config(name: str, **overrides) -> BertConfig:
+  """A preset by name with field overrides, e.g. get_config("tiny", dropout_rate=0.0)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown BERT preset {name!r}; choose from {sorted(PRESETS)}")
+  return dataclasses.replace(PRESETS[name], **overrides)
+
+
+class BertEncoder(nn.Module):
+  """The BERT encoder: embeddings, post-LN stack and pooler (Hugging Face's `BertModel`)."""
+  config: BertConfig
+
+  def setup(self):
+    c = self.config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    embed = lambda n, axes: Embed(n, c.embed_dim, axes=axes, dtype=dtype, param_dtype=param_dtype)
+    self.word_embeddings = embed(c.vocab_size, ("vocab", "embed"))
+    self.position_embeddings = embed(c.max_len, (None, "embed"))
+    self.token_type_embeddings = embed(c.type_vocab_size, (None, "embed"))
+    self.ln_embed = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
+    self.dropout = nn.Dropout(c.dropout_rate)
+    self.blocks = TransformerStack(c.block(), c.num_layers, scan=c.scan_layers,
+                                   remat_policy=c.remat_policy)
+    self.pooler = Dense(c.embed_dim, ("embed", None), dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, input_ids, *, token_type_ids=None, attention_mask=None, train: bool = False):
+    """Contextual token representations and the pooled [CLS] representation.
+
+    Args:
+      input_ids: (B, T) int token ids, T <= max_len.
+      token_type_ids: (B, T) int segment ids (0 = sentence A, 1 = sentence B); default 0.
+      attention_mask: (B, T) 1 for real tokens, 0 for padding keys; default all 1.
+      train: enables dropout.
+    Returns:
+      (sequence_output (B, T, D), pooled_output (B, D)) in the compute dtype.
+    """
+    c = self.config
+    t = input_ids.shape[1]
+    if t > c.max_len:
+      raise ValueError(f"input_ids has length {t} but this BERT has max_len={c.max_len} learned "
+                       "positions; truncate the inputs or use a config with a larger max_len")
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    positions = jnp.arange(t)[None]  # (1, T)
+    x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+         + self.token_type_embeddings(token_type_ids))  # (B, T, D)
+    x = self.ln_embed(x)
+    x = self.dropout(x, deterministic=not train)
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    kv_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+    x = self.blocks(x, kv_mask=kv_mask, train=train)  # bidirectional: every real key is visible
+    pooled = jnp.tanh(self.pooler(x[:, 0]))  # (B, D), from the [CLS] token
+    return x, pooled
+
+  def attend(self, x):
+    """Tied output projection through the word embedding: (B, P, D) -> (B, P, V)."""
+    return self.word_embeddings.attend(x)
+
+
+class BertForPreTraining(nn.Module):
+  """The encoder (submodule "bert") with the masked-LM and next-sentence heads."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
+               masked_lm_positions=None, *, train: bool = False):
+    """Pretraining logits; MLM logits are computed only at the P masked positions.
+
+    Args:
+      input_ids, token_type_ids, attention_mask: (B, T), as in BertEncoder.
+      masked_lm_positions: (B, P) int indices into T of the predicted tokens (padded
+        predictions point anywhere, e.g. 0, and get weight 0 in the loss); default all T.
+      train: enables dropout.
+    Returns:
+      {"mlm_logits": (B, P, V) float32, "nsp_logits": (B, 2) float32,
+       "sequence_output": (B, T, D), "pooled_output": (B, D)}.
+    """
+    c = self.config
+    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    bert = BertEncoder(c, name="bert")
+    seq, pooled = bert(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                       train=train)
+    if masked_lm_positions is None:
+      masked_lm_positions = jnp.broadcast_to(jnp.arange(seq.shape[1]), input_ids.shape)
+    # Gather first: the D x V projection runs on P (~15% of T) rows, not on all T.
+    h = jnp.take_along_axis(seq, masked_lm_positions[..., None], axis=1)  # (B, P, D)
+    h = Dense(c.embed_dim, ("embed", None), dtype=dtype, param_dtype=param_dtype,
+              name="mlm_dense")(h)
+    h = ACTIVATIONS["gelu"](h)
+    h = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlm_ln")(h)
+    bias = self.param("mlm_bias", partitioned(nn.initializers.zeros, ("vocab",)),
+                      (c.vocab_size,), param_dtype)
+    mlm_logits = bert.attend(h).astype(jnp.float32) + bias.astype(jnp.float32)  # (B, P, V)
+    nsp_logits = Dense(2, ("embed", None), dtype=dtype, param_dtype=param_dtype,
+                       name="nsp_dense")(pooled)  # (B, 2): 0 = IsNext, 1 = NotNext
+    return {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits.astype(jnp.float32),
+            "sequence_output": seq, "pooled_output": pooled}
+
+
+def pretraining_loss(outputs, batch):
+  """Weighted-mean masked-LM cross-entropy plus mean next-sentence cross-entropy.
+
+  Args:
+    outputs: BertForPreTraining's dict (mlm_logits (B, P, V), nsp_logits (B, 2)).
+    batch: masked_lm_ids (B, P) int, masked_lm_weights (B, P) float (0 on padded
+      predictions), next_sentence_labels (B,) int.
+  Returns:
+    (scalar loss, {masked_lm_loss, masked_lm_accuracy, next_sentence_loss,
+    next_sentence_accuracy}).
+  """
+  mlm_loss, mlm_acc, _ = cross_entropy(outputs["mlm_logits"], batch["masked_lm_ids"],
+                                       batch["masked_lm_weights"])
+  nsp_loss, nsp_acc, _ = cross_entropy(outputs["nsp_logits"], batch["next_sentence_labels"])
+  return mlm_loss + nsp_loss, {"masked_lm_loss": mlm_loss, "masked_lm_accuracy": mlm_acc,
+                               "next_sentence_loss": nsp_loss, "next_sentence_accuracy": nsp_acc}
+
+
+def num_params(c: BertConfig, with_heads: bool = False) -> int:
+  """Closed-form parameter count: the encoder with pooler, plus the pretraining heads."""
+  d, f, v, l = c.embed_dim, c.mlp_dim, c.vocab_size, c.num_layers
+  embeddings = (v + c.max_len + c.type_vocab_size) * d + 2 * d
+  attn = 4 * (d * d + d)  # query, key, value, out (all N * H = D wide) with biases
+  mlp = d * f + f + f * d + d
+  total = embeddings + l * (attn + mlp + 2 * 2 * d) + d * d + d  # + pooler
+  if with_heads:
+    total += (d * d + d) + 2 * d + v  # MLM transform, its LayerNorm, output bias (tied weights)
+    total += 2 * d + 2  # NSP classifier
+  return total
+
+
+def flops_per_token(c: BertConfig, seq_len: int, masked_fraction: float = 0.15) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
+
+  6 * (encoder matmul params + the MLM head's D x D and D x V matmuls on the masked_fraction of
+  tokens it runs on) + 12 * L * T * D for attention. The per-sequence pooler and NSP are ignored.
+  """
+  d, f, v, l = c.embed_dim, c.mlp_dim, c.vocab_size, c.num_layers
+  matmul = l * (4 * d * d + 2 * d * f) + masked_fraction * (d * d + d * v)
+  return 6.0 * matmul + 12.0 * l * seq_len * d
