@@ -18,3 +18,14 @@ __all__ = [
     "split_documents", "split_fraction", "token_cache_path", "token_dtype",
     "train_sentencepiece",
 ]
+
+from fmjax.data.bert_pretraining import (BertPretrainingConfig, BertPretrainingExamples,
+                                         create_pretraining_examples, mask_tokens,
+                                         prepare_pretraining_dataset, pretraining_fingerprint,
+                                         read_pretraining_documents, token_pieces, word_starts)
+
+__all__ += [
+    "BertPretrainingConfig", "BertPretrainingExamples", "create_pretraining_examples",
+    "mask_tokens", "prepare_pretraining_dataset", "pretraining_fingerprint",
+    "read_pretraining_documents", "token_pieces", "word_starts",
+]
