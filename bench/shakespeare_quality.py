@@ -20,11 +20,12 @@ import os
 import sys
 import time
 
-import jax
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import train  # noqa: E402,F401  (first: one JAX device per CPU core, as the programs do)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from configs import gpt as gpt_configs  # noqa: E402
 from fmjax import data as fdata  # noqa: E402
@@ -60,7 +61,7 @@ class FmjaxRun:
     self.it = fdata.LMBatchIterator(train, batch_size=t.batch_size, seq_len=d.seq_len,
                                     seed=0, eos_id=tok.eos_id)
     self.val, self.eos = val, tok.eos_id
-    self.mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    self.mesh = sharding.make_mesh(dict(cfg.mesh))  # all devices, as train.pretrain_gpt
     self.rules = sharding.get_rules("dp")
     self.loss_fn = lm_loss(self.model)
     self.budget_s, self.t = budget_s, t

@@ -60,8 +60,11 @@ def optimizer_from_config(t):
       eps=t.eps, grad_clip=t.grad_clip)
 
 
-def fit(config, workdir: str, task: Task):
+def fit(config, workdir: str, task: Task, *, until: int | None = None):
   """Trains `task` to config.train.steps, resuming from workdir/checkpoints if present.
+
+  `until` stops earlier (the schedule still spans config.train.steps): a multi-phase
+  recipe calls fit once per phase with that phase's data, e.g. BERT's 128 then 512 tokens.
 
   Without a checkpoint, config.init_from (another workdir of the same model) supplies the
   starting parameters; the optimizer state and step start fresh.
@@ -77,6 +80,7 @@ def fit(config, workdir: str, task: Task):
                                  keep=t.keep_checkpoints)
   signature = checkpoint.model_signature(task.model_config)
   start = ckpt.latest_step()
+  end = t.steps if until is None else until
   if start is not None:  # refuse another model's checkpoint before touching anything
     ckpt.check_compatible(signature, start)
 
@@ -123,19 +127,19 @@ def fit(config, workdir: str, task: Task):
   writer = metrics.MetricsWriter(workdir, resume_step=start)
   meta = lambda: {"model": signature, "data": task.train_data.get_state(), "seed": config.seed,
                   **task.extra_meta}
-  bar = tqdm.tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True,
+  bar = tqdm.tqdm(total=end, initial=start, desc="train", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   last, window_start, window_steps = writer.last, time.perf_counter(), 0
   step, began = start, time.perf_counter()
   with sharding.context(mesh, rules):
-    while step < t.steps:
+    while step < end:
       batch = sharding.shard_batch(next(task.train_data), mesh)
       state, step_metrics = p_train(state, batch, rng)
       step += 1
       window_steps += 1
       bar.update(1)
       out_of_time = bool(t.time_budget_s) and time.perf_counter() - began > t.time_budget_s
-      final = step == t.steps or out_of_time
+      final = step == end or out_of_time
       if step % t.log_every == 0 or final:
         m = jax.device_get(step_metrics)  # waits for the step: the window's time is all compute
         examples_per_s = window_steps * t.batch_size / (time.perf_counter() - window_start)

@@ -40,6 +40,7 @@ def env(tmp_path_factory):
   """The subprocesses' environment: one CPU device, a private cache, no debug re-raise."""
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FMJAX_DEBUG")}
   env["JAX_PLATFORMS"] = "cpu"
+  env["FMJAX_CPU_DEVICES"] = "1"  # one device whatever the core count (train/__init__.py)
   cache = tmp_path_factory.mktemp("cache")
   env["XDG_CACHE_HOME"] = str(cache)  # where the program caches the measured CPU peak FLOP/s
   # XLA executables are reused across the runs (it halves their time); same HLO, same code.

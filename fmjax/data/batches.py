@@ -171,3 +171,66 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
     num_batches = min(num_batches, max_batches)
   windows = lambda k: (k * batch_size + np.arange(batch_size))[rows]
   return (make_batch(tokens, windows(k) * seq_len, seq_len, eos_id) for k in range(num_batches))
+
+
+class ExampleBatchIterator:
+  """Endless batches of fixed-shape examples (BERT instances, finetuning rows), epoch by epoch.
+
+  Epoch e visits every example once in a permutation seeded with (seed, e); global rows run
+  through epochs in order. Like LMBatchIterator, a batch is a pure function of (seed, step),
+  the state is the step, and host p gets rows [p*b, (p+1)*b) of the global batch.
+
+  Args:
+    source: indexable (len + __getitem__) returning dicts of equal-shape numpy arrays, e.g. a
+      tfds ArrayRecord data source.
+    batch_size: global batch size B.
+    seed: the data seed.
+    transform: optional (example, global_example_index, epoch) -> example, applied on the fly
+      (e.g. dynamic masking seeded from the index and epoch, so resume stays exact).
+  """
+
+  def __init__(self, source, *, batch_size: int, seed: int, transform=None,
+               process_index: int = 0, process_count: int = 1):
+    if len(source) == 0:
+      raise DataError("the example source is empty: nothing to train on")
+    self._rows = _rows(batch_size, process_index, process_count)
+    self.source, self.batch_size, self.seed, self.transform = source, batch_size, seed, transform
+    self.step = 0
+    self._permutation = (-1, None)
+
+  def get_state(self) -> dict[str, int]:
+    return {"step": self.step}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self.step = int(state["step"])
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self
+
+  def __next__(self) -> Batch:
+    batch = self.batch_at(self.step)
+    self.step += 1
+    return batch
+
+  def batch_at(self, step: int) -> Batch:
+    """The host-local batch of global step `step` (does not move the iterator)."""
+    n = len(self.source)
+    rows = []
+    for g in range(step * self.batch_size, (step + 1) * self.batch_size)[self._rows]:
+      epoch, i = divmod(g, n)
+      if self._permutation[0] != epoch:
+        self._permutation = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+      index = int(self._permutation[1][i])
+      example = {k: np.asarray(v) for k, v in self.source[index].items()}
+      rows.append(example if self.transform is None else self.transform(example, index, epoch))
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def example_batches(source, batch_size: int, *, process_index: int = 0,
+                    process_count: int = 1) -> Iterator[Batch]:
+  """Evaluation batches: every full global batch of `source` in order, the same each call."""
+  rows = _rows(batch_size, process_index, process_count)
+  for start in range(0, len(source) - batch_size + 1, batch_size):
+    examples = [{k: np.asarray(v) for k, v in source[i].items()}
+                for i in range(start, start + batch_size)[rows]]
+    yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
