@@ -59,8 +59,9 @@ def peak_flops_per_device(device=None) -> tuple[float, str]:
       return cached[key], f"measured fp32 matmul on this CPU (cached in {path})"
   except (OSError, ValueError):
     cached = {}
-  # Simulated host devices share the same cores: the host peak is split between them.
-  flops = measure_cpu_peak_flops() / jax.local_device_count()
+  # Measured on one device: with N host devices (--xla_force_host_platform_device_count) each
+  # device runs its ops on its own thread, so this is already the per-device peak.
+  flops = measure_cpu_peak_flops()
   cached[key] = flops
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
