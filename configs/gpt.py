@@ -6,7 +6,7 @@ Run:
 Variants:
   tiny              2 layers x 64 wide, a few steps on the bundled text (tests; seconds).
   shakespeare_char  the demo: char-level tiny Shakespeare, 4 layers x 192, block 128, batch 32.
-                    600 steps, about 3 minutes on a 2-core CPU; 10 minutes of it is what
+                    600 steps, about 5 minutes on a 2-core CPU (val loss ~1.8); 10 minutes of it is what
                     bench/shakespeare_quality.py measures against HF PyTorch (bench/RESULTS.md).
   gpt2_small        GPT-2 124M on a tfds catalog corpus (openwebtext-like); accelerator-sized.
   gpt2_medium       GPT-2 350M, FSDP + tensor parallel.

@@ -90,7 +90,8 @@ def run(config, workdir: str):
   if config.sample.num_tokens > 0 and jax.process_index() == 0:
     apply_fn = _apply_fn(model)
     ids = generate.generate(apply_fn, jax.device_get(state.params), tokenizer.encode(config.sample.prompt),
-                            max_new_tokens=config.sample.num_tokens, window=model_config.max_len,
+                            max_new_tokens=config.sample.num_tokens,
+                            window=min(d.seq_len, model_config.max_len),  # the trained context
                             rng=jax.random.key(config.seed), temperature=config.sample.temperature,
                             top_k=config.sample.top_k)
     print("\n--- sample ---\n" + config.sample.prompt + tokenizer.decode(ids) + "\n--------------")
