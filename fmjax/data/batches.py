@@ -15,6 +15,7 @@ number, and host p of P produces exactly rows [p*b, (p+1)*b) of the single-host 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator
 
 import numpy as np
@@ -70,7 +71,33 @@ def make_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, eos_id: int
           "positions": (t - segment_start).astype(np.int32)}
 
 
-class LMBatchIterator:
+class _StepIterator(abc.ABC):
+  """Shared by the iterators below: a batch is a pure function of the step (`batch_at`), so
+  the resumable state is just the number of batches already produced."""
+  step: int
+
+  @abc.abstractmethod
+  def batch_at(self, step: int) -> Batch:
+    """This host's part of global batch number `step` (0-based)."""
+
+  def get_state(self) -> dict[str, int]:
+    """Returns the resumable state: the number of batches already produced."""
+    return {"step": self.step}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    """Restores `get_state()`'s result; the next batch is the one that would have followed."""
+    self.step = int(state["step"])
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self
+
+  def __next__(self) -> Batch:
+    batch = self.batch_at(self.step)
+    self.step += 1
+    return batch
+
+
+class LMBatchIterator(_StepIterator):
   """Endless LM batches over a token stream.
 
   mode="random": each global row starts at a position drawn uniformly from
@@ -101,22 +128,6 @@ class LMBatchIterator:
     self.num_windows = (len(tokens) - 1) // seq_len  # sequential mode's windows per epoch
     self.step = 0
     self._permutation = (-1, None)  # (epoch, permutation): rows move through epochs in order
-
-  def get_state(self) -> dict[str, int]:
-    """Returns the resumable state: the number of batches already produced."""
-    return {"step": self.step}
-
-  def set_state(self, state: dict[str, int]) -> None:
-    """Restores `get_state()`'s result; the next batch is the one that would have followed."""
-    self.step = int(state["step"])
-
-  def __iter__(self) -> Iterator[Batch]:
-    return self
-
-  def __next__(self) -> Batch:
-    batch = self.batch_at(self.step)
-    self.step += 1
-    return batch
 
   def batch_at(self, step: int) -> Batch:
     """This host's part of global batch number `step` (0-based)."""
@@ -173,7 +184,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
   return (make_batch(tokens, windows(k) * seq_len, seq_len, eos_id) for k in range(num_batches))
 
 
-class ExampleBatchIterator:
+class ExampleBatchIterator(_StepIterator):
   """Endless batches of fixed-shape examples (BERT instances, finetuning rows), epoch by epoch.
 
   Epoch e visits every example once in a permutation seeded with (seed, e); global rows run
@@ -197,20 +208,6 @@ class ExampleBatchIterator:
     self.source, self.batch_size, self.seed, self.transform = source, batch_size, seed, transform
     self.step = 0
     self._permutation = (-1, None)
-
-  def get_state(self) -> dict[str, int]:
-    return {"step": self.step}
-
-  def set_state(self, state: dict[str, int]) -> None:
-    self.step = int(state["step"])
-
-  def __iter__(self) -> Iterator[Batch]:
-    return self
-
-  def __next__(self) -> Batch:
-    batch = self.batch_at(self.step)
-    self.step += 1
-    return batch
 
   def batch_at(self, step: int) -> Batch:
     """The host-local batch of global step `step` (does not move the iterator)."""
