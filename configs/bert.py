@@ -35,6 +35,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   d.data_dir = ""  # prepared instances; empty: WORKDIR/data
   d.tokenizer_path = ""  # an existing sentencepiece .model with [PAD] [UNK] [CLS] [SEP] [MASK]
   d.vocab_size = 8192  # sentencepiece vocabulary trained on the corpus
+  d.lowercase = False  # an uncased vocabulary: the tokenizer lower-cases all text
   d.max_seq_length = 128
   d.max_predictions_per_seq = 20
   d.masked_lm_prob = 0.15
@@ -62,8 +63,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     t.log_every, t.eval_every, t.save_every, t.eval_batches = 25, 100, 100, 100
   elif variant == "wikitext":
     d.train_path = "workdirs/wikitext2_sentences.txt"
-    d.eval_fraction, d.vocab_size, d.dupe_factor = 0.1, 8192, 5
-    t.steps, t.batch_size, t.learning_rate, t.warmup_steps = 5000, 32, 5e-4, 200
+    d.eval_fraction, d.vocab_size, d.dupe_factor, d.lowercase = 0.1, 8192, 5, True
+    t.steps, t.batch_size, t.learning_rate, t.warmup_steps = 1500, 32, 5e-4, 100
     t.log_every, t.eval_every, t.save_every, t.eval_batches = 50, 500, 500, 20
   else:  # base
     d.train_path, d.vocab_size = "", 30522

@@ -28,11 +28,12 @@ def build_tokenizer(config, workdir: str, documents) -> fdata.Tokenizer:
     return fdata.load_tokenizer(saved)
   d = config.data
   if d.tokenizer_path:
-    tok = fdata.SentencePieceTokenizer.from_file(d.tokenizer_path)
+    tok = fdata.SentencePieceTokenizer.from_file(d.tokenizer_path, lowercase=d.lowercase)
   else:
     text = ("\n".join(sentence for sentence in doc) for doc in documents)
     tok = fdata.train_sentencepiece(text, vocab_size=d.vocab_size, pad_piece="[PAD]",
-                                    unk_piece="[UNK]", special_tokens=SPECIAL)
+                                    unk_piece="[UNK]", special_tokens=SPECIAL,
+                                    lowercase=d.lowercase)
   if jax.process_index() == 0:
     tok.save(saved)
   return tok

@@ -63,6 +63,17 @@ class Tokenizer(abc.ABC):
     """Encodes several texts; kinds with a faster batched path override this."""
     return [self.encode(t) for t in texts]
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Returns `encode(text)` and, per token, the (start, end) character span of `text` it
+    came from, without leading whitespace (extractive QA maps answers through these).
+
+    This default serves tokenizers with one token per character; others override it.
+    """
+    ids = self.encode(text)
+    if len(ids) != len(text):
+      raise NotImplementedError(f"{type(self).__name__} does not provide character offsets")
+    return ids, [(i, i + 1) for i in range(len(text))]
+
   @property
   def fingerprint(self) -> str:
     """A hex digest that changes whenever any text would get different ids (cache key)."""
@@ -142,6 +153,14 @@ class ByteTokenizer(Tokenizer):
   def encode(self, text: str) -> list[int]:
     return list(text.encode("utf-8"))
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    ids, offsets = [], []
+    for i, ch in enumerate(text):
+      raw = ch.encode("utf-8")
+      ids.extend(raw)
+      offsets.extend([(i, i + 1)] * len(raw))  # every byte of a character spans the character
+    return ids, offsets
+
   def decode(self, ids: Iterable[int]) -> str:
     # "replace" because a sampled id sequence need not be valid UTF-8.
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -169,9 +188,13 @@ class SentencePieceTokenizer(Tokenizer):
   kind = "sentencepiece"
   MODEL_FILE = "tokenizer.model"
 
-  def __init__(self, model_proto: bytes):
-    """Args: model_proto: the serialized model, i.e. the bytes of a `.model` file."""
+  def __init__(self, model_proto: bytes, *, lowercase: bool = False):
+    """Args:
+      model_proto: the serialized model, i.e. the bytes of a `.model` file.
+      lowercase: lower-case text before encoding (an "uncased" vocabulary, as BERT-uncased).
+    """
     self.model_proto = bytes(model_proto)
+    self.lowercase = lowercase
     self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
     self.vocab_size = self._sp.get_piece_size()
     self.eos_id = self._sp.eos_id()
@@ -182,15 +205,39 @@ class SentencePieceTokenizer(Tokenizer):
           "needs both reserved (negative means absent): retrain with train_sentencepiece")
 
   @classmethod
-  def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+  def from_file(cls, path: str | os.PathLike, *, lowercase: bool = False) -> SentencePieceTokenizer:
     """Loads an existing SentencePiece `.model` file."""
-    return cls(pathlib.Path(path).read_bytes())
+    return cls(pathlib.Path(path).read_bytes(), lowercase=lowercase)
+
+  def _normalize(self, text: str) -> str:
+    return lower_same_length(text) if self.lowercase else text
 
   def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
+    return self._sp.encode(self._normalize(text))
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self._sp.encode(list(texts))  # batched calls run multithreaded in C++
+    # batched calls run multithreaded in C++
+    return self._sp.encode([self._normalize(t) for t in texts])
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    normalized = self._normalize(text)  # same length as text: offsets carry over
+    proto = self._sp.encode(normalized, return_type="proto")
+    # SentencePiece reports UTF-8 byte offsets; map them to character offsets.
+    char_at_byte = [0] * (len(normalized.encode("utf-8")) + 1)
+    b = 0
+    for i, ch in enumerate(normalized):
+      n = len(ch.encode("utf-8"))
+      char_at_byte[b:b + n] = [i] * n
+      b += n
+    char_at_byte[b] = len(normalized)
+    ids, offsets = [], []
+    for piece in proto.pieces:
+      start, end = char_at_byte[piece.begin], char_at_byte[piece.end]
+      while start < end and normalized[start].isspace():
+        start += 1
+      ids.append(piece.id)
+      offsets.append((start, end))
+    return ids, offsets
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
@@ -203,7 +250,7 @@ class SentencePieceTokenizer(Tokenizer):
     return i
 
   def _metadata(self) -> dict[str, Any]:
-    return {"model_file": self.MODEL_FILE}
+    return {"model_file": self.MODEL_FILE, **({"lowercase": True} if self.lowercase else {})}
 
   def _fingerprint_extra(self) -> bytes:
     return self.model_proto
@@ -214,7 +261,8 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def _restore(cls, directory, metadata):
-    return cls.from_file(directory / metadata["model_file"])
+    return cls.from_file(directory / metadata["model_file"],
+                         lowercase=metadata.get("lowercase", False))
 
 
 def train_sentencepiece(
@@ -227,6 +275,7 @@ def train_sentencepiece(
     pad_piece: str = "<pad>",
     eos_piece: str = "</s>",
     unk_piece: str = "<unk>",
+    lowercase: bool = False,
     seed: int = 0,
     **trainer_options: Any,
 ) -> SentencePieceTokenizer:
@@ -246,6 +295,7 @@ def train_sentencepiece(
       `token_to_id`.
     user_defined_symbols: pieces always split out of text as one token.
     pad_piece, eos_piece, unk_piece: names of ids 0, 1, 2 (BERT wants "[PAD]", "[UNK]").
+    lowercase: learn an uncased vocabulary; the tokenizer lower-cases what it encodes.
     seed: seeds SentencePiece's sampling (only used by options that sample sentences).
     **trainer_options: passed to `SentencePieceTrainer.train` (e.g. `byte_fallback=True`).
 
@@ -261,6 +311,8 @@ def train_sentencepiece(
   def lines():
     for item in corpus:
       text = item if isinstance(item, str) else pathlib.Path(item).read_text(encoding="utf-8")
+      if lowercase:
+        text = lower_same_length(text)
       yield from (line for line in text.split("\n") if line)
 
   spm.set_random_generator_seed(seed)
@@ -284,7 +336,16 @@ def train_sentencepiece(
         f"vocab_size={vocab_size} is too large for this corpus: SentencePiece can make at most "
         f"{limit.group(1)} pieces from it. Use vocab_size <= {limit.group(1)}, a larger corpus, "
         "or CharTokenizer / ByteTokenizer.") from e
-  return SentencePieceTokenizer(model.getvalue())
+  return SentencePieceTokenizer(model.getvalue(), lowercase=lowercase)
+
+
+def lower_same_length(text: str) -> str:
+  """Lower-cases `text` character by character, keeping any character whose lower case has
+  another length (e.g. "İ"), so that character offsets stay valid."""
+  lowered = text.lower()
+  if len(lowered) == len(text):
+    return lowered
+  return "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
 
 
 _KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, SentencePieceTokenizer)}
