@@ -40,5 +40,6 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_batches = 20
   t.save_every = 500
   t.keep_checkpoints = 3
+  t.best_metric = ""  # e.g. "eval/accuracy": keep the best evaluation's params in WORKDIR/best
   t.time_budget_s = 0.0  # >0: stop (and save) after this many seconds of training
   return config

@@ -83,6 +83,57 @@ class Checkpointer:
     self._manager.close()
 
 
+def path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def flatten_params(tree) -> dict[str, Any]:
+  """{"bert/ln_embed/scale": leaf, ...}: a params tree keyed by slash-joined paths."""
+  return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def read_latest(workdir: str) -> tuple[int, dict, dict]:
+  """(step, meta, params metadata by path) of a workdir's latest checkpoint, read-only.
+
+  The params metadata maps each path to an object with `.shape` and `.dtype`.
+  """
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory; pass a workdir that a "
+                            "training run wrote (or hf:DIRECTORY for a Hugging Face model)")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "meta"), item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  tree = manager.item_metadata(step)["state"]
+  tree = getattr(tree, "tree", tree)
+  manager.close()
+  return step, meta, flatten_params(tree["params"])
+
+
+def restore_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict:
+  """Reads only the params named in `targets` (path -> ShapeDtypeStruct with a sharding) from
+  `workdir`'s checkpoint `step`, each straight into its sharding. Returns path -> jax.Array."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  nested: dict = {}
+  for path, target in targets.items():
+    node = nested
+    *parents, leaf = path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = target
+  item = {"params": nested}
+  manager = ocp.CheckpointManager(directory, item_names=("state",),
+                                  item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))["state"]
+  manager.close()
+  return flatten_params(restored["params"])
+
+
 def abstract_with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying the target shardings, for Checkpointer.restore."""
   return jax.tree_util.tree_map(

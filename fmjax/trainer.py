@@ -12,6 +12,7 @@ b1, b2, eps, grad_clip, accum_steps, log_every, eval_every, save_every, keep_che
 """
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -40,6 +41,13 @@ class Task:
     example_batch: one host-local batch (numpy), for shapes at init.
     init_args: batch -> tuple of example inputs for model.init.
     flops_per_example: training FLOPs per example (for MFU); tokens_per_example for tokens/s.
+    predict_fn: optional (params, batch) -> dict of per-example outputs (B, ...), pure; fit
+      jits it on the mesh for `score_fn`.
+    score_fn: optional (predict) -> {"eval/...": value}, where predict(host batch) returns
+      predict_fn's outputs for the whole global batch as numpy: task metrics that need every
+      prediction at once (accuracy, F1, Spearman, SQuAD exact match).
+    new_params: path prefixes (e.g. "classifier") that config.init_from need not supply:
+      the task's new head, initialised fresh.
   """
   model: Any
   model_config: Any
@@ -51,6 +59,9 @@ class Task:
   flops_per_example: float
   tokens_per_example: int
   extra_meta: dict = dataclasses.field(default_factory=dict)
+  predict_fn: Callable | None = None
+  score_fn: Callable | None = None
+  new_params: tuple[str, ...] = ()
 
 
 def optimizer_from_config(t):
@@ -66,8 +77,10 @@ def fit(config, workdir: str, task: Task, *, until: int | None = None):
   `until` stops earlier (the schedule still spans config.train.steps): a multi-phase
   recipe calls fit once per phase with that phase's data, e.g. BERT's 128 then 512 tokens.
 
-  Without a checkpoint, config.init_from (another workdir of the same model) supplies the
-  starting parameters; the optimizer state and step start fresh.
+  Without a checkpoint, config.init_from supplies the starting parameters (see
+  `initial_params`); the optimizer state and step start fresh. With config.train.best_metric
+  set (e.g. "eval/accuracy"), the params of the best evaluation so far are kept in
+  workdir/best (see `best_params`).
 
   Returns:
     (final TrainState, list of the last logged metrics).
@@ -97,14 +110,8 @@ def fit(config, workdir: str, task: Task, *, until: int | None = None):
   else:
     state, _ = sharding.sharded_init(init, mesh, rules, rng)
     if config.init_from:
-      source = checkpoint.Checkpointer(os.path.join(config.init_from, "checkpoints"), save_every=1)
-      if source.latest_step() is None:
-        raise FileNotFoundError(f"config.init_from={config.init_from!r} has no checkpoint in "
-                                f"{source.directory}")
-      source.check_compatible(signature)
-      target = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), shardings)
-      state = state.replace(params=source.restore(target)[0].params)
-      log.info("initialised params from %s", source.directory)
+      state = state.replace(params=initial_params(config.init_from, state.params,
+                                                  shardings.params, task.new_params))
     start = 0
 
   train_step = training.make_train_step(task.loss_fn, tx, accum_steps=t.accum_steps,
@@ -112,6 +119,9 @@ def fit(config, workdir: str, task: Task, *, until: int | None = None):
   eval_step = training.make_eval_step(task.loss_fn)
   with sharding.context(mesh, rules):
     p_train, p_eval = training.jit_steps(train_step, eval_step, shardings, mesh)
+    p_predict = None if task.predict_fn is None else jax.jit(
+        task.predict_fn, in_shardings=(shardings.params, sharding.batch_sharding(mesh)))
+  best = BestTracker(workdir, t.best_metric)
 
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
   peak, peak_source = metrics.peak_flops_per_device()
@@ -146,7 +156,8 @@ def fit(config, workdir: str, task: Task, *, until: int | None = None):
         m["tokens_per_second"] = examples_per_s * task.tokens_per_example
         m["mfu"] = examples_per_s * task.flops_per_example / peak_total
         if step % t.eval_every == 0 or final:
-          m.update(evaluate_if(task, p_eval, state, mesh))
+          m.update(evaluate_if(task, p_eval, p_predict, state, mesh))
+          best.update(step, m, state)
         writer.write(step, m)
         last = m
         bar.set_postfix({k.split("/")[-1] if k.startswith("train/") else k: f"{float(v):.4g}"
@@ -159,12 +170,146 @@ def fit(config, workdir: str, task: Task, *, until: int | None = None):
         break
   bar.close()
   ckpt.close()
+  best.close()
   writer.close()
   return state, last
 
 
-def evaluate_if(task: Task, p_eval, state, mesh) -> dict:
-  return {} if task.eval_data is None else evaluate(p_eval, state.params, task.eval_data(), mesh)
+def evaluate_if(task: Task, p_eval, p_predict, state, mesh) -> dict:
+  m = {} if task.eval_data is None else evaluate(p_eval, state.params, task.eval_data(), mesh)
+  if task.score_fn is not None:
+    m.update(task.score_fn(lambda batch: to_host(p_predict(state.params,
+                                                           sharding.shard_batch(batch, mesh)))))
+  return m
+
+
+def to_host(tree):
+  """Global jax.Arrays -> numpy, gathered from every process (each computes the same metrics)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+def make_predict(predict_fn, params):
+  """host batch -> predict_fn's outputs as numpy, with params where they are (on their mesh);
+  compiled once per batch shape."""
+  mesh = jax.tree_util.tree_leaves(params)[0].sharding.mesh
+  jitted = jax.jit(predict_fn)
+  return lambda batch: to_host(jitted(params, sharding.shard_batch(batch, mesh)))
+
+
+class BestTracker:
+  """Keeps the params of the best evaluation of `metric` in workdir/best (one checkpoint)
+  and its step and metrics in workdir/best/best.json; lower is better for losses."""
+
+  def __init__(self, workdir: str, metric: str):
+    self.metric, self.directory = metric, os.path.join(workdir, "best")
+    self.record = None
+    self._ckpt = None
+    if metric:
+      path = os.path.join(self.directory, "best.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          self.record = json.load(f)
+      self._ckpt = checkpoint.Checkpointer(self.directory, save_every=1, keep=1, async_save=False)
+
+  def better(self, value: float) -> bool:
+    if self.record is None:
+      return True
+    old = self.record["metrics"][self.metric]
+    return value < old if "loss" in self.metric else value > old
+
+  def update(self, step: int, metrics: dict, state) -> None:
+    if not self.metric:
+      return
+    if self.metric not in metrics:
+      raise ValueError(f"config.train.best_metric={self.metric!r} is not among the eval "
+                       f"metrics {sorted(k for k in metrics if k.startswith('eval/'))}")
+    value = float(metrics[self.metric])
+    if not self.better(value):
+      return
+    self._ckpt.save(step, state.params, {"step": step}, force=True)
+    self._ckpt.wait()
+    self.record = {"step": step, "metrics": {k: float(v) for k, v in metrics.items()}}
+    if jax.process_index() == 0:
+      with open(os.path.join(self.directory, "best.json"), "w") as f:
+        json.dump(self.record, f, indent=1)
+
+  def close(self):
+    if self._ckpt is not None:
+      self._ckpt.close()
+
+
+def best_params(workdir: str, params):
+  """The params kept in workdir/best, restored into `params`' shardings; `params` if none."""
+  directory = os.path.join(workdir, "best")
+  if not os.path.isdir(directory):
+    return params
+  ckpt = checkpoint.Checkpointer(directory, save_every=1, keep=1)
+  if ckpt.latest_step() is None:
+    return params
+  target = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+  restored = ckpt.restore(target)[0]
+  ckpt.close()
+  return restored
+
+
+def initial_params(init_from: str, params, param_shardings, new_params=()):
+  """The params a run starts from: `init_from`'s wherever a path matches, fresh elsewhere.
+
+  Args:
+    init_from: a workdir (its latest checkpoint), or "hf:DIRECTORY" (a Hugging Face model,
+      through fmjax.hf).
+    params: freshly initialised (sharded) params of the model being trained.
+    param_shardings: their shardings.
+    new_params: path prefixes the source may lack (a new task head); every other parameter
+      must be in the source with the same shape. Source parameters this model does not have
+      (e.g. pretraining heads) are left out.
+  Returns:
+    The params tree, loaded leaves placed straight into their shardings.
+  """
+  ours = checkpoint.flatten_params(params)
+  shardings = checkpoint.flatten_params(param_shardings)
+  if init_from.startswith("hf:"):
+    from fmjax import hf  # only when asked for
+    source = init_from[3:]
+    _, arrays = hf.load_params(source)
+    theirs = checkpoint.flatten_params(arrays)
+  else:
+    source = init_from
+    step, _, theirs = checkpoint.read_latest(init_from)
+  is_new = lambda path: any(path == p or path.startswith(p + "/") for p in new_params)
+  missing, matched = [], []
+  for path, x in ours.items():
+    if path not in theirs:
+      if not is_new(path):
+        missing.append(path)
+      continue
+    if tuple(theirs[path].shape) != tuple(x.shape):
+      hint = (" (a task head: its size follows num_labels; use a checkpoint finetuned with the "
+              "same labels, or the pretrained encoder's workdir)" if is_new(path) else "")
+      raise checkpoint.CheckpointMismatchError(
+          f"config.init_from={init_from!r}: parameter {path} has shape "
+          f"{tuple(theirs[path].shape)} there but {tuple(x.shape)} in this model{hint}")
+    matched.append(path)
+  if missing:
+    raise checkpoint.CheckpointMismatchError(
+        f"config.init_from={init_from!r} lacks {len(missing)} parameter(s) this model needs, "
+        f"e.g. {missing[:3]}: it holds another architecture (compare its config.json)")
+  if init_from.startswith("hf:"):
+    loaded = {p: jax.device_put(np.asarray(theirs[p], ours[p].dtype), shardings[p]) for p in matched}
+  else:
+    loaded = checkpoint.restore_params(source, step, {
+        p: jax.ShapeDtypeStruct(ours[p].shape, ours[p].dtype, sharding=shardings[p])
+        for p in matched})
+  unused = sorted(set(theirs) - set(ours))
+  log.info("initialised %d parameter arrays from %s; fresh: %s; not used: %s", len(matched),
+           source, sorted(set(ours) - set(matched)) or "none",
+           (unused[:6] + ["..."] if len(unused) > 6 else unused) or "none")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: loaded.get(checkpoint.path_str(path), x), params)
 
 
 def evaluate(p_eval, params, batches, mesh) -> dict:

@@ -63,7 +63,8 @@ def model_config(cls, cfg, tokenizer):
 
 def report(workdir: str, last: dict) -> None:
   """Tells the user where everything went."""
-  keys = ("train/loss", "eval/loss", "eval/accuracy", "eval/masked_lm_accuracy",
+  keys = ("train/loss", "eval/loss", "eval/accuracy", "eval/f1", "eval/mcc", "eval/pearson",
+          "eval/spearman", "eval/exact_match", "eval/masked_lm_accuracy",
           "eval/next_sentence_accuracy", "tokens_per_second", "mfu")
   summary = ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last)
   print(f"\nfinal: {summary}\n"

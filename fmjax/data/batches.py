@@ -231,3 +231,35 @@ def example_batches(source, batch_size: int, *, process_index: int = 0,
     examples = [{k: np.asarray(v) for k, v in source[i].items()}
                 for i in range(start, start + batch_size)[rows]]
     yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class ArraySource:
+  """Equal-length numpy arrays as an indexable source of examples (row i of each array)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray]):
+    lengths = {len(v) for v in arrays.values()}
+    if len(lengths) != 1:
+      raise ValueError(f"arrays of different lengths: { {k: len(v) for k, v in arrays.items()} }")
+    self.arrays, self.n = arrays, lengths.pop()
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i: int) -> Batch:
+    return {k: v[i] for k, v in self.arrays.items()}
+
+
+def padded_batches(arrays: dict[str, np.ndarray], batch_size: int, *, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[Batch]:
+  """Every example once, in order, in global batches of `batch_size`: the last batch is
+  padded with copies of row 0 whose "weight" is 0 (the arrays must have a "weight" column),
+  so no example is dropped and every batch has one shape."""
+  rows = _rows(batch_size, process_index, process_count)
+  n = len(arrays["weight"])
+  for start in range(0, n, batch_size):
+    index = np.arange(start, start + batch_size)
+    real = index < n
+    index = np.where(real, index, 0)[rows]
+    batch = {k: v[index] for k, v in arrays.items()}
+    batch["weight"] = np.where(real[rows], batch["weight"], 0).astype(np.float32)
+    yield batch

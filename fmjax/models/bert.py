@@ -19,6 +19,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fmjax import heads
 from fmjax.layers import ACTIVATIONS, Dense, Embed, Norm, partitioned
 from fmjax.training import cross_entropy
 from fmjax.transformer import BlockConfig, TransformerStack
@@ -163,6 +164,39 @@ class BertForPreTraining(nn.Module):
                        name="nsp_dense")(pooled)  # (B, 2): 0 = IsNext, 1 = NotNext
     return {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits.astype(jnp.float32),
             "sequence_output": seq, "pooled_output": pooled}
+
+
+class BertForSequenceClassification(nn.Module):
+  """The encoder with a classification (or, num_labels = 1, regression) head on the pooled
+  [CLS] output: single sentences (SST-2) and sentence pairs (RTE, MNLI, STS-B)."""
+  config: BertConfig
+  num_labels: int
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
+               train: bool = False):
+    """(B, T) inputs as in BertEncoder -> (B, num_labels) float32 logits (scores)."""
+    c = self.config
+    _, pooled = BertEncoder(c, name="bert")(input_ids, token_type_ids=token_type_ids,
+                                             attention_mask=attention_mask, train=train)
+    return heads.ClassificationHead(self.num_labels, c.dropout_rate, dtype=jnp.dtype(c.dtype),
+                                    param_dtype=jnp.dtype(c.param_dtype),
+                                    name="classifier")(pooled, train=train)
+
+
+class BertForQuestionAnswering(nn.Module):
+  """The encoder with a span head over its token outputs (SQuAD-style extractive QA)."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
+               train: bool = False):
+    """(B, T) inputs as in BertEncoder -> (start_logits, end_logits), (B, T) float32 each."""
+    c = self.config
+    seq, _ = BertEncoder(c, name="bert")(input_ids, token_type_ids=token_type_ids,
+                                          attention_mask=attention_mask, train=train)
+    return heads.SpanHead(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+                          name="qa_outputs")(seq)
 
 
 def pretraining_loss(outputs, batch):

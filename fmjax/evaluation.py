@@ -1,0 +1,135 @@
+"""Task metrics computed on the host from predictions: GLUE's and SQuAD v1.1's.
+
+  accuracy, f1 (binary, of the positive class), matthews_corrcoef (CoLA), pearson and
+  spearman (STS-B), and SQuAD v1.1's exact match and F1 over answer strings.
+
+The SQuAD functions follow the official v1.1 evaluation script: answers are compared after
+lower-casing and removing punctuation, the articles a/an/the and extra whitespace; a
+prediction scores the maximum over its ground-truth answers; EM and F1 are percentages.
+"""
+
+import collections
+import re
+import string
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def accuracy(predictions, labels) -> float:
+  predictions, labels = np.asarray(predictions), np.asarray(labels)
+  return float(np.mean(predictions == labels))
+
+
+def f1(predictions, labels, positive: int = 1) -> float:
+  """F1 of the `positive` class (GLUE's MRPC/QQP F1); 0 when it is never predicted or present."""
+  p, y = np.asarray(predictions) == positive, np.asarray(labels) == positive
+  tp = float(np.sum(p & y))
+  denominator = float(np.sum(p) + np.sum(y))
+  return 2 * tp / denominator if denominator else 0.0
+
+
+def matthews_corrcoef(predictions, labels) -> float:
+  """Matthews correlation for any number of classes (Gorodkin's R_K); 0 when undefined."""
+  p, y = np.asarray(predictions), np.asarray(labels)
+  classes = np.union1d(p, y)
+  # confusion[i, j]: how often class i was predicted where class j was true
+  confusion = (p[:, None] == classes).T.astype(np.float64) @ (y[:, None] == classes)
+  n = confusion.sum()
+  correct = np.trace(confusion)
+  predicted, true = confusion.sum(1), confusion.sum(0)
+  cov_py = correct * n - predicted @ true
+  cov_pp = n * n - predicted @ predicted
+  cov_yy = n * n - true @ true
+  if cov_pp == 0 or cov_yy == 0:
+    return 0.0
+  return float(cov_py / np.sqrt(cov_pp * cov_yy))
+
+
+def pearson(predictions, labels) -> float:
+  x = np.asarray(predictions, np.float64)
+  y = np.asarray(labels, np.float64)
+  x, y = x - x.mean(), y - y.mean()
+  denominator = np.sqrt((x * x).sum() * (y * y).sum())
+  return float((x * y).sum() / denominator) if denominator else 0.0
+
+
+def _ranks(x) -> np.ndarray:
+  """Ranks from 1, ties sharing their average rank (as scipy.stats.rankdata)."""
+  x = np.asarray(x, np.float64)
+  order = np.argsort(x, kind="stable")
+  ranks = np.empty(len(x))
+  sorted_x = x[order]
+  i = 0
+  while i < len(x):
+    j = i
+    while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+      j += 1
+    ranks[order[i:j + 1]] = (i + j) / 2 + 1
+    i = j + 1
+  return ranks
+
+
+def spearman(predictions, labels) -> float:
+  """Spearman's rank correlation: Pearson's of the (tie-averaged) ranks."""
+  return pearson(_ranks(predictions), _ranks(labels))
+
+
+# SQuAD v1.1 ----------------------------------------------------------------------------------
+
+def normalize_answer(text: str) -> str:
+  """Lower case, drop punctuation, the articles a/an/the and extra whitespace (official v1.1)."""
+  text = text.lower()
+  text = "".join(ch for ch in text if ch not in set(string.punctuation))
+  text = re.sub(r"\b(a|an|the)\b", " ", text)
+  return " ".join(text.split())
+
+
+def squad_f1(prediction: str, truth: str) -> float:
+  pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+  common = collections.Counter(pred) & collections.Counter(gold)
+  same = sum(common.values())
+  if same == 0:
+    return 0.0
+  precision, recall = same / len(pred), same / len(gold)
+  return 2 * precision * recall / (precision + recall)
+
+
+def squad_exact_match(prediction: str, truth: str) -> float:
+  return float(normalize_answer(prediction) == normalize_answer(truth))
+
+
+def squad_scores(predictions: Mapping[str, str],
+                 answers: Mapping[str, Sequence[str]]) -> dict[str, float]:
+  """Official SQuAD v1.1 scores in percent over every question of `answers`.
+
+  Args:
+    predictions: question id -> predicted answer text. A question without one scores 0.
+    answers: question id -> its ground-truth answer texts.
+  Returns:
+    {"exact_match": ..., "f1": ...}, each in [0, 100].
+  """
+  em = f1_total = 0.0
+  for qid, truths in answers.items():
+    if qid not in predictions:
+      continue
+    em += max(squad_exact_match(predictions[qid], t) for t in truths)
+    f1_total += max(squad_f1(predictions[qid], t) for t in truths)
+  n = max(len(answers), 1)
+  return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1_total / n}
+
+
+# By task kind --------------------------------------------------------------------------------
+
+def classification_metrics(predictions, labels, num_labels: int) -> dict[str, float]:
+  """accuracy and Matthews correlation; F1 of class 1 too when there are two classes."""
+  out = {"accuracy": accuracy(predictions, labels),
+         "mcc": matthews_corrcoef(predictions, labels)}
+  if num_labels == 2:
+    out["f1"] = f1(predictions, labels)
+  return out
+
+
+def regression_metrics(predictions, labels) -> dict[str, float]:
+  return {"pearson": pearson(predictions, labels), "spearman": spearman(predictions, labels)}
+

@@ -1,0 +1,82 @@
+"""Task heads on top of an encoder, and their losses: usable from any JAX code.
+
+Shape key: B batch, T length, D width, C classes (num_labels).
+
+  ClassificationHead  pooled (B, D) -> dropout -> Dense(C)  -> logits (B, C)
+                      (C = 1: a regression score, as BERT's STS-B recipe)
+  SpanHead            tokens (B, T, D) -> Dense(2) -> start and end logits (B, T) each
+                      (extractive QA: the answer is the span [start, end] of the input)
+
+The losses take per-example `weights` (1 for real examples, 0 for the rows that pad the
+last evaluation batch) and return (loss, metrics) like fmjax.training.cross_entropy.
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fmjax.layers import Dense, Dtype
+from fmjax.training import cross_entropy
+
+
+class ClassificationHead(nn.Module):
+  """dropout -> Dense(num_labels) over a pooled representation."""
+  num_labels: int
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled, *, train: bool = False):
+    """(B, D) -> (B, num_labels) float32 logits (or scores when num_labels == 1)."""
+    x = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
+    return Dense(self.num_labels, ("embed", None), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="dense")(x).astype(jnp.float32)
+
+
+class SpanHead(nn.Module):
+  """Start and end scores for every token (BERT's SQuAD output layer)."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, sequence):
+    """(B, T, D) -> (start_logits (B, T), end_logits (B, T)), float32."""
+    logits = Dense(2, ("embed", None), dtype=self.dtype, param_dtype=self.param_dtype,
+                   name="dense")(sequence).astype(jnp.float32)
+    return logits[..., 0], logits[..., 1]
+
+
+def classification_loss(logits, labels, weights=None):
+  """Mean cross-entropy over examples with weight > 0.
+
+  Args: logits (B, C); labels (B,) int; weights (B,) or None.
+  Returns: (loss, {"loss", "accuracy"}).
+  """
+  loss, acc, _ = cross_entropy(logits, labels, weights)
+  return loss, {"loss": loss, "accuracy": acc}
+
+
+def regression_loss(scores, targets, weights=None):
+  """Mean squared error over examples with weight > 0.
+
+  Args: scores (B, 1) or (B,); targets (B,) float; weights (B,) or None.
+  Returns: (loss, {"loss"}).
+  """
+  scores = scores.reshape(targets.shape).astype(jnp.float32)
+  weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+  loss = (jnp.square(scores - targets.astype(jnp.float32)) * weights).sum() / jnp.maximum(
+      weights.sum(), 1e-8)
+  return loss, {"loss": loss}
+
+
+def span_loss(start_logits, end_logits, start_positions, end_positions, weights=None):
+  """The mean of the start and end cross-entropies over token positions (BERT's SQuAD loss).
+
+  Args: start_logits, end_logits (B, T); start_positions, end_positions (B,) int (0, the
+    [CLS] token, when the answer is outside the window); weights (B,) or None.
+  Returns: (loss, {"loss", "start_accuracy", "end_accuracy"}).
+  """
+  start, start_acc, _ = cross_entropy(start_logits, start_positions, weights)
+  end, end_acc, _ = cross_entropy(end_logits, end_positions, weights)
+  loss = (start + end) / 2
+  return loss, {"loss": loss, "start_accuracy": start_acc, "end_accuracy": end_acc}
