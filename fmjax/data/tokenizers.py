@@ -358,7 +358,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     directory: a directory containing `fmjax_tokenizer.json`.
 
   Returns:
-    A `CharTokenizer`, `ByteTokenizer` or `SentencePieceTokenizer`.
+    A `CharTokenizer`, `ByteTokenizer`, `SentencePieceTokenizer` or `fmjax.hf.HFTokenizer`.
   """
   directory = pathlib.Path(directory)
   path = directory / METADATA_FILE
@@ -366,6 +366,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     raise FileNotFoundError(f"no {METADATA_FILE} in {directory}; save a tokenizer there first")
   metadata = json.loads(path.read_text(encoding="utf-8"))
   kind = metadata.pop("kind", None)
+  if kind == "hf" and kind not in _KINDS:  # fmjax.hf registers its kind when imported
+    import fmjax.hf  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   if kind not in _KINDS:
     raise ValueError(f"{path} names tokenizer kind {kind!r}; known kinds: {sorted(_KINDS)}")
   return _KINDS[kind]._restore(directory, metadata)

@@ -1,0 +1,361 @@
+"""Name and layout tables between Hugging Face checkpoints and fmjax parameters.
+
+One `Architecture` per HF `model_type`: a table of `Rule`s (HF tensor name <-> fmjax parameter
+path(s) and how the array is laid out), the config.json <-> fmjax config maps, and the HF
+classes it corresponds to. Adding a model (e.g. ViT) means adding one more table here and an
+entry in `ARCHITECTURES`; `fmjax/hf/weights.py` does the reading, checking and writing.
+
+HF names are *canonical*: as the task class saves them (BertForPreTraining: "bert.*", "cls.*";
+GPT2LMHeadModel: "transformer.*", "lm_head.*"). Base-model checkpoints (BertModel, GPT2Model)
+lack the prefix and are normalised on load. fmjax paths are "/"-joined, for the unscanned stack
+("blocks/layer_{i}/..."); "{i}" in a rule stands for every layer index.
+
+Layouts (torch stores a Linear weight as (out, in), GPT-2's Conv1D as (in, out); fmjax kernels
+are (in..., out...) with heads split out, e.g. query (D, N, H) and attention output (N, H, D)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import numpy as np
+
+from fmjax.models.bert import BertConfig, BertEncoder, BertForPreTraining
+from fmjax.models.gpt import GPT, GPTConfig
+
+
+class Same:
+  """Identical layout: embeddings (V, D), LayerNorm scales and offsets, (D,) biases."""
+
+  def hf_shape(self, shape):
+    return tuple(shape)
+
+  def to_fmjax(self, w, shape):
+    return w
+
+  def to_hf(self, x):
+    return x
+
+
+class Flat:
+  """A bias flattened in HF: (N * H,) <-> fmjax (N, H)."""
+
+  def hf_shape(self, shape):
+    return (math.prod(shape),)
+
+  def to_fmjax(self, w, shape):
+    return w.reshape(shape)
+
+  def to_hf(self, x):
+    return x.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Matrix:
+  """A weight matrix; fmjax's kernel has `n_in` leading input axes, e.g. (D, N, H) has 1 and
+  the attention output (N, H, D) has 2. transpose: HF stores (out, in) (torch.nn.Linear);
+  False for GPT-2's Conv1D, which stores (in, out)."""
+  n_in: int = 1
+  transpose: bool = True
+
+  def hf_shape(self, shape):
+    i, o = math.prod(shape[:self.n_in]), math.prod(shape[self.n_in:])
+    return (o, i) if self.transpose else (i, o)
+
+  def to_fmjax(self, w, shape):
+    return (w.T if self.transpose else w).reshape(shape)
+
+  def to_hf(self, x):
+    m = x.reshape(math.prod(x.shape[:self.n_in]), -1)
+    return m.T if self.transpose else m
+
+
+SAME, FLAT, LINEAR = Same(), Flat(), Matrix()
+CONV1D = Matrix(transpose=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One HF tensor holding one fmjax parameter, or several concatenated along the last HF
+  axis (GPT-2's fused query|key|value projection)."""
+  hf: str
+  fm: tuple[str, ...]
+  layout: Any
+
+  def hf_shape(self, shapes):
+    parts = [self.layout.hf_shape(s) for s in shapes]
+    return parts[0][:-1] + (sum(p[-1] for p in parts),)
+
+  def to_fmjax(self, w, shapes):
+    pieces = np.split(w, np.cumsum([self.layout.hf_shape(s)[-1] for s in shapes])[:-1], axis=-1)
+    return [self.layout.to_fmjax(p, s) for p, s in zip(pieces, shapes)]
+
+  def to_hf(self, xs):
+    return np.concatenate([self.layout.to_hf(x) for x in xs], axis=-1)
+
+
+def rule(hf: str, fm: str | tuple[str, ...], layout=SAME) -> Rule:
+  return Rule(hf, (fm,) if isinstance(fm, str) else tuple(fm), layout)
+
+
+def expand(rules, num_layers: int) -> list[Rule]:
+  """Per-layer rules ("{i}" in the names) repeated for every layer."""
+  out = []
+  for r in rules:
+    if "{i}" not in r.hf:
+      out.append(r)
+      continue
+    for i in range(num_layers):
+      out.append(Rule(r.hf.format(i=i), tuple(p.format(i=i) for p in r.fm), r.layout))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One fmjax module and the HF class it corresponds to.
+
+  root: where the module's params sit in the canonical fmjax tree ("bert" for BertEncoder,
+    whose params load_params returns as {"bert": ...}); "" for the whole tree.
+  base_model: HF's base class, saved without the base prefix (BertModel, GPT2Model).
+  """
+  hf_class: str
+  module: type[nn.Module]
+  root: str
+  base_model: bool
+  rules: Callable[[Any], list[Rule]]  # fmjax config -> rules, "{i}" not yet expanded
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """Everything fmjax.hf knows about one HF model_type.
+
+  prefix: the base model's name prefix in canonical names ("bert.").
+  heads: name prefixes of tensors outside the base model ("cls.").
+  tied: HF name -> the HF name it is a copy of (output layers tied to the embedding); such a
+    tensor is optional in a checkpoint and, if present, must equal its source.
+  ignored: HF names that are buffers, not parameters.
+  variants: every Variant, for export (found by the fmjax module's class).
+  variant: (fmjax config, set of canonical names in the checkpoint) -> Variant to build.
+  """
+  model_type: str
+  prefix: str
+  heads: tuple[str, ...]
+  tied: dict[str, str]
+  ignored: Callable[[str], bool]
+  variants: tuple[Variant, ...]
+  config_from_hf: Callable[[dict], Any]
+  config_to_hf: Callable[[Any], dict]
+  variant: Callable[[Any, set[str]], Variant]
+
+  def canonical(self, name: str) -> str:
+    """A checkpoint name in canonical form: TF-era LayerNorm gamma/beta renamed, base-model
+    names given the base prefix."""
+    if name.endswith(".gamma"):
+      name = name[:-len("gamma")] + "weight"
+    elif name.endswith(".beta"):
+      name = name[:-len("beta")] + "bias"
+    if not name.startswith((self.prefix, *self.heads)):
+      name = self.prefix + name
+    return name
+
+
+def _get(hf: dict, key: str, default):
+  value = hf.get(key, default)
+  return default if value is None else value
+
+
+def _require(hf: dict, key: str, allowed, what: str):
+  """ValueError unless config.json's `key` (or its HF default, allowed[0]) is in `allowed`."""
+  value = hf.get(key, allowed[0])
+  if value not in allowed:
+    raise ValueError(f"config.json has {key}={value!r}, but fmjax's {what} supports only "
+                     f"{key} in {list(allowed)}; this checkpoint's architecture differs")
+  return value
+
+
+# --- BERT (Devlin et al. 2019): HF BertModel / BertForPreTraining <-> fmjax.models.bert. ---
+
+_BERT_LAYER = "bert.encoder.layer.{i}."
+_BERT_BLOCK = "bert/blocks/layer_{i}/"
+_BERT_ENCODER = [
+    rule("bert.embeddings.word_embeddings.weight", "bert/word_embeddings/embedding"),
+    rule("bert.embeddings.position_embeddings.weight", "bert/position_embeddings/embedding"),
+    rule("bert.embeddings.token_type_embeddings.weight", "bert/token_type_embeddings/embedding"),
+    rule("bert.embeddings.LayerNorm.weight", "bert/ln_embed/scale"),
+    rule("bert.embeddings.LayerNorm.bias", "bert/ln_embed/bias"),
+    *[r for name in ("query", "key", "value") for r in (
+        rule(_BERT_LAYER + f"attention.self.{name}.weight", _BERT_BLOCK + f"attn/{name}/kernel",
+             LINEAR),
+        rule(_BERT_LAYER + f"attention.self.{name}.bias", _BERT_BLOCK + f"attn/{name}/bias",
+             FLAT))],
+    rule(_BERT_LAYER + "attention.output.dense.weight", _BERT_BLOCK + "attn/out/kernel",
+         Matrix(n_in=2)),
+    rule(_BERT_LAYER + "attention.output.dense.bias", _BERT_BLOCK + "attn/out/bias"),
+    rule(_BERT_LAYER + "attention.output.LayerNorm.weight", _BERT_BLOCK + "ln_attn/scale"),
+    rule(_BERT_LAYER + "attention.output.LayerNorm.bias", _BERT_BLOCK + "ln_attn/bias"),
+    rule(_BERT_LAYER + "intermediate.dense.weight", _BERT_BLOCK + "mlp/wi/kernel", LINEAR),
+    rule(_BERT_LAYER + "intermediate.dense.bias", _BERT_BLOCK + "mlp/wi/bias"),
+    rule(_BERT_LAYER + "output.dense.weight", _BERT_BLOCK + "mlp/wo/kernel", LINEAR),
+    rule(_BERT_LAYER + "output.dense.bias", _BERT_BLOCK + "mlp/wo/bias"),
+    rule(_BERT_LAYER + "output.LayerNorm.weight", _BERT_BLOCK + "ln_mlp/scale"),
+    rule(_BERT_LAYER + "output.LayerNorm.bias", _BERT_BLOCK + "ln_mlp/bias"),
+    rule("bert.pooler.dense.weight", "bert/pooler/kernel", LINEAR),
+    rule("bert.pooler.dense.bias", "bert/pooler/bias"),
+]
+_BERT_HEADS = [  # MLM transform + output bias (the decoder is tied to the word embedding); NSP.
+    rule("cls.predictions.transform.dense.weight", "mlm_dense/kernel", LINEAR),
+    rule("cls.predictions.transform.dense.bias", "mlm_dense/bias"),
+    rule("cls.predictions.transform.LayerNorm.weight", "mlm_ln/scale"),
+    rule("cls.predictions.transform.LayerNorm.bias", "mlm_ln/bias"),
+    rule("cls.predictions.bias", "mlm_bias"),
+    rule("cls.seq_relationship.weight", "nsp_dense/kernel", LINEAR),
+    rule("cls.seq_relationship.bias", "nsp_dense/bias"),
+]
+
+
+def _bert_config(hf: dict) -> BertConfig:
+  _require(hf, "hidden_act", ("gelu", "gelu_python"), "BERT (exact erf GELU)")
+  _require(hf, "position_embedding_type", ("absolute",), "BERT (learned absolute positions)")
+  _require(hf, "is_decoder", (False,), "BERT (a bidirectional encoder)")
+  _require(hf, "add_cross_attention", (False,), "BERT (no cross-attention)")
+  _require(hf, "tie_word_embeddings", (True,), "BERT (MLM decoder tied to the word embedding)")
+  d, n = _get(hf, "hidden_size", 768), _get(hf, "num_attention_heads", 12)
+  if d % n:
+    raise ValueError(f"config.json has hidden_size={d} not divisible by num_attention_heads={n}")
+  return BertConfig(
+      vocab_size=_get(hf, "vocab_size", 30522), max_len=_get(hf, "max_position_embeddings", 512),
+      type_vocab_size=_get(hf, "type_vocab_size", 2), num_layers=_get(hf, "num_hidden_layers", 12),
+      num_heads=n, embed_dim=d, mlp_dim=_get(hf, "intermediate_size", 3072),
+      dropout_rate=_get(hf, "hidden_dropout_prob", 0.1),
+      attention_dropout_rate=_get(hf, "attention_probs_dropout_prob", 0.1),
+      norm_eps=_get(hf, "layer_norm_eps", 1e-12))
+
+
+def _bert_hf_config(c: BertConfig) -> dict:
+  return {
+      "vocab_size": c.vocab_size, "hidden_size": c.embed_dim, "num_hidden_layers": c.num_layers,
+      "num_attention_heads": c.num_heads, "intermediate_size": c.mlp_dim, "hidden_act": "gelu",
+      "hidden_dropout_prob": c.dropout_rate,
+      "attention_probs_dropout_prob": c.attention_dropout_rate,
+      "max_position_embeddings": c.max_len, "type_vocab_size": c.type_vocab_size,
+      "layer_norm_eps": c.norm_eps, "position_embedding_type": "absolute",
+      "initializer_range": 0.02, "tie_word_embeddings": True}
+
+
+_BERT_PRETRAINING = Variant("BertForPreTraining", BertForPreTraining, root="", base_model=False,
+                            rules=lambda c: _BERT_ENCODER + _BERT_HEADS)
+_BERT_ENCODER_ONLY = Variant("BertModel", BertEncoder, root="bert", base_model=True,
+                             rules=lambda c: _BERT_ENCODER)
+
+
+def _bert_variant(config: BertConfig, names: set[str]) -> Variant:
+  mlm = any(n.startswith("cls.predictions.") for n in names)
+  nsp = any(n.startswith("cls.seq_relationship.") for n in names)
+  if mlm and not nsp:
+    raise ValueError(
+        "this BERT checkpoint has the masked-LM head (cls.predictions.*) but neither the "
+        "next-sentence head (cls.seq_relationship.*) nor, as a BertForMaskedLM, a pooler; "
+        "fmjax.hf loads BertModel and BertForPreTraining checkpoints")
+  return _BERT_PRETRAINING if mlm and nsp else _BERT_ENCODER_ONLY
+
+
+BERT = Architecture(
+    model_type="bert", prefix="bert.", heads=("cls.",),
+    tied={"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+          "cls.predictions.decoder.bias": "cls.predictions.bias"},
+    ignored=lambda name: name == "bert.embeddings.position_ids",
+    variants=(_BERT_PRETRAINING, _BERT_ENCODER_ONLY),
+    config_from_hf=_bert_config, config_to_hf=_bert_hf_config, variant=_bert_variant)
+
+
+# --- GPT-2 (Radford et al. 2019): HF GPT2LMHeadModel / GPT2Model <-> fmjax.models.gpt.GPT. ---
+
+_GPT2_LAYER = "transformer.h.{i}."
+_GPT2_BLOCK = "blocks/layer_{i}/"
+_QKV = ("query", "key", "value")
+_GPT2 = [
+    rule("transformer.wte.weight", "wte/embedding"),
+    rule("transformer.wpe.weight", "wpe/embedding"),
+    rule(_GPT2_LAYER + "ln_1.weight", _GPT2_BLOCK + "ln_attn/scale"),
+    rule(_GPT2_LAYER + "ln_1.bias", _GPT2_BLOCK + "ln_attn/bias"),
+    rule(_GPT2_LAYER + "attn.c_attn.weight", [_GPT2_BLOCK + f"attn/{n}/kernel" for n in _QKV],
+         CONV1D),  # (D, 3 D) = [query | key | value]
+    rule(_GPT2_LAYER + "attn.c_attn.bias", [_GPT2_BLOCK + f"attn/{n}/bias" for n in _QKV], FLAT),
+    rule(_GPT2_LAYER + "attn.c_proj.weight", _GPT2_BLOCK + "attn/out/kernel",
+         Matrix(n_in=2, transpose=False)),
+    rule(_GPT2_LAYER + "attn.c_proj.bias", _GPT2_BLOCK + "attn/out/bias"),
+    rule(_GPT2_LAYER + "ln_2.weight", _GPT2_BLOCK + "ln_mlp/scale"),
+    rule(_GPT2_LAYER + "ln_2.bias", _GPT2_BLOCK + "ln_mlp/bias"),
+    rule(_GPT2_LAYER + "mlp.c_fc.weight", _GPT2_BLOCK + "mlp/wi/kernel", CONV1D),
+    rule(_GPT2_LAYER + "mlp.c_fc.bias", _GPT2_BLOCK + "mlp/wi/bias"),
+    rule(_GPT2_LAYER + "mlp.c_proj.weight", _GPT2_BLOCK + "mlp/wo/kernel", CONV1D),
+    rule(_GPT2_LAYER + "mlp.c_proj.bias", _GPT2_BLOCK + "mlp/wo/bias"),
+    rule("transformer.ln_f.weight", "ln_f/scale"),
+    rule("transformer.ln_f.bias", "ln_f/bias"),
+]
+_GPT2_LM_HEAD = rule("lm_head.weight", "lm_head/kernel", LINEAR)  # only when untied
+
+# HF activation_function <-> fmjax mlp_activation ("gelu_new" is the tanh approximation).
+_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                     "relu": "relu", "silu": "silu", "swish": "silu"}
+_GPT2_ACTIVATION_NAMES = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+
+def _gpt2_config(hf: dict) -> GPTConfig:
+  act = _require(hf, "activation_function", tuple(_GPT2_ACTIVATIONS), "GPT")
+  # fmjax's GPT hard-codes LayerNorm eps 1e-5 (GPT-2's value) and the 1/sqrt(H) logit scale.
+  _require(hf, "layer_norm_epsilon", (1e-5,), "GPT (LayerNorm epsilon fixed at 1e-5)")
+  _require(hf, "scale_attn_weights", (True,), "GPT (attention logits scaled by 1/sqrt(H))")
+  _require(hf, "scale_attn_by_inverse_layer_idx", (False,), "GPT (no per-layer logit scaling)")
+  _require(hf, "add_cross_attention", (False,), "GPT (no cross-attention)")
+  d, n = _get(hf, "n_embd", 768), _get(hf, "n_head", 12)
+  if d % n:
+    raise ValueError(f"config.json has n_embd={d} not divisible by n_head={n}")
+  return GPTConfig(
+      vocab_size=_get(hf, "vocab_size", 50257), max_len=_get(hf, "n_positions", 1024),
+      num_layers=_get(hf, "n_layer", 12), num_heads=n, embed_dim=d,
+      mlp_dim=_get(hf, "n_inner", 4 * d), mlp_activation=_GPT2_ACTIVATIONS[act],
+      tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
+      dropout_rate=_get(hf, "resid_pdrop", 0.1))
+
+
+def _gpt2_hf_config(c: GPTConfig) -> dict:
+  checks = [  # (field, value, ok, what GPT-2 needs)
+      ("position", c.position, c.position == "learned", "'learned'"),
+      ("norm", c.norm, c.norm == "layer", "'layer'"),
+      ("gated_mlp", c.gated_mlp, not c.gated_mlp, "False"),
+      ("use_bias", c.use_bias, c.use_bias, "True"),
+      ("num_kv_heads", c.num_kv_heads, c.num_kv_heads in (None, c.num_heads),
+       f"None or num_heads={c.num_heads}"),
+      ("mlp_activation", c.mlp_activation, c.mlp_activation in _GPT2_ACTIVATION_NAMES,
+       f"one of {sorted(_GPT2_ACTIVATION_NAMES)}")]
+  for field, value, ok, needed in checks:
+    if not ok:
+      raise ValueError(f"GPTConfig.{field}={value!r} has no GPT-2 equivalent in transformers "
+                       f"(GPT-2 needs {field} = {needed}); only GPT-2-shaped GPTs can be exported")
+  return {
+      "vocab_size": c.vocab_size, "n_positions": c.max_len, "n_embd": c.embed_dim,
+      "n_layer": c.num_layers, "n_head": c.num_heads, "n_inner": c.mlp_dim,
+      "activation_function": _GPT2_ACTIVATION_NAMES[c.mlp_activation],
+      "resid_pdrop": c.dropout_rate, "embd_pdrop": c.dropout_rate, "attn_pdrop": 0.0,
+      "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+      "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+      "tie_word_embeddings": c.tie_embeddings, "initializer_range": 0.02,
+      "bos_token_id": None, "eos_token_id": None}  # fmjax's GPT does not know its tokenizer
+
+
+_GPT2_LM = Variant("GPT2LMHeadModel", GPT, root="", base_model=False,
+                   rules=lambda c: _GPT2 + ([] if c.tie_embeddings else [_GPT2_LM_HEAD]))
+
+GPT2 = Architecture(
+    model_type="gpt2", prefix="transformer.", heads=("lm_head.",),
+    tied={"lm_head.weight": "transformer.wte.weight"},
+    ignored=lambda name: name.endswith((".attn.bias", ".attn.masked_bias")),  # causal-mask buffers
+    variants=(_GPT2_LM,), config_from_hf=_gpt2_config, config_to_hf=_gpt2_hf_config,
+    variant=lambda config, names: _GPT2_LM)
+
+
+ARCHITECTURES = {a.model_type: a for a in (BERT, GPT2)}

@@ -1,0 +1,181 @@
+"""Hugging Face tokenizers (the `tokenizers` library) behind fmjax's Tokenizer interface.
+
+`load_tokenizer(directory)` reads a Hugging Face tokenizer directory: tokenizer.json, else a
+WordPiece vocab.txt (BERT; do_lower_case, strip_accents and tokenize_chinese_chars from
+tokenizer_config.json), else a byte-level BPE vocab.json + merges.txt (GPT-2). The special
+tokens come from tokenizer_config.json / special_tokens_map.json: EOS is eos_token, else BERT's
+sep_token ([SEP]); PAD is pad_token, else EOS (GPT-2 has no padding token).
+
+Saved by `Tokenizer.save` as kind "hf" (fmjax_tokenizer.json + tokenizer.json), so that
+`fmjax.data.load_tokenizer` restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers.implementations import ByteLevelBPETokenizer
+
+from fmjax.data import tokenizers as fm_tokenizers
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+
+# Looked up in this order when the configs name no EOS / PAD token.
+_EOS_CANDIDATES = ("[SEP]", "</s>", "<|endoftext|>", "<eos>")
+_PAD_CANDIDATES = ("[PAD]", "<pad>")
+
+
+class HFTokenizer(fm_tokenizers.Tokenizer):
+  """A `tokenizers.Tokenizer` with fmjax's interface: no special tokens are added by encode,
+  offsets are character spans of the input with leading whitespace trimmed."""
+
+  kind = "hf"
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_token: str, pad_token: str):
+    """Args:
+      tokenizer: the Hugging Face tokenizer (its truncation and padding are switched off).
+      eos_token, pad_token: tokens of the end-of-document and padding ids (may be equal).
+    """
+    self._tok = tokenizer
+    self._tok.no_truncation()
+    self._tok.no_padding()
+    self.eos_token, self.pad_token = eos_token, pad_token
+    self.eos_id, self.pad_id = self.token_to_id(eos_token), self.token_to_id(pad_token)
+    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def backend(self) -> tokenizers.Tokenizer:
+    """The underlying `tokenizers.Tokenizer`."""
+    return self._tok
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    # Batched calls run multithreaded in Rust.
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = self._tok.encode(text, add_special_tokens=False)
+    offsets = []
+    for start, end in enc.offsets:  # character offsets into `text`, also after normalisation
+      while start < end and text[start].isspace():
+        start += 1
+      offsets.append((start, end))
+    return enc.ids, offsets
+
+  def decode(self, ids: Iterable[int]) -> str:
+    skip = {self.eos_id, self.pad_id}
+    return self._tok.decode([int(i) for i in ids if int(i) not in skip],
+                            skip_special_tokens=False)
+
+  def token_to_id(self, token: str) -> int:
+    i = self._tok.token_to_id(token)
+    if i is None:
+      raise KeyError(f"{token!r} is not a token of this Hugging Face tokenizer")
+    return i
+
+  def _metadata(self) -> dict[str, Any]:
+    return {"tokenizer_file": TOKENIZER_FILE, "eos_token": self.eos_token,
+            "pad_token": self.pad_token}
+
+  def _fingerprint_extra(self) -> bytes:
+    return self._tok.to_str().encode("utf-8")
+
+  def save(self, directory: str | os.PathLike) -> None:
+    super().save(directory)
+    self._tok.save(str(pathlib.Path(directory) / TOKENIZER_FILE))
+
+  @classmethod
+  def _restore(cls, directory, metadata):
+    tok = tokenizers.Tokenizer.from_file(str(pathlib.Path(directory) / metadata["tokenizer_file"]))
+    return cls(tok, eos_token=metadata["eos_token"], pad_token=metadata["pad_token"])
+
+
+def load_tokenizer(directory: str | os.PathLike) -> HFTokenizer:
+  """Reads a Hugging Face tokenizer directory (see the module docstring for the files).
+
+  Args:
+    directory: e.g. a model directory written by transformers' save_pretrained.
+
+  Returns:
+    An HFTokenizer; for BERT eos_id is [SEP] and pad_id [PAD], for GPT-2 both <|endoftext|>.
+
+  Raises:
+    FileNotFoundError: no such directory, or none of the tokenizer files.
+    ValueError: no end-of-sequence token can be found.
+  """
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory} is not a directory; give a Hugging Face tokenizer "
+                            f"directory with {TOKENIZER_FILE} (or vocab.txt, or vocab.json and "
+                            "merges.txt)")
+  config = _read_json(directory / SPECIAL_TOKENS_MAP)
+  config.update(_read_json(directory / TOKENIZER_CONFIG))
+  specials = {k: _token(config.get(k)) for k in ("eos_token", "sep_token", "pad_token",
+                                                  "bos_token", "unk_token")}
+  if (directory / TOKENIZER_FILE).is_file():
+    tok = tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+  elif (directory / "vocab.txt").is_file():
+    tok = _wordpiece(directory / "vocab.txt", config)
+  elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+    tok = ByteLevelBPETokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
+                                add_prefix_space=config.get("add_prefix_space", False))._tokenizer
+    candidates = {*specials.values(), *_EOS_CANDIDATES} - {None}
+    # Split out of text whole, as transformers does with <|endoftext|>.
+    tok.add_special_tokens(sorted(t for t in candidates if tok.token_to_id(t) is not None))
+  else:
+    raise FileNotFoundError(f"{directory} has no {TOKENIZER_FILE}, vocab.txt (WordPiece) or "
+                            "vocab.json + merges.txt (byte-level BPE); save the tokenizer there "
+                            "with transformers' save_pretrained")
+  has = lambda t: t is not None and tok.token_to_id(t) is not None
+  eos = next((t for t in (specials["eos_token"], specials["sep_token"], *_EOS_CANDIDATES)
+              if has(t)), None)
+  if eos is None:
+    raise ValueError(f"cannot tell the end-of-sequence token of the tokenizer in {directory}: "
+                     f"{TOKENIZER_CONFIG} names no eos_token or sep_token in its vocabulary, and "
+                     f"none of {list(_EOS_CANDIDATES)} is; set eos_token in {TOKENIZER_CONFIG}")
+  pad = next((t for t in (specials["pad_token"], *_PAD_CANDIDATES) if has(t)), eos)
+  return HFTokenizer(tok, eos_token=eos, pad_token=pad)
+
+
+def _wordpiece(vocab_file: pathlib.Path, config: dict) -> tokenizers.Tokenizer:
+  """BERT's tokenizer from its vocab.txt, configured as transformers' BertTokenizer."""
+  specials = {k: _token(config.get(k)) or default for k, default in (
+      ("unk_token", "[UNK]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"),
+      ("cls_token", "[CLS]"), ("mask_token", "[MASK]"))}
+  vocab = models.WordPiece.read_file(str(vocab_file))
+  tok = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token=specials["unk_token"]))
+  tok.normalizer = normalizers.BertNormalizer(
+      clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+      strip_accents=config.get("strip_accents"),
+      lowercase=config.get("do_lower_case", True))  # BertTokenizer's defaults
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.decoder = decoders.WordPiece(prefix="##")
+  tok.add_special_tokens(sorted(t for t in specials.values() if t in vocab))  # split out whole
+  return tok
+
+
+def _read_json(path: pathlib.Path) -> dict:
+  if not path.is_file():
+    return {}
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _token(value) -> str | None:
+  """A special token as tokenizer configs write it: a string or {"content": ...}."""
+  return value.get("content") if isinstance(value, dict) else value
+
+
+fm_tokenizers._KINDS[HFTokenizer.kind] = HFTokenizer  # pylint: disable=protected-access

@@ -1,0 +1,370 @@
+"""Reading and writing Hugging Face model directories (config.json + safetensors weights).
+
+The tables in `fmjax/hf/tables.py` say which HF tensor is which fmjax parameter; this module
+finds the files, checks every name and shape against the fmjax model's own `jax.eval_shape`
+of `init`, converts, and places the result on devices (optionally straight into the
+NamedShardings of a mesh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import warnings
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from fmjax import sharding
+from fmjax.hf.tables import ARCHITECTURES, Architecture, Variant, expand
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_FILE = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+# Fields of BertConfig / GPTConfig that only change how the model runs, not its weights.
+RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "scan_layers",
+                  "remat_policy", "dtype", "param_dtype")
+
+
+def load_params(directory: str | os.PathLike, **overrides) -> tuple[Any, dict]:
+  """Reads a Hugging Face BERT or GPT-2 directory into fmjax's config and parameter names.
+
+  Args:
+    directory: holds config.json and model.safetensors (or a sharded model.safetensors.index.json;
+      pytorch_model.bin is read only when torch is installed).
+    **overrides: runtime fields of the fmjax config (RUNTIME_FIELDS), e.g. scan_layers=True
+      (parameters then stacked on a leading layer axis, as nn.scan wants) or
+      param_dtype="bfloat16" (weights cast to it; default float32).
+
+  Returns:
+    (config, params): a BertConfig or GPTConfig and a nested dict of numpy arrays whose paths
+    equal those of `model.init(...)["params"]`: BertForPreTraining's when the checkpoint has the
+    pretraining heads, else {"bert": BertEncoder's params}; GPT's for GPT-2.
+
+  Raises:
+    FileNotFoundError: no such directory, no config.json or no weights file.
+    ValueError: unsupported model_type or config, a missing tensor or a shape mismatch.
+  """
+  config, variant, params = _load(directory, overrides)
+  return config, params
+
+
+def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
+                    rules=None, dtype=None, **overrides) -> tuple[nn.Module, dict]:
+  """Builds the fmjax model of a Hugging Face BERT or GPT-2 directory and loads its weights.
+
+  A checkpoint with BERT's pretraining heads (cls.predictions.*, cls.seq_relationship.*) gives
+  a BertForPreTraining, one without a BertEncoder (HF's BertModel); GPT-2 gives a GPT with
+  its tied LM head. `model.apply(variables, ...)` then matches transformers' outputs:
+  BertEncoder -> (last_hidden_state, pooler_output), BertForPreTraining -> its dict of logits,
+  GPT -> logits.
+
+  Args:
+    directory: a Hugging Face model directory (see load_params).
+    mesh: if given, each weight is placed directly into its NamedSharding on this mesh.
+    rules: logical-axis rules (a name of fmjax.sharding.RULES or a rule list); default "fsdp".
+    dtype: parameter and compute dtype, e.g. "bfloat16"; default float32.
+    **overrides: other runtime config fields (see load_params), e.g. attention_impl="xla".
+
+  Returns:
+    (model, variables) with variables = {"params": tree of jax.Arrays}.
+  """
+  if dtype is not None:
+    overrides = {"dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(dtype).name, **overrides}
+  config, variant, params = _load(directory, overrides)
+  model = variant.module(config)
+  tree = params[variant.root] if variant.root else params
+  if mesh is None:
+    return model, {"params": jax.tree_util.tree_map(jnp.asarray, tree)}
+  rules = sharding.get_rules(rules or "fsdp") if isinstance(rules, (str, type(None))) else rules
+  abstract = jax.eval_shape(model.init, jax.random.key(0), _dummy_input())
+  sharding.check_divisible(abstract, mesh, rules)
+  shardings = _flatten(sharding.shardings_of(abstract, mesh, rules)["params"])
+  placed = {path: jax.make_array_from_callback(x.shape, shardings[path], lambda i, x=x: x[i])
+            for path, x in _flatten(tree).items()}
+  return model, {"params": _unflatten(placed)}
+
+
+def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -> None:
+  """Writes config.json and model.safetensors that transformers' AutoModel* loads.
+
+  BertForPreTraining -> HF BertForPreTraining, BertEncoder -> BertModel, GPT -> GPT2LMHeadModel.
+  Weights keep their dtype, so export then import round-trips bit for bit. Under several
+  processes every process must call this; process 0 writes.
+
+  Args:
+    model: the fmjax module whose `variables` these are (its config says the architecture).
+    variables: {"params": ...} or the params tree itself (boxed or plain, sharded or not).
+    directory: created if needed; existing config.json / model.safetensors are overwritten.
+
+  Raises:
+    ValueError: a model with no HF equivalent (e.g. a rotary GPT), or params that do not fit it.
+  """
+  arch, variant = _architecture_of(model)
+  config = model.config
+  hf_config = arch.config_to_hf(config)  # raises first if the config has no HF equivalent
+  params = nn.meta.unbox(variables.get("params", variables))
+  flat = {path: _to_host(x) for path, x in _flatten(params).items()}
+  if config.scan_layers:
+    flat = _unstack_layers(flat)
+  prefix = variant.root + "/" if variant.root else ""
+  flat = {prefix + p: x for p, x in flat.items()}
+  shapes = _param_shapes(variant, config)
+  for path, shape in shapes.items():
+    if path not in flat:
+      raise ValueError(f"variables have no parameter {path[len(prefix):]!r}, which "
+                       f"{variant.module.__name__} needs; pass the variables of this model")
+    if tuple(flat[path].shape) != shape:
+      raise ValueError(f"parameter {path[len(prefix):]!r} has shape {tuple(flat[path].shape)} "
+                       f"but {variant.module.__name__}({config}) needs {shape}")
+  extra = sorted(set(flat) - set(shapes))
+  if extra:
+    raise ValueError(f"variables have parameters {variant.module.__name__} does not define: "
+                     f"{[p[len(prefix):] for p in extra[:5]]}; pass the variables of this model")
+  tensors = {}
+  for r in expand(variant.rules(config), config.num_layers):
+    name = r.hf[len(arch.prefix):] if variant.base_model else r.hf
+    tensors[name] = np.ascontiguousarray(r.to_hf([flat[p] for p in r.fm]))
+  if jax.process_index() != 0:
+    return
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  safetensors.numpy.save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
+  hf_config = {"architectures": [variant.hf_class], "model_type": arch.model_type, **hf_config,
+               "dtype": jnp.dtype(config.param_dtype).name}
+  (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def _load(directory, overrides) -> tuple[Any, Variant, dict]:
+  """(config, variant, params) for load_params and from_pretrained."""
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise FileNotFoundError(f"{directory} is not a directory; give a Hugging Face model "
+                            f"directory with {CONFIG_FILE} and {SAFETENSORS_FILE}")
+  hf_config = _read_config(directory)
+  model_type = hf_config.get("model_type")
+  if model_type not in ARCHITECTURES:
+    raise ValueError(f"{directory / CONFIG_FILE} has model_type={model_type!r}; fmjax.hf "
+                     f"supports {sorted(ARCHITECTURES)}")
+  arch = ARCHITECTURES[model_type]
+  config = arch.config_from_hf(hf_config)
+  config = _override(config, overrides)
+  checkpoint = _Checkpoint(directory)
+  names = {arch.canonical(n): n for n in checkpoint.names}
+  variant = arch.variant(config, set(names))
+  shapes = _param_shapes(variant, config)
+  dtype = jnp.dtype(config.param_dtype)
+  flat, used = {}, set()
+  for r in expand(variant.rules(config), config.num_layers):
+    if r.hf not in names:
+      raise ValueError(
+          f"{checkpoint.describe()} has no tensor {_bare(arch, variant, r.hf)!r} (fmjax "
+          f"{'/'.join(r.fm)}), which a {variant.hf_class} with this config.json needs; the "
+          f"checkpoint is incomplete or of another class. Re-save it with transformers' "
+          f"{variant.hf_class}.save_pretrained")
+    w = checkpoint.get(names[r.hf])
+    fm_shapes = [shapes[p] for p in r.fm]
+    expected = r.hf_shape(fm_shapes)
+    if tuple(w.shape) != expected:
+      raise ValueError(
+          f"{checkpoint.describe()}: tensor {names[r.hf]!r} has shape {tuple(w.shape)}, but "
+          f"{CONFIG_FILE} ({_summary(config)}) needs {expected}; the weights and "
+          f"{CONFIG_FILE} do not belong together")
+    for path, x in zip(r.fm, r.to_fmjax(w, fm_shapes)):
+      flat[path] = x.astype(dtype)
+    used.add(r.hf)
+  missing = set(shapes) - set(flat)
+  if missing:  # a table that misses a parameter is a bug here, not in the checkpoint
+    raise RuntimeError(f"fmjax.hf's {arch.model_type} table maps no tensor to {sorted(missing)}")
+  for name, source in arch.tied.items():
+    if name in names and name not in used and not np.array_equal(
+        checkpoint.get(names[name]), checkpoint.get(names[source])):
+      raise ValueError(f"{checkpoint.describe()}: {names[name]!r} differs from {names[source]!r}, "
+                       "but fmjax ties them (one shared tensor); untied output layers are not "
+                       "supported for this model")
+    used.add(name)
+  unused = sorted(names[n] for n in set(names) - used if not arch.ignored(n))
+  if unused:
+    warnings.warn(f"fmjax.hf ignores {len(unused)} tensors of {checkpoint.describe()} that a "
+                  f"{variant.hf_class} does not have: {unused[:8]}", stacklevel=3)
+  if config.scan_layers:
+    flat = _stack_layers(flat)
+  return config, variant, _unflatten(flat)
+
+
+def _read_config(directory: pathlib.Path) -> dict:
+  path = directory / CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; a Hugging Face model directory "
+                            "needs it (written by save_pretrained) next to the weights")
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); re-save the model") from None
+
+
+def _override(config, overrides):
+  bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
+  if bad:
+    raise ValueError(f"cannot override {bad}: the architecture comes from {CONFIG_FILE}; only "
+                     f"runtime fields {list(RUNTIME_FIELDS)} can be overridden")
+  fields = {f.name for f in dataclasses.fields(config)}
+  return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
+
+
+class _Checkpoint:
+  """The tensors of a model directory, read lazily one by one (a large checkpoint is never
+  held twice in memory while it is converted)."""
+
+  def __init__(self, directory: pathlib.Path):
+    self.directory = directory
+    self._torch = None
+    if (directory / SAFETENSORS_FILE).is_file():
+      self.files = {None: directory / SAFETENSORS_FILE}
+      with safetensors.safe_open(self.files[None], framework="numpy") as f:
+        self._file_of = {n: None for n in f.keys()}
+    elif (directory / SAFETENSORS_INDEX).is_file():
+      weight_map = json.loads((directory / SAFETENSORS_INDEX).read_text())["weight_map"]
+      self.files = {f: directory / f for f in set(weight_map.values())}
+      self._file_of = dict(weight_map)
+    elif (directory / TORCH_FILE).is_file() or (directory / TORCH_INDEX).is_file():
+      self._torch = _read_torch(directory)
+      self.files = {None: directory / TORCH_FILE}
+      self._file_of = {n: None for n in self._torch}
+    else:
+      raise FileNotFoundError(f"{directory} has no {SAFETENSORS_FILE} (nor {SAFETENSORS_INDEX} "
+                              f"or {TORCH_FILE}); save the weights there with transformers' "
+                              "save_pretrained")
+    self.names = list(self._file_of)
+
+  def describe(self) -> str:
+    files = sorted(str(p.name) for p in self.files.values())
+    return str(self.directory / files[0]) if len(files) == 1 else f"{self.directory} ({files})"
+
+  def get(self, name: str) -> np.ndarray:
+    if self._torch is not None:
+      return self._torch[name]
+    with safetensors.safe_open(self.files[self._file_of[name]], framework="numpy") as f:
+      return f.get_tensor(name)
+
+
+def _read_torch(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise FileNotFoundError(
+        f"{directory} has only {TORCH_FILE}, which needs torch to read; install torch or convert "
+        f"it to {SAFETENSORS_FILE} (transformers' save_pretrained writes safetensors)") from None
+  if (directory / TORCH_FILE).is_file():
+    files = [directory / TORCH_FILE]
+  else:
+    weight_map = json.loads((directory / TORCH_INDEX).read_text())["weight_map"]
+    files = [directory / f for f in sorted(set(weight_map.values()))]
+  out = {}
+  for f in files:
+    for name, t in torch.load(f, map_location="cpu", weights_only=True).items():
+      # numpy has no bfloat16: go through float32, which holds every bfloat16 exactly.
+      out[name] = (t.float().numpy().astype(jnp.bfloat16) if t.dtype == torch.bfloat16
+                   else t.numpy())
+  return out
+
+
+def _architecture_of(model: nn.Module) -> tuple[Architecture, Variant]:
+  for arch in ARCHITECTURES.values():
+    for variant in arch.variants:
+      if type(model) is variant.module:
+        return arch, variant
+  known = [v.module.__name__ for a in ARCHITECTURES.values() for v in a.variants]
+  raise ValueError(f"fmjax.hf cannot export a {type(model).__name__}; exportable models: {known}")
+
+
+def _dummy_input():
+  return jax.ShapeDtypeStruct((1, 1), jnp.int32)
+
+
+def _param_shapes(variant: Variant, config) -> dict[str, tuple[int, ...]]:
+  """"/"-path -> shape of the module's params, unscanned, under the variant's root."""
+  config = dataclasses.replace(config, scan_layers=False)
+  abstract = jax.eval_shape(variant.module(config).init, jax.random.key(0), _dummy_input())
+  prefix = variant.root + "/" if variant.root else ""
+  return {prefix + p: tuple(x.shape)
+          for p, x in _flatten(nn.meta.unbox(abstract["params"])).items()}
+
+
+def _summary(config) -> str:
+  fields = ("vocab_size", "max_len", "num_layers", "num_heads", "embed_dim", "mlp_dim")
+  return ", ".join(f"{f}={getattr(config, f)}" for f in fields)
+
+
+def _bare(arch: Architecture, variant: Variant, name: str) -> str:
+  """A canonical name as this variant's HF class would save it."""
+  return name[len(arch.prefix):] if variant.base_model and name.startswith(arch.prefix) else name
+
+
+def _to_host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
+
+
+_LAYER = re.compile(r"^(.*?blocks/)layer_(\d+)/(.*)$")
+
+
+def _stack_layers(flat: dict) -> dict:
+  """"blocks/layer_{i}/p" for every i -> "blocks/layers/p" stacked on a leading axis (nn.scan)."""
+  out, stacked = {}, {}
+  for path, x in flat.items():
+    m = _LAYER.match(path)
+    if m is None:
+      out[path] = x
+    else:
+      stacked.setdefault(f"{m[1]}layers/{m[3]}", {})[int(m[2])] = x
+  for path, layers in stacked.items():
+    out[path] = np.stack([layers[i] for i in range(len(layers))])
+  return out
+
+
+def _unstack_layers(flat: dict) -> dict:
+  """Inverse of _stack_layers."""
+  out = {}
+  for path, x in flat.items():
+    m = re.match(r"^(.*?blocks/)layers/(.*)$", path)
+    if m is None:
+      out[path] = x
+    else:
+      out.update({f"{m[1]}layer_{i}/{m[2]}": x[i] for i in range(x.shape[0])})
+  return out
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  """Nested mappings -> {"a/b/c": leaf}."""
+  out = {}
+  for k, v in tree.items():
+    if hasattr(v, "items"):
+      out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _unflatten(flat: dict) -> dict:
+  out = {}
+  for path, x in flat.items():
+    *parents, leaf = path.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = x
+  return out
