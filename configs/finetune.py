@@ -58,7 +58,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # QA
   d.doc_stride, d.max_query_length, d.n_best_size, d.max_answer_length = 128, 64, 20, 30
   d.eval_fraction = 0.0  # QA without eval_path: hold out this fraction of the articles
-  # Tokenizer learned on the training text (random init only; init_from brings its own)
+  # Random init only (init_from brings its own tokenizer): a saved tokenizer directory (e.g.
+  # a pretrain_bert workdir's tokenizer/), or else one learned on the training text.
+  d.tokenizer_dir = ""
   d.vocab_size, d.lowercase = 8000, True
 
   t = config.train

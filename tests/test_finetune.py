@@ -168,10 +168,7 @@ def test_init_from_a_pretraining_workdir_loads_the_encoder(pretrained, env, tmp_
   assert "initialised" in proc.stderr and "not used: ['mlm_bias'" in proc.stderr
   source, tuned = restore_params(pretrained), restore_params(workdir)
   assert set(tuned) == {"bert", "classifier"}
-  flat = lambda tree, prefix="": ({f"{prefix}{k}": v for k, v in tree.items() if not isinstance(v, dict)}
-                                  | {kk: vv for k, v in tree.items() if isinstance(v, dict)
-                                     for kk, vv in flat(v, f"{prefix}{k}/").items()})
-  a, b = flat(source["bert"]), flat(tuned["bert"])
+  a, b = checkpoint_flat(source["bert"]), checkpoint_flat(tuned["bert"])
   assert a.keys() == b.keys()
   for key in a:  # learning rate 0: the encoder is exactly the pretrained one
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -198,3 +195,29 @@ def test_bad_input_is_one_error_line(env, tmp_path):
                        "a ragged row, or a quote or tab inside a field (is "
                        "config.data.quoting='none' right for this file?)")
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_init_from_a_hugging_face_bert_directory(env, tmp_path):
+  """--config.init_from=hf:DIR: the HF weights (fmjax.hf names) and the HF tokenizer."""
+  from fmjax import hf
+  directory = REPO / "tests" / "golden" / "hf" / "bert"
+  workdir = tmp_path / "hf"
+  proc = program(env, workdir, f"--config.init_from=hf:{directory}", "--config.train.steps=2",
+                 "--config.train.learning_rate=0.0")
+  check_ok(proc)
+  config, arrays = hf.load_params(str(directory))
+  tuned = restore_params(workdir)
+  assert json.load(open(workdir / "config.json"))["init_from"] == f"hf:{directory}"
+  for key, value in checkpoint_flat(arrays["bert"]).items():
+    np.testing.assert_array_equal(checkpoint_flat(tuned["bert"])[key], value, err_msg=key)
+  assert json.load(open(workdir / "tokenizer" / "fmjax_tokenizer.json"))["kind"] == "hf"
+
+
+def checkpoint_flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(checkpoint_flat(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = np.asarray(v)
+  return out

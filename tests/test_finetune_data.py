@@ -306,3 +306,32 @@ def test_split_by_article_keeps_articles_whole():
   train, held = squad.split_by_article(examples, 0.34)
   assert {e.title for e in held} == {"Bread"} and not {e.title for e in train} & {"Bread"}
   assert len(train) + len(held) == len(examples)
+
+
+def test_tfds_catalog_records_map_to_examples(monkeypatch):
+  """glue/rte and squad through tfds.data_source (stubbed: no network here), feature names as
+  the tfds catalog has them; unlabelled GLUE test rows (label -1) get no label."""
+  import tensorflow_datasets as tfds
+  records = {
+      ("glue/rte", "validation"): [
+          {"sentence1": b"A man sleeps.", "sentence2": b"Nobody sleeps.", "label": 1, "idx": 0},
+          {"sentence1": b"It rains.", "sentence2": b"It is wet.", "label": -1, "idx": 1}],
+      ("squad", "train"): [
+          {"id": b"s1", "title": b"Sky", "context": b"The sky is blue.", "question": b"Colour?",
+           "answers": {"text": [b"blue"], "answer_start": [11]}}],
+  }
+  calls = []
+
+  def data_source(name, split, data_dir=None):
+    calls.append((name, split, data_dir))
+    return records[(name, split)]
+  monkeypatch.setattr(tfds, "data_source", data_source)
+  fmt = glue.TableFormat(("sentence1", "sentence2"), label_names=("entailment", "not_entailment"))
+  rte = glue.read_tfds("glue/rte", "validation", fmt)
+  assert [(e.texts, e.label) for e in rte] == [
+      (("A man sleeps.", "Nobody sleeps."), 1), (("It rains.", "It is wet."), None)]
+  assert rte[0].where == "tfds:glue/rte/validation[0]"
+  qa = squad.read_tfds("squad", "train")
+  assert qa == [squad.QAExample("s1", "Sky", "The sky is blue.", "Colour?", (("blue", 11),),
+                                "tfds:squad/train[0]")]
+  assert calls == [("glue/rte", "validation", None), ("squad", "train", None)]

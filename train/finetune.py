@@ -110,7 +110,8 @@ def texts_of(config, examples):
 # Tokenizer and model ----------------------------------------------------------------------------
 
 def build_tokenizer(config, workdir: str, train_examples) -> fdata.Tokenizer:
-  """The encoder's own tokenizer (init_from's), the workdir's when resuming, else trained."""
+  """The encoder's own tokenizer (init_from's), the workdir's when resuming, else
+  config.data.tokenizer_dir's, else one trained on the training texts."""
   saved = os.path.join(workdir, "tokenizer")
   if config.init_from.startswith("hf:"):
     from fmjax import hf
@@ -123,6 +124,8 @@ def build_tokenizer(config, workdir: str, train_examples) -> fdata.Tokenizer:
     tok = fdata.load_tokenizer(source)
   elif os.path.exists(os.path.join(saved, fdata.tokenizers.METADATA_FILE)):
     return fdata.load_tokenizer(saved)
+  elif config.data.tokenizer_dir:  # random init with a given vocabulary
+    tok = fdata.load_tokenizer(config.data.tokenizer_dir)
   else:  # random init: a vocabulary learned on the training texts
     d = config.data
     tok = fdata.train_sentencepiece(texts_of(config, train_examples), vocab_size=d.vocab_size,
