@@ -4,9 +4,12 @@ Reading order: attention.py -> layers.py -> transformer.py -> models/gpt.py (the
 -> training.py -> checkpoint.py -> data/ -> trainer.py (the loop the programs in train/ share).
 """
 
-from fmjax import attention, checkpoint, data, generate, layers, metrics, sharding, training, transformer
+from fmjax import (attention, checkpoint, data, evaluation, generate, heads, layers, metrics,
+                   sharding, training, transformer)
 from fmjax.attention import dot_product_attention, make_attention_mask
-from fmjax.models.bert import BertConfig, BertEncoder, BertForPreTraining
+from fmjax.heads import ClassificationHead, SpanHead
+from fmjax.models.bert import (BertConfig, BertEncoder, BertForPreTraining,
+                               BertForQuestionAnswering, BertForSequenceClassification)
 from fmjax.models.gpt import GPT, GPTConfig
 from fmjax.sharding import make_mesh, sharded_init, shard_batch
 from fmjax.training import TrainState, make_eval_step, make_optimizer, make_train_step
@@ -15,7 +18,9 @@ from fmjax.transformer import Block, BlockConfig, MultiHeadAttention, Transforme
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "BertConfig", "BertEncoder", "BertForPreTraining", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
+    "GPT", "GPTConfig", "BertConfig", "BertEncoder", "BertForPreTraining",
+    "BertForQuestionAnswering", "BertForSequenceClassification", "ClassificationHead", "SpanHead",
+    "evaluation", "heads", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
     "TrainState", "attention", "checkpoint", "data", "dot_product_attention", "generate",
     "layers", "make_attention_mask", "make_eval_step", "make_mesh", "make_optimizer",
     "make_train_step", "metrics", "shard_batch", "sharded_init", "sharding", "training",
