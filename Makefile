@@ -15,7 +15,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m train.pretrain_gpt --config=configs/gpt.py:shakespeare_char --workdir=$(WORKDIR)
+	$(PY) -m train.pretrain_gpt --config=configs/gpt.py:shakespeare_char --workdir=$(WORKDIR) \
+		--config.sample.num_tokens=0
+	$(PY) -m train.sample --workdir=$(WORKDIR) --prompt="ROMEO:" --max_new_tokens=300 \
+		--temperature=0.8 --top_k=40
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests

@@ -170,11 +170,17 @@ def _xla(q, k, v, mask, scale, dropout_rate, dropout_rng, causal_block=None):
   blocks of this many and each block only sees keys up to its end, skipping the masked upper
   triangle's matmuls and softmax work (about half of it at two blocks).
   """
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
+  return _xla_heads_first(q, k, v, mask, scale, dropout_rate, dropout_rng, causal_block)
+
+
+def _xla_heads_first(q, k, v, mask, scale, dropout_rate=0.0, dropout_rng=None,
+                     causal_block=None):
+  """_xla with k, v already in (B, K, S, H), the layout a KV cache is kept in."""
   B, T, N, H = q.shape
-  K = k.shape[2]
+  K = k.shape[1]
   # G query heads share each kv head; k, v are never repeated.
   q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
   mask = mask[:, None, None]  # (B|1, 1, 1, T, S)
   blocks = [(0, T, k.shape[2])] if not causal_block else \
       [(i, i + causal_block, i + causal_block) for i in range(0, T, causal_block)]
@@ -192,6 +198,36 @@ def _xla(q, k, v, mask, scale, dropout_rate, dropout_rng, causal_block=None):
     outs.append(_einsum("BKGTS,BKSH->BKGTH", probs, v[:, :, :kv_end]))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # (B, K, G, T, H)
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+
+
+def cached_attention(q, k_cache, v_cache, *, q_slots, kv_mask=None, scale=None):
+  """Attention of T new queries over a KV cache (incremental decoding).
+
+  The cache keeps keys and values heads-first, (B, K, S, H), the layout the einsums below
+  contract over, so a decoding step never transposes the cache. Slot s of the cache holds
+  the key written by the s-th token fed to the model (prompt padding included).
+
+  Args:
+    q: (B, T, N, H) queries of the tokens just written at slots q_slots.
+    k_cache, v_cache: (B, K, S, H) with the new keys and values already written.
+    q_slots: (B or 1, T) int slot of each query; it attends slots s <= q_slots[t] (causal).
+    kv_mask: (B or 1, S) bool, False for slots holding padding; default all True.
+    scale: logit multiplier, default H ** -0.5.
+
+  Returns:
+    (B, T, N, H) in q.dtype, equal to dot_product_attention(impl="xla") over the same keys.
+  """
+  B, T, N, H = q.shape
+  if k_cache.ndim != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != B \
+      or k_cache.shape[3] != H or N % k_cache.shape[1]:
+    raise ValueError(f"Expected q (B,T,N,H) and caches (B,K,S,H) with N % K == 0; got "
+                     f"{q.shape}, {k_cache.shape}, {v_cache.shape}.")
+  S = k_cache.shape[2]
+  q_slots = jnp.asarray(q_slots)
+  kv_ok = jnp.ones((1, S), bool) if kv_mask is None else jnp.asarray(kv_mask, bool)
+  mask = (jnp.arange(S)[None, None, :] <= q_slots[:, :, None]) & kv_ok[:, None, :]  # (B|1,T,S)
+  scale = H ** -0.5 if scale is None else scale
+  return _xla_heads_first(q, k_cache, v_cache, mask, scale)
 
 
 def _chunks(x, size):

@@ -43,12 +43,19 @@ class BlockConfig:
 
 
 class MultiHeadAttention(nn.Module):
-  """Self-attention (kv=None) or cross-attention (kv given) with optional grouped kv heads."""
+  """Self-attention (kv=None) or cross-attention (kv given) with optional grouped kv heads.
+
+  With `cache` (causal self-attention only) the T new keys and values are written into the
+  layer's KV cache at slots cache_index .. cache_index + T - 1, the queries attend every
+  earlier slot that kv_mask allows, and the call returns (output, updated cache); see
+  `init_cache`.
+  """
   config: BlockConfig
 
   @nn.compact
   def __call__(self, x, kv=None, *, q_segment_ids=None, kv_segment_ids=None, kv_mask=None,
-               q_positions=None, kv_positions=None, causal=False, train: bool = False):
+               q_positions=None, kv_positions=None, causal=False, train: bool = False,
+               cache=None, cache_index=None):
     c = self.config
     num_kv = c.num_kv_heads or c.num_heads
     proj = lambda feats, axes, name: Dense(feats, axes, use_bias=c.use_bias, dtype=c.dtype,
@@ -61,6 +68,21 @@ class MultiHeadAttention(nn.Module):
       q = apply_rope(q, _positions(q_positions, x))
       k = apply_rope(k, _positions(kv_positions, kv))
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
+    out_proj = Dense(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1),
+                     use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="out")
+    if cache is not None:
+      if kv is not x or q_segment_ids is not None:
+        raise ValueError("a KV cache serves causal self-attention without segment ids; got "
+                         "cross-attention or packed segments")
+      new = {"k": k, "v": v}  # (B, T, K, H) each
+      cache = {name: nn.with_logical_constraint(jax.lax.dynamic_update_slice(
+          cache[name], new[name].transpose(0, 2, 1, 3).astype(cache[name].dtype),
+          (0, 0, cache_index, 0)), CACHE_AXES) for name in ("k", "v")}  # (B, K, S, H)
+      q_slots = cache_index + jnp.arange(x.shape[1])[None]  # (1, T)
+      out = attention.cached_attention(q, cache["k"], cache["v"], q_slots=q_slots,
+                                       kv_mask=kv_mask)
+      out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
+      return out_proj(out), cache
     # Positions only rotate q/k here: within packed documents (segment ids) index-causal
     # masking equals position-causal, and leaves splash/cuDNN free to use their own masks.
     dropout = c.attention_dropout_rate if train else 0.0
@@ -69,8 +91,31 @@ class MultiHeadAttention(nn.Module):
         kv_mask=kv_mask, impl=c.attention_impl, dropout_rate=dropout,
         dropout_rng=self.make_rng("dropout") if dropout > 0 else None)  # (B,T,N,H)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
-    return Dense(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1), use_bias=c.use_bias,
-                 dtype=c.dtype, param_dtype=c.param_dtype, name="out")(out)
+    return out_proj(out)
+
+
+# Logical axes of a cache buffer (B, K, S, H): batch split like activations, kv heads like heads.
+CACHE_AXES = ("batch", "act_heads", "length", None)
+
+
+def init_cache(config: BlockConfig, num_layers: int, *, batch: int, length: int,
+               scan: bool = False, dtype=None):
+  """Zero KV cache for a TransformerStack of `num_layers` blocks of `config`.
+
+  Args:
+    batch, length: B and S, the number of token slots (prompt, padding included, plus new tokens).
+    scan: the stack's `scan`; the cache mirrors its parameter tree: {"layer_i": {"k", "v"}}, or
+      {"layers": {"k", "v"}} stacked on a leading layer axis when scanned.
+    dtype: cache dtype, default the compute dtype.
+  Returns:
+    pytree of (B, K, S, H) zeros (or (L, B, K, S, H) when scanned), K the kv heads.
+  """
+  shape = (batch, config.num_kv_heads or config.num_heads, length, config.head_dim)
+  dtype = config.dtype if dtype is None else dtype
+  if scan:
+    return {"layers": {n: jnp.zeros((num_layers, *shape), dtype) for n in ("k", "v")}}
+  return {f"layer_{i}": {n: jnp.zeros(shape, dtype) for n in ("k", "v")}
+          for i in range(num_layers)}
 
 
 def _positions(positions, x):
@@ -85,20 +130,32 @@ class Block(nn.Module):
   pre-LN:  x + Attn(LN(x)), then x + MLP(LN(x))      (GPT-2, ViT)
   post-LN: LN(x + Attn(x)), then LN(x + MLP(x))      (original Transformer, BERT)
 
-  The signature (x, segment_ids, positions, kv_mask, train) -> (x, None) is the one
-  nn.scan needs, so the same block serves the Python loop and the scanned stack.
+  The signature (x, segment_ids, positions, kv_mask, train, cache, cache_index) ->
+  (x, cache) is the one nn.scan needs (x the carry, the layer's cache scanned), so the same
+  block serves the Python loop and the scanned stack. Without a cache it returns (x, None);
+  with one, kv_mask masks cache slots (see MultiHeadAttention).
   """
   config: BlockConfig
 
   @nn.compact
-  def __call__(self, x, segment_ids, positions, kv_mask, train: bool):
+  def __call__(self, x, segment_ids, positions, kv_mask, train: bool, cache=None,
+               cache_index=None):
     c = self.config
     norm = lambda name: Norm(c.norm, epsilon=c.norm_eps, dtype=c.dtype,
                              param_dtype=c.param_dtype, name=name)
     drop = lambda y: nn.Dropout(c.dropout_rate)(y, deterministic=not train)
-    attn = lambda y: MultiHeadAttention(c, name="attn")(
-        y, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, kv_mask=kv_mask,
-        q_positions=positions, kv_positions=positions, causal=c.causal, train=train)
+    new_cache = None
+
+    def attn(y):
+      nonlocal new_cache
+      mha = MultiHeadAttention(c, name="attn")
+      if cache is None:
+        return mha(y, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, kv_mask=kv_mask,
+                   q_positions=positions, kv_positions=positions, causal=c.causal, train=train)
+      y, new_cache = mha(y, kv_mask=kv_mask, q_positions=positions, kv_positions=positions,
+                         causal=True, train=train, cache=cache, cache_index=cache_index)
+      return y
+
     mlp = lambda y: MLP(c.mlp_dim, c.mlp_activation, gated=c.gated_mlp, use_bias=c.use_bias,
                         dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype,
                         name="mlp")(y, train=train)
@@ -109,7 +166,7 @@ class Block(nn.Module):
       x = norm("ln_attn")(x + drop(attn(x)))
       x = norm("ln_mlp")(x + drop(mlp(x)))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    return x, None
+    return x, new_cache
 
 
 # Named rematerialisation policies: what the backward pass may keep instead of recomputing.
@@ -126,6 +183,11 @@ class TransformerStack(nn.Module):
 
   scan=True compiles one block and stacks its parameters on a leading "layers" axis:
   compile time stops growing with depth. remat_policy names an entry of REMAT_POLICIES.
+
+  With `cache` (from `init_cache`, causal stacks only) the call is one step of incremental
+  decoding: the T tokens of x are written at cache slots cache_index .. cache_index + T - 1,
+  kv_mask (B, S) marks the cache slots that hold real tokens, positions (B, T) are the
+  tokens' positions, and it returns (x, updated cache).
   """
   config: BlockConfig
   num_layers: int
@@ -133,7 +195,8 @@ class TransformerStack(nn.Module):
   remat_policy: str = "none"
 
   @nn.compact
-  def __call__(self, x, *, segment_ids=None, positions=None, kv_mask=None, train: bool = False):
+  def __call__(self, x, *, segment_ids=None, positions=None, kv_mask=None, train: bool = False,
+               cache=None, cache_index=None):
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; "
                        f"choose from {sorted(REMAT_POLICIES)}")
@@ -141,6 +204,8 @@ class TransformerStack(nn.Module):
     if self.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy],
                        prevent_cse=not self.scan, static_argnums=(5,))  # 5: `train` (self is 0)
+    if cache is not None:
+      return self._decode(block, x, positions, kv_mask, train, cache, cache_index)
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -150,3 +215,21 @@ class TransformerStack(nn.Module):
       for i in range(self.num_layers):
         x, _ = block(self.config, name=f"layer_{i}")(x, segment_ids, positions, kv_mask, train)
     return x
+
+  def _decode(self, block, x, positions, kv_mask, train, cache, cache_index):
+    """The stack over a KV cache laid out as `init_cache` makes it; returns (x, cache)."""
+    if not self.config.causal:
+      raise ValueError("a KV cache needs a causal stack (BlockConfig.causal=True)")
+    if self.scan:
+      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
+                        length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, layers = scanned(self.config, name="layers")(x, None, positions, kv_mask, train,
+                                                      cache["layers"], cache_index)
+      return x, {"layers": layers}
+    new = {}
+    for i in range(self.num_layers):
+      name = f"layer_{i}"
+      x, new[name] = block(self.config, name=name)(x, None, positions, kv_mask, train,
+                                                   cache[name], cache_index)
+    return x, new

@@ -88,19 +88,16 @@ def run(config, workdir: str):
   state, last = common.fit(config, workdir, task)
 
   if config.sample.num_tokens > 0 and jax.process_index() == 0:
-    apply_fn = _apply_fn(model)
-    ids = generate.generate(apply_fn, jax.device_get(state.params), tokenizer.encode(config.sample.prompt),
+    # KV-cached sampling within the trained context (the same as python -m train.sample).
+    ids = generate.complete(model, jax.device_get(state.params),
+                            tokenizer.encode(config.sample.prompt),
                             max_new_tokens=config.sample.num_tokens,
-                            window=min(d.seq_len, model_config.max_len),  # the trained context
-                            rng=jax.random.key(config.seed), temperature=config.sample.temperature,
-                            top_k=config.sample.top_k)
+                            context=min(d.seq_len, model_config.max_len), seed=config.seed,
+                            temperature=config.sample.temperature, top_k=config.sample.top_k,
+                            stop_tokens=[tokenizer.eos_id])
     print("\n--- sample ---\n" + config.sample.prompt + tokenizer.decode(ids) + "\n--------------")
   common.report(workdir, last)
   return state, tokenizer, model, last
-
-
-def _apply_fn(model):
-  return lambda params, tokens: model.apply({"params": params}, tokens)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ Shape key: B batch, T length, D width, F MLP width, N heads, K kv heads, H head 
 
 tokens -> token embedding (+ learned positions, or rotary inside attention) -> dropout
        -> L pre-LN causal blocks -> final norm -> logits through the tied embedding.
+
+Decoding (fmjax/generate.py) runs the same modules over a KV cache: `init_cache`, then
+`GPT.decode` once on the prompt (prefill) and once per new token.
 """
 
 import dataclasses
@@ -11,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fmjax.layers import Dense, Embed, Norm
+from fmjax import transformer
 from fmjax.transformer import BlockConfig, TransformerStack
 
 
@@ -72,7 +76,8 @@ class GPT(nn.Module):
   config: GPTConfig
 
   @nn.compact
-  def __call__(self, tokens, *, positions=None, segment_ids=None, train: bool = False):
+  def __call__(self, tokens, *, positions=None, segment_ids=None, train: bool = False,
+               cache=None, cache_index=None, kv_mask=None):
     """Next-token logits.
 
     Args:
@@ -80,8 +85,9 @@ class GPT(nn.Module):
       positions: (B, T) positions, restarting at 0 in each packed document; default arange.
       segment_ids: (B, T) document ids for packed sequences (attention stays inside one).
       train: enables dropout.
+      cache, cache_index, kv_mask: incremental decoding, see `decode`.
     Returns:
-      (B, T, V) float32 logits.
+      (B, T, V) float32 logits; with a cache, `decode`'s (logits (B, V), cache).
     """
     c = self.config
     dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -96,16 +102,49 @@ class GPT(nn.Module):
                     name="wpe")(positions)
     x = nn.Dropout(c.dropout_rate)(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    x = TransformerStack(c.block(), c.num_layers, scan=c.scan_layers,
-                         remat_policy=c.remat_policy, name="blocks")(
-                             x, segment_ids=segment_ids, positions=positions, train=train)
+    stack = TransformerStack(c.block(), c.num_layers, scan=c.scan_layers,
+                             remat_policy=c.remat_policy, name="blocks")
+    if cache is not None:
+      x, cache = stack(x, positions=positions, kv_mask=kv_mask, train=train, cache=cache,
+                       cache_index=cache_index)
+      x = x[:, -1:]  # only the last position's next-token distribution is needed
+    else:
+      x = stack(x, segment_ids=segment_ids, positions=positions, train=train)
     x = Norm(c.norm, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name="ln_f")(x)
-    if c.tie_embeddings:
+    if c.tie_embeddings and cache is not None:
+      # Vocabulary-major product: XLA's CPU matmul streams the (V, D) table faster this way
+      # round than as BTD,VD->BTV when only a few rows (B tokens) are projected.
+      table = jnp.asarray(embed.embedding, dtype)
+      logits = jnp.einsum("VD,BD->VB", table, x[:, 0]).T[:, None]  # (B, 1, V)
+    elif c.tie_embeddings:
       logits = embed.attend(x)
     else:
       logits = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
                      param_dtype=param_dtype, name="lm_head")(x)
+    if cache is not None:
+      return logits[:, 0].astype(jnp.float32), cache
     return logits.astype(jnp.float32)
+
+  def decode(self, tokens, cache, *, index, positions, kv_mask):
+    """One step of incremental decoding: a prompt (prefill) or new tokens (T = 1).
+
+    Args:
+      tokens: (B, T) int ids, written at cache slots index .. index + T - 1.
+      cache: from `init_cache` (B rows, S slots), holding slots 0 .. index - 1.
+      index: int scalar (may be traced), the first slot written.
+      positions: (B, T) int position of each token (a left-padded row starts at 0 after
+        its padding); must stay below max_len with learned positions.
+      kv_mask: (B, S) bool, False for slots that hold padding.
+    Returns:
+      (logits (B, V) float32 at the last of the T tokens, updated cache).
+    """
+    return self(tokens, positions=positions, cache=cache, cache_index=index, kv_mask=kv_mask)
+
+  def init_cache(self, *, batch: int, length: int):
+    """Zero KV cache for `decode`: `length` slots for `batch` rows (transformer.init_cache)."""
+    c = self.config
+    return transformer.init_cache(c.block(), c.num_layers, batch=batch, length=length,
+                                  scan=c.scan_layers)
 
 
 def num_params(c: GPTConfig) -> int:

@@ -1,0 +1,134 @@
+"""Generation speed: fmjax (KV cache, one jitted while_loop) vs Hugging Face transformers.
+
+  python bench/generate_speed.py --batch 1|8 [--rounds 5 --prompt_len 32 --new_tokens 128]
+
+GPT-2 124M shape (fmjax.models.gpt preset gpt2_small), random weights, CPU fp32, greedy,
+exactly --new_tokens new tokens per row (no stop token). The reference is
+`transformers.GPT2LMHeadModel(...).generate(do_sample=False)` on the same configuration in
+the same process; the two alternate round by round (this machine drifts) and the medians
+are compared. Each timing covers a whole call, prefill included, and tokens/s counts new
+tokens. Prints one JSON object per implementation and a last line with the fmjax/reference
+median ratio. Without torch + transformers only fmjax runs.
+
+fmjax runs on one JAX device (all cores as its intra-op threads): decoding is a chain of
+small matmuls, which a data-parallel mesh of one device per core would not split.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fmjax import generate, metrics  # noqa: E402
+from fmjax.models import gpt  # noqa: E402
+
+
+def forward_flops_per_token(c: gpt.GPTConfig, context: float) -> float:
+  """Forward FLOPs of one decoded token: 2 * matmul params (tied head included) + attention
+  over `context` keys (4 * L * D * context: Q K^T and P V)."""
+  return gpt.flops_per_token(c, 0) / 3 + 4.0 * c.num_layers * c.embed_dim * context
+
+
+def fmjax_generate(c: gpt.GPTConfig, prompts: np.ndarray, new_tokens: int):
+  model = gpt.GPT(c)
+  params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32)))["params"])(
+      jax.random.key(0))
+  rows = prompts.tolist()
+
+  def run():
+    out = generate.generate(model, params, rows, max_new_tokens=new_tokens)
+    assert all(len(r) == new_tokens for r in out)
+  return run
+
+
+def torch_generate(c: gpt.GPTConfig, prompts: np.ndarray, new_tokens: int):
+  import torch
+  import transformers
+  torch.manual_seed(0)
+  hf = transformers.GPT2Config(
+      vocab_size=c.vocab_size, n_positions=c.max_len, n_embd=c.embed_dim, n_layer=c.num_layers,
+      n_head=c.num_heads, n_inner=c.mlp_dim, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+      activation_function="gelu_new", tie_word_embeddings=True)
+  model = transformers.GPT2LMHeadModel(hf).eval()
+  ids = torch.from_numpy(prompts.astype(np.int64))
+  mask = torch.ones_like(ids)
+
+  def run():
+    with torch.no_grad():
+      out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+  return run
+
+
+def has_reference() -> bool:
+  try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+def interleaved(runs: dict, *, rounds: int, warmup: int = 1) -> dict:
+  """Seconds per call of each impl in every round, alternating impls (and their order)."""
+  for run in runs.values():
+    for _ in range(warmup):
+      run()
+  times = {name: [] for name in runs}
+  names = list(runs)
+  for r in range(rounds):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      t = time.perf_counter()
+      runs[name]()
+      times[name].append(time.perf_counter() - t)
+  return times
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--prompt_len", type=int, default=32)
+  p.add_argument("--new_tokens", type=int, default=128)
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--no-reference", action="store_true", help="skip HF transformers")
+  args = p.parse_args(argv)
+
+  c = gpt.get_config("gpt2_small", attention_impl="xla")
+  prompts = np.random.RandomState(0).randint(0, c.vocab_size, (args.batch, args.prompt_len))
+  runs = {"fmjax": fmjax_generate(c, prompts, args.new_tokens)}
+  if not args.no_reference and has_reference():
+    runs["hf_torch"] = torch_generate(c, prompts, args.new_tokens)
+  times = interleaved(runs, rounds=args.rounds)
+  peak, source = metrics.peak_flops_per_device()
+  peak *= jax.local_device_count()
+  flops = forward_flops_per_token(c, args.prompt_len + args.new_tokens / 2)
+  rows = {}
+  for name, ts in times.items():
+    tps = args.batch * args.new_tokens / statistics.median(ts)
+    rows[name] = {"impl": name, "model": "gpt2_small", "batch": args.batch,
+                  "seq_len": args.prompt_len + args.new_tokens, "prompt_len": args.prompt_len,
+                  "new_tokens": args.new_tokens, "tokens_per_second": round(tps, 2),
+                  "mfu": round(tps * flops / peak, 4),
+                  "seconds_per_call": [round(t, 3) for t in ts],
+                  "peak_flops": peak, "peak_source": source, "rounds": args.rounds,
+                  "load_average": round(os.getloadavg()[0], 2)}
+    print(json.dumps(rows[name]), flush=True)
+  if "hf_torch" in rows:
+    ratio = rows["fmjax"]["tokens_per_second"] / rows["hf_torch"]["tokens_per_second"]
+    print(json.dumps({"model": "gpt2_small", "batch": args.batch, "ratio": round(ratio, 3),
+                      "fmjax_over": "hf_torch"}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,116 @@
+"""Samples text from a trained GPT workdir.
+
+  python -m train.sample --workdir=DIR --prompt="ROMEO:" [--max_new_tokens=300 \
+      --temperature=0.8 --top_k=40 --top_p=1.0 --num_beams=1 --length_penalty=1.0 --seed=0]
+
+Loads DIR's latest checkpoint (DIR/checkpoints), its tokenizer (DIR/tokenizer) and run config
+(DIR/config.json), continues the prompt with fmjax.generate (KV cache; temperature 0 is
+greedy; --num_beams > 1 is beam search) and prints prompt + completion. Generation stops at
+the tokenizer's end-of-document token and never shows the model more than the context it was
+trained on (config data.seq_len), continuing in chunks beyond it (fmjax.generate.complete).
+Bad input (no checkpoint, an empty prompt, a character the tokenizer lacks, an impossible
+setting) is one `error:` line on stderr and exit status 2.
+"""
+
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from absl import logging as absl_logging
+
+from fmjax import checkpoint, generate, sharding, training
+from fmjax import data as fdata
+from fmjax.models import gpt
+from fmjax.trainer import optimizer_from_config
+from train import common
+
+FLAGS = flags.FLAGS  # --workdir is train.common's
+flags.DEFINE_string("prompt", None, "text to continue")
+flags.DEFINE_integer("max_new_tokens", 300, "tokens to generate (fewer if EOS comes)")
+flags.DEFINE_float("temperature", 0.8, "softmax temperature; 0 is greedy")
+flags.DEFINE_integer("top_k", 40, "sample among the k most likely tokens (0: all)")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (1: off)")
+flags.DEFINE_integer("num_beams", 1, "beam search width; > 1 turns sampling off")
+flags.DEFINE_float("length_penalty", 1.0, "beam score = log-prob / length ** length_penalty")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+
+
+def _check_workdir(workdir: str) -> None:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    raise FileNotFoundError(f"no checkpoint in {ckpt_dir}; train one first with "
+                            f"python -m train.pretrain_gpt --config=... --workdir={workdir}")
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise FileNotFoundError(f"{workdir}/config.json is missing; {workdir} is not a "
+                            "pretrain_gpt workdir")
+
+
+def load(workdir: str, tokenizer: fdata.Tokenizer):
+  """(model, params, context) of a pretrain_gpt workdir's latest checkpoint, on one device."""
+  _check_workdir(workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  model_config = common.model_config(gpt.GPTConfig, config.model, tokenizer)
+  model = gpt.GPT(model_config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                                 async_save=False)
+  try:
+    ckpt.check_compatible(checkpoint.model_signature(model_config))
+    # The checkpoint holds the whole TrainState; restore it onto one device, keep params.
+    tx, _ = optimizer_from_config(config.train)
+    init = training.init_fn(model, tx, jnp.zeros((1, 8), jnp.int32))
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    shardings = sharding.shardings_of(abstract, mesh, sharding.get_rules("dp"))
+    state, _ = ckpt.restore(checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), shardings))
+  finally:
+    ckpt.close()
+  seq_len = config.data.get("seq_len", model_config.max_len) if "data" in config else model_config.max_len
+  return model, state.params, min(seq_len, model_config.max_len)
+
+
+def sample(workdir: str, prompt: str, **settings) -> str:
+  """Prompt + completion from the workdir's model; settings as fmjax.generate.generate's."""
+  if not prompt:
+    raise ValueError("--prompt is empty; give the text to continue, e.g. --prompt='ROMEO:'")
+  generate.GenerateConfig(**{k: v for k, v in settings.items() if k != "seed"})  # check first
+  _check_workdir(workdir)
+  tokenizer = fdata.load_tokenizer(os.path.join(workdir, "tokenizer"))
+  ids = tokenizer.encode(prompt)  # a character outside the vocabulary fails here, early
+  if not ids:
+    raise ValueError(f"--prompt={prompt!r} encodes to no tokens; give some text")
+  model, params, context = load(workdir, tokenizer)
+  new = generate.complete(model, params, ids, context=context, stop_tokens=[tokenizer.eos_id],
+                          **settings)
+  return prompt + tokenizer.decode(new)
+
+
+def main(argv):
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's restore chatter
+  if len(argv) > 1:
+    common.fail(f"unexpected arguments {argv[1:]}; quote the prompt: --prompt=\"...\"")
+  if FLAGS.workdir is None or FLAGS.prompt is None:
+    common.fail("both --workdir=DIR and --prompt=TEXT are required")
+  temperature, top_k = FLAGS.temperature, FLAGS.top_k
+  if FLAGS.num_beams > 1:  # beam search is deterministic: drop the sampling defaults
+    temperature = temperature if FLAGS["temperature"].present else 0.0
+    top_k = top_k if FLAGS["top_k"].present else 0
+  try:
+    text = sample(FLAGS.workdir, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+                  temperature=temperature, top_k=top_k, top_p=FLAGS.top_p,
+                  num_beams=FLAGS.num_beams, length_penalty=FLAGS.length_penalty,
+                  seed=FLAGS.seed)
+  except common.EXPECTED_ERRORS as e:
+    if os.environ.get("FMJAX_DEBUG"):
+      raise
+    common.fail(str(e))
+  print(text)
+
+
+if __name__ == "__main__":
+  app.run(main, sys.argv, flags_parser=common.parse_flags)
