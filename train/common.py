@@ -24,10 +24,29 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/gpt.py:tiny",
                                           lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and the tokenizer")
+flags.DEFINE_string("coordinator_address", os.environ.get("FMJAX_COORDINATOR_ADDRESS"),
+                    "host:port of process 0 in a multi-process run (jax.distributed); not needed "
+                    "on a Cloud TPU slice, where it is detected")
+flags.DEFINE_integer("num_processes", int(os.environ.get("FMJAX_NUM_PROCESSES", 1)),
+                     "number of processes (with --coordinator_address)")
+flags.DEFINE_integer("process_id", int(os.environ.get("FMJAX_PROCESS_ID", 0)),
+                     "this process's index (with --coordinator_address)")
 
 # Failures a user can fix; anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
                    IsADirectoryError, UnicodeDecodeError, KeyError)
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-process run: explicit coordinator flags (any backend; CPU uses gloo
+  collectives), or the TPU runtime's own description of a multi-host slice."""
+  import jax
+  if FLAGS.coordinator_address:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+    jax.distributed.initialize()  # Cloud TPU VM slice: every worker runs the same command
 
 
 def prepare_workdir(config, workdir: str) -> None:
@@ -62,7 +81,10 @@ def model_config(cls, cfg, tokenizer):
 
 
 def report(workdir: str, last: dict) -> None:
-  """Tells the user where everything went."""
+  """Tells the user where everything went (process 0 only: one writer)."""
+  import jax
+  if jax.process_index() != 0:
+    return
   keys = ("train/loss", "eval/loss", "eval/accuracy", "eval/f1", "eval/mcc", "eval/pearson",
           "eval/spearman", "eval/exact_match", "eval/masked_lm_accuracy",
           "eval/next_sentence_accuracy", "tokens_per_second", "mfu")
@@ -136,6 +158,7 @@ def main(run, argv) -> None:
     fmjax_log.handlers, fmjax_log.propagate = [handler], False
     fmjax_log.setLevel(logging.INFO)
     tfds.disable_progress_bar()
+    initialize_distributed()
     try:
       run(_CONFIG.value, FLAGS.workdir)
     except EXPECTED_ERRORS as e:

@@ -45,7 +45,7 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 
-from fmjax.data.text import DataError, _prepare, read_text_file, resolve_files
+from fmjax.data.text import DataError, prepare_once, read_text_file, resolve_files
 from fmjax.data.tokenizers import SentencePieceTokenizer, Tokenizer
 
 BERT_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
@@ -582,9 +582,7 @@ def prepare_pretraining_dataset(documents: Sequence[Sequence[str]], tokenizer: T
   config = BertPretrainingConfig(
       name=f"bert_{digest[:16]}", max_seq_length=create_kwargs["max_seq_length"],
       max_predictions_per_seq=create_kwargs.get("max_predictions_per_seq", 20))
-  builder = BertPretrainingExamples(
+  builder = prepare_once(lambda: BertPretrainingExamples(
       config=config, data_dir=os.fspath(data_dir), file_format="array_record",
-      documents=documents, tokenizer=tokenizer, create_kwargs=create_kwargs)
-  if not builder.is_prepared():
-    _prepare(builder)
+      documents=documents, tokenizer=tokenizer, create_kwargs=create_kwargs))
   return builder.as_data_source(split="train")

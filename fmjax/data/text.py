@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Sequence
 
+import jax
 import tensorflow_datasets as tfds
 
 DOCUMENT_SPLITS = ("file", "blank_line")
@@ -240,14 +241,29 @@ def load_documents(*, data_dir: str, split: str = "train", train_path=None, eval
     if split.startswith("validation") and not (config.eval_files or val_fraction):
       raise DataError(f"no validation split for {list(config.train_files)}: "
                       "set eval_path or val_fraction (e.g. 0.1)")
-    builder = LocalText(config=config, data_dir=data_dir, file_format="array_record")
+    make = lambda: LocalText(config=config, data_dir=data_dir, file_format="array_record")
   else:
-    builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    _prepare(builder)
+    make = lambda: tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+  builder = prepare_once(make)
   source = builder.as_data_source(split=split)
   name = f"{builder.info.full_name}:{split}"
   return Documents(source, text_key=text_key, cache_dir=os.fspath(builder.data_dir), name=name)
+
+
+def prepare_once(make_builder) -> tfds.core.DatasetBuilder:
+  """Returns make_builder()'s builder, prepared. In a multi-process run process 0 prepares
+  while the others wait and then open what it wrote (hosts that share a filesystem never
+  write the same files at once; hosts with their own disks prepare their own copy)."""
+  builder = make_builder()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0 and not builder.is_prepared():
+      _prepare(builder)
+    multihost_utils.sync_global_devices(f"fmjax: prepared {builder.name}")
+    builder = make_builder()  # a builder made before the data existed has no splits
+  if not builder.is_prepared():
+    _prepare(builder)
+  return builder
 
 
 def _prepare(builder: tfds.core.DatasetBuilder) -> None:
