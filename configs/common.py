@@ -42,4 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.best_metric = ""  # e.g. "eval/accuracy": keep the best evaluation's params in WORKDIR/best
   t.time_budget_s = 0.0  # >0: stop (and save) after this many seconds of training
+  # Memory plan (fmjax/memory.py), logged before compiling. auto_memory: pick the remat policy
+  # and accum_steps that fit memory_budget_gb per device (0: what the device reports).
+  t.auto_memory = False
+  t.memory_budget_gb = 0.0
   return config

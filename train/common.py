@@ -80,6 +80,42 @@ def model_config(cls, cfg, tokenizer):
   return cls(**fields)
 
 
+def plan_memory(config, model_config, make_model, example_args, shape):
+  """Logs the per-device memory plan of this run; with config.train.auto_memory, returns the
+  model config (remat policy, scanned layers) and sets config.train.accum_steps to the
+  cheapest plan that fits config.train.memory_budget_gb, or refuses when nothing does."""
+  import flax.linen as nn
+  import jax
+  from fmjax import memory, sharding
+  mesh = sharding.make_mesh(dict(config.mesh))
+  rules = sharding.get_rules(config.sharding)
+  rng = jax.random.key(0)
+  abstract = jax.eval_shape(lambda: make_model(model_config).init(
+      {"params": rng, "dropout": rng}, *example_args)["params"])
+  shardings = sharding.shardings_of(abstract, mesh, rules)
+  t = config.train
+  budget = int(t.memory_budget_gb * memory.GiB) or None
+  mesh_shape = dict(mesh.shape)
+  shape = dataclasses.replace(shape, scan_layers=model_config.scan_layers)
+  if t.auto_memory:
+    try:
+      plan = memory.plan(nn.meta.unbox(abstract), shardings, dataclasses.replace(
+          shape, scan_layers=True), mesh_shape=mesh_shape, budget=budget)
+    except MemoryError as e:
+      raise ValueError(f"config.train.auto_memory: {e}") from None
+    if plan.remat_policy != "none":
+      model_config = dataclasses.replace(model_config, remat_policy=plan.remat_policy,
+                                         scan_layers=True)
+    t.accum_steps = plan.accum_steps
+  else:
+    plan = memory.estimate(nn.meta.unbox(abstract), shardings, shape,
+                           remat_policy=model_config.remat_policy, accum_steps=t.accum_steps,
+                           mesh_shape=mesh_shape, budget=budget)
+  logging.getLogger("fmjax").info("%s%s", plan.describe(), "" if plan.fits else
+                                  " -- over budget: try --config.train.auto_memory=true")
+  return model_config
+
+
 def report(workdir: str, last: dict) -> None:
   """Tells the user where everything went (process 0 only: one writer)."""
   import jax

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from fmjax import data as fdata
-from fmjax import generate, training
+from fmjax import generate, memory, training
 from fmjax.models import gpt
 from train import common
 
@@ -67,6 +67,13 @@ def run(config, workdir: str):
   if d.seq_len > model_config.max_len:
     raise ValueError(f"config.data.seq_len={d.seq_len} exceeds config.model.max_len="
                      f"{model_config.max_len}; lower one or raise the other")
+  model_config = common.plan_memory(
+      config, model_config, gpt.GPT, (np.zeros((1, d.seq_len), np.int32),), memory.Shape(
+          num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
+          mlp_dim=model_config.mlp_dim, num_heads=model_config.num_heads,
+          vocab_size=model_config.vocab_size, seq_len=d.seq_len, batch_size=t.batch_size,
+          compute_bytes=np.dtype(model_config.dtype).itemsize,
+          attention_impl=model_config.attention_impl))
   model = gpt.GPT(model_config)
 
   train_tokens = fdata.load_token_stream(tokenizer, split="train", **source)

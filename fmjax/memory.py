@@ -1,0 +1,172 @@
+"""A memory planner: per-device bytes of a training step before anything is compiled.
+
+Shape key: B global batch, b per-device micro-batch, T length, D width, F MLP width,
+N heads, L layers, V vocab.
+
+  params + optimizer state (AdamW: 2 x params) + gradients   from the abstract params and
+                                                              their shardings (exact)
+  + activations kept for the backward pass                   per layer and token, by remat
+                                                              policy (counted below)
+  + the logits and their gradient                            b x T x V float32
+
+Activation elements kept per token and layer, fitted to XLA's buffer assignment for the
+block fmjax.transformer writes (pre-/post-LN, GELU MLP), where A = N T is the attention
+scores and probabilities of the `xla` kernel (0 for `chunked`, which keeps O(T) statistics):
+  none, layers in a Python loop   12 D + 3 F + 2 A   norms, q k v, scores, probabilities,
+                                                     attention and MLP outputs, residuals
+  none, nn.scan over layers       16 D + 4 F + 4 A   scan also stacks each layer's residuals
+  dots                            D + F + A per layer, plus one layer rebuilt in full
+  dots_no_batch                   D + F per layer (matmul outputs without a batch dimension),
+                                  plus one layer rebuilt in full (12 D + 3 F + 3 A)
+  full                            D per layer (its input), plus one layer rebuilt in full
+(Remat only changes memory under nn.scan: with a Python loop XLA keeps every activation
+whatever the policy, so the plan assumes config.model.scan_layers for remat policies.)
+Activations are split over the batch axes (data x fsdp) and their head/MLP parts over
+`tensor`. `plan` returns the fitting (policy, accumulation steps) of least relative step
+time, modelled as the recomputation factor (none 1, dots_no_batch 1.15, full 1.33: one more
+forward) times 1 + 0.1 log2(accum_steps) for the smaller micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import numpy as np
+
+POLICIES = {"none": 1.0, "dots_no_batch": 1.15, "full": 1.33}  # relative step time
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """What the activation count needs to know about a Transformer training step."""
+  num_layers: int
+  embed_dim: int
+  mlp_dim: int
+  num_heads: int
+  vocab_size: int
+  seq_len: int
+  batch_size: int  # global
+  compute_bytes: int = 4  # bytes per activation element (2 for bfloat16)
+  attention_impl: str = "xla"
+  scan_layers: bool = True
+  logit_positions: int | None = None  # rows that reach the vocabulary (BERT: the masked ones)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  remat_policy: str
+  accum_steps: int
+  params: int  # bytes per device
+  optimizer: int
+  gradients: int
+  activations: int
+  budget: int
+
+  @property
+  def total(self) -> int:
+    return self.params + self.optimizer + self.gradients + self.activations
+
+  @property
+  def fits(self) -> bool:
+    return self.total <= self.budget
+
+  def describe(self) -> str:
+    g = human
+    return (f"memory plan per device: params {g(self.params)} + optimizer {g(self.optimizer)} + "
+            f"gradients {g(self.gradients)} + activations {g(self.activations)} "
+            f"(remat {self.remat_policy!r}, accum_steps {self.accum_steps}) = {g(self.total)} "
+            f"of a {g(self.budget)} budget")
+
+
+def human(n: float) -> str:
+  return f"{n / GiB:.3g} GiB" if n >= GiB else f"{n / 1024 ** 2:.3g} MiB"
+
+
+def sharded_bytes(abstract_tree, shardings) -> int:
+  """Bytes per device of a tree of ShapeDtypeStructs laid out by NamedShardings."""
+  total = 0
+  for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract_tree),
+                            jax.tree_util.tree_leaves(shardings)):
+    split = 1
+    for axes in sharding.spec:
+      for axis in (axes if isinstance(axes, tuple) else (axes,)):
+        if axis is not None:
+          split *= sharding.mesh.shape[axis]
+    total += math.ceil(int(np.prod(leaf.shape)) / split) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def activation_elements_per_token(s: Shape, policy: str) -> float:
+  """Elements of saved activations per token over all layers (see the module docstring)."""
+  d, f, l = s.embed_dim, s.mlp_dim, s.num_layers
+  a = 0 if s.attention_impl == "chunked" else s.num_heads * s.seq_len
+  if policy == "none":
+    return l * ((16 * d + 4 * f + 4 * a) if s.scan_layers else (12 * d + 3 * f + 2 * a))
+  rebuilt = 12 * d + 3 * f + 3 * a  # the one layer whose backward pass is running
+  kept = {"dots": d + f + a, "dots_no_batch": d + f, "full": d}[policy]
+  return l * kept + rebuilt
+
+
+def activation_bytes(s: Shape, policy: str, accum_steps: int, mesh_shape: dict) -> int:
+  """Per-device bytes of saved activations and logits for one micro-batch."""
+  if policy not in ("none", "dots", "dots_no_batch", "full"):
+    raise ValueError(f"remat policy {policy!r} has no activation model; choose one of "
+                     f"{[*POLICIES, 'dots']}")
+  batch_split = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+  tensor = mesh_shape.get("tensor", 1)
+  micro = math.ceil(s.batch_size / batch_split / accum_steps)  # b
+  tokens = micro * s.seq_len
+  layers = activation_elements_per_token(s, policy) / tensor
+  rows = micro * (s.logit_positions if s.logit_positions is not None else s.seq_len)
+  logits = 3 * rows * s.vocab_size * 4 / tensor  # float32 logits, softmax and their gradient
+  return int(tokens * layers * s.compute_bytes + logits)
+
+
+def device_memory_bytes() -> int:
+  """What the first local device reports (TPU/GPU), else this host's RAM per local device."""
+  stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return ram // jax.local_device_count()
+
+
+def estimate(abstract_params, param_shardings, s: Shape, *, remat_policy: str,
+             accum_steps: int, mesh_shape: dict, budget: int | None = None,
+             optimizer_copies: int = 2) -> Plan:
+  """The per-device bytes of one training step with this remat policy and accumulation."""
+  params = sharded_bytes(abstract_params, param_shardings)
+  return Plan(remat_policy, accum_steps, params=params, optimizer=optimizer_copies * params,
+              gradients=params,
+              activations=activation_bytes(s, remat_policy, accum_steps, mesh_shape),
+              budget=device_memory_bytes() if budget is None else budget)
+
+
+def plan(abstract_params, param_shardings, s: Shape, *, mesh_shape: dict,
+         budget: int | None = None, max_accum_steps: int = 64) -> Plan:
+  """The cheapest (remat policy, accumulation steps) that fits `budget` bytes per device.
+
+  Raises:
+    MemoryError: naming the smallest plan, when nothing fits.
+  """
+  per_device = s.batch_size // (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1))
+  accums = [a for a in range(1, min(per_device, max_accum_steps) + 1) if per_device % a == 0]
+  candidates = sorted(((factor * (1 + 0.1 * math.log2(a)), policy, a)
+                       for policy, factor in POLICIES.items() for a in accums))
+  smallest = None
+  for _, policy, accum in candidates:
+    p = estimate(abstract_params, param_shardings, s, remat_policy=policy, accum_steps=accum,
+                 mesh_shape=mesh_shape, budget=budget)
+    if p.fits:
+      return p
+    if smallest is None or p.total < smallest.total:
+      smallest = p
+  raise MemoryError(
+      f"nothing fits: the smallest plan needs {human(smallest.total)} per device "
+      f"({smallest.describe()}). Shard the parameters over more devices "
+      "(--config.mesh.fsdp), lower config.train.batch_size or data.seq_len, use "
+      "model.attention_impl=chunked or a bfloat16 compute dtype")
