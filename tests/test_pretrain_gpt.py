@@ -359,3 +359,23 @@ def test_unwritable_workdir_is_refused(env, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
   assert str(parent / "workdir") in lines[0] and "not writable" in lines[0]
   assert parent.read_text() == "I am a file\n"
+
+
+def test_continue_pretraining_a_hugging_face_gpt2(env, tmp_path):
+  """--config.init_from=hf:DIR takes GPT-2's architecture, weights and BPE tokenizer; with a
+  learning rate of 0 the first step's loss is the HF model's loss and the weights stay put."""
+  from fmjax import hf
+  directory = REPO / "tests" / "golden" / "hf" / "gpt2"
+  workdir = tmp_path / "gpt2"
+  proc = program(env, workdir, f"--config.init_from=hf:{directory}", "--config.train.steps=1",
+                 "--config.train.learning_rate=0.0", "--config.sample.num_tokens=0")
+  check_ok(proc)
+  config, params = hf.load_params(str(directory))
+  state, meta = restore(workdir, 1)
+  assert meta["model"]["vocab_size"] == config.vocab_size != 67  # not the char vocabulary
+  for path in (("wte", "embedding"), ("blocks", "layer_1", "mlp", "wo", "kernel")):
+    a, b = state["params"], params
+    for key in path:
+      a, b = a[key], b[key]
+    np.testing.assert_array_equal(a, b, err_msg="/".join(path))
+  assert json.load(open(workdir / "tokenizer" / "fmjax_tokenizer.json"))["kind"] == "hf"

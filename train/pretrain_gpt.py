@@ -27,7 +27,10 @@ def build_tokenizer(config, workdir: str, documents) -> fdata.Tokenizer:
   saved = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(saved, "fmjax_tokenizer.json")):
     return fdata.load_tokenizer(saved)
-  if d.tokenizer_path:
+  if config.init_from.startswith("hf:"):  # continue pretraining a Hugging Face GPT-2
+    from fmjax import hf
+    tok = hf.load_tokenizer(config.init_from[3:])
+  elif d.tokenizer_path:
     tok = (fdata.SentencePieceTokenizer.from_file(d.tokenizer_path)
            if d.tokenizer_path.endswith(".model") else fdata.load_tokenizer(d.tokenizer_path))
   elif d.tokenizer == "char":
@@ -64,6 +67,14 @@ def run(config, workdir: str):
   train_docs = fdata.load_documents(split="train", **source)
   tokenizer = build_tokenizer(config, workdir, train_docs)
   model_config = common.model_config(gpt.GPTConfig, config.model, tokenizer)
+  if config.init_from.startswith("hf:"):  # the checkpoint's architecture, this run's runtime
+    from fmjax import hf
+    hf_config, _ = hf.load_params(config.init_from[3:])
+    if not isinstance(hf_config, gpt.GPTConfig):
+      raise ValueError(f"config.init_from={config.init_from!r} is a "
+                       f"{type(hf_config).__name__}, not a GPT-2")
+    model_config = dataclasses.replace(hf_config, **{
+        k: getattr(model_config, k) for k in hf.RUNTIME_FIELDS if hasattr(hf_config, k)})
   if d.seq_len > model_config.max_len:
     raise ValueError(f"config.data.seq_len={d.seq_len} exceeds config.model.max_len="
                      f"{model_config.max_len}; lower one or raise the other")
