@@ -8,7 +8,9 @@ exactly --new_tokens new tokens per row (no stop token). The reference is
 the same process; the two alternate round by round (this machine drifts) and the medians
 are compared. Each timing covers a whole call, prefill included, and tokens/s counts new
 tokens. Prints one JSON object per implementation and a last line with the fmjax/reference
-median ratio. Without torch + transformers only fmjax runs.
+median ratio; load_average is the host's 1-minute load before and after (other jobs sharing
+the CPU slow both, PyTorch's spinning OpenMP threads far more). Without torch +
+transformers only fmjax runs.
 
 fmjax runs on one JAX device (all cores as its intra-op threads): decoding is a chain of
 small matmuls, which a data-parallel mesh of one device per core would not split.
@@ -79,19 +81,22 @@ def has_reference() -> bool:
     return False
 
 
-def interleaved(runs: dict, *, rounds: int, warmup: int = 1) -> dict:
-  """Seconds per call of each impl in every round, alternating impls (and their order)."""
+def interleaved(runs: dict, *, rounds: int, warmup: int = 1):
+  """Seconds per call of each impl in every round, alternating impls (and their order), and
+  the best fp32 matmul FLOP/s seen between rounds (the MFU denominator: a CPU peak cached
+  while other jobs loaded the machine would flatter every MFU)."""
   for run in runs.values():
     for _ in range(warmup):
       run()
   times = {name: [] for name in runs}
-  names = list(runs)
+  names, peak = list(runs), 0.0
   for r in range(rounds):
+    peak = max(peak, metrics.measure_cpu_peak_flops())
     for name in (names if r % 2 == 0 else names[::-1]):
       t = time.perf_counter()
       runs[name]()
       times[name].append(time.perf_counter() - t)
-  return times
+  return times, peak
 
 
 def main(argv=None):
@@ -109,9 +114,9 @@ def main(argv=None):
   runs = {"fmjax": fmjax_generate(c, prompts, args.new_tokens)}
   if not args.no_reference and has_reference():
     runs["hf_torch"] = torch_generate(c, prompts, args.new_tokens)
-  times = interleaved(runs, rounds=args.rounds)
-  peak, source = metrics.peak_flops_per_device()
-  peak *= jax.local_device_count()
+  load_before = os.getloadavg()[0]
+  times, peak = interleaved(runs, rounds=args.rounds)
+  source = "best 1024^3 fp32 matmul measured between rounds"
   flops = forward_flops_per_token(c, args.prompt_len + args.new_tokens / 2)
   rows = {}
   for name, ts in times.items():
@@ -122,7 +127,7 @@ def main(argv=None):
                   "mfu": round(tps * flops / peak, 4),
                   "seconds_per_call": [round(t, 3) for t in ts],
                   "peak_flops": peak, "peak_source": source, "rounds": args.rounds,
-                  "load_average": round(os.getloadavg()[0], 2)}
+                  "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(rows[name]), flush=True)
   if "hf_torch" in rows:
     ratio = rows["fmjax"]["tokens_per_second"] / rows["hf_torch"]["tokens_per_second"]

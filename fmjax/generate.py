@@ -222,7 +222,7 @@ def beam_search(model, params, prompt, prompt_lengths, config: GenerateConfig, *
   Args and returns: as generate_tokens (no rng); scores are the winners' beam scores.
   """
   B, T = prompt.shape
-  N, W, V = config.max_new_tokens, config.num_beams, None
+  N, W = config.max_new_tokens, config.num_beams
   logits, cache, kv_mask, prompt_lengths = _prefill(model, params, prompt, prompt_lengths, N)
   V = logits.shape[-1]
   rows = jnp.repeat(jnp.arange(B), W)  # (B*W,) beam b*W + w continues prompt b
@@ -328,6 +328,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   config = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
                           stop_tokens=tuple(stop_tokens))
+  if isinstance(params, dict) and set(params) == {"params"}:
+    raise ValueError("got a variables dict {'params': ...}; pass variables['params']")
   prompts = [list(p) for p in prompts]
   if not prompts:
     raise ValueError("prompts is empty; pass at least one list of token ids")

@@ -40,21 +40,30 @@ def tiny_gpt(scale=0.3, **overrides):
   choice depend on the context. 1-D parameters (norms, biases) keep their init."""
   c = gpt.get_config("tiny", attention_impl="xla", **overrides)
   model = gpt.GPT(c)
-  params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))["params"])
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  leaves = [jax.random.normal(k, x.shape) * scale if x.ndim >= 2 else x
-            for k, x in zip(keys, leaves)]
-  return model, tree.unflatten(leaves)
+
+  @jax.jit
+  def init():
+    params = nn.meta.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    return tree.unflatten([jax.random.normal(k, x.shape) * scale if x.ndim >= 2 else x
+                           for k, x in zip(keys, leaves)])
+  return model, init()
+
+
+PROMPTS, N = [[1, 2, 3, 4, 5], [7, 8, 9]], 10  # most tests share these: one compile
 
 
 def argmax_rollout(model, params, prompt, n):
-  """Greedy decoding by full recomputation: the reference for the cached loop."""
-  seq = list(prompt)
-  for _ in range(n):
-    logits = model.apply({"params": params}, jnp.asarray([seq], jnp.int32))
-    seq.append(int(jnp.argmax(logits[0, -1])))
-  return seq[len(prompt):]
+  """Greedy decoding by full recomputation: the reference for the cached loop. The sequence
+  sits at the start of a fixed 32-token buffer (causal: the zeros after it change nothing),
+  so the jitted forward pass compiles once."""
+  forward = jax.jit(lambda p, t: model.apply({"params": p}, t))
+  buf = np.zeros((1, 32), np.int32)
+  buf[0, :len(prompt)] = prompt
+  for t in range(len(prompt), len(prompt) + n):
+    buf[0, t] = int(jnp.argmax(forward(params, buf)[0, t - 1]))
+  return buf[0, len(prompt):len(prompt) + n].tolist()
 
 
 # ------------------------------------------------------------------------------ KV cache
@@ -71,7 +80,7 @@ def test_cached_decoding_equals_full_recomputation(overrides):
   model, params = tiny_gpt(**overrides)
   seq = np.asarray([[5, 17, 3, 99, 42, 7, 250, 1, 64, 9, 33, 120],
                     [8, 8, 200, 13, 77, 2, 150, 61, 5, 44, 19, 230]], np.int32)
-  full = np.asarray(model.apply({"params": params}, seq))  # (2, 12, V)
+  full = np.asarray(jax.jit(model.apply)({"params": params}, seq))  # (2, 12, V)
   prompt_len, pad, new = (5, 3), 4, 7  # row 0: prompt 5, row 1: prompt 3 (+2 extra padding)
   T = prompt_len[0] + pad
   prompt = np.zeros((2, T), np.int32)
@@ -81,7 +90,7 @@ def test_cached_decoding_equals_full_recomputation(overrides):
   kv_mask = np.arange(T + new)[None] >= (T - lengths)[:, None]
   positions = np.maximum(np.arange(T)[None] - (T - lengths)[:, None], 0)
   cache = model.init_cache(batch=2, length=T + new)
-  decode = lambda *a, **k: model.apply({"params": params}, *a, method="decode", **k)
+  decode = jax.jit(lambda *a, **k: model.apply({"params": params}, *a, method="decode", **k))
   logits, cache = decode(prompt, cache, index=0, positions=positions, kv_mask=kv_mask)
   for b, n in enumerate(prompt_len):
     np.testing.assert_allclose(logits[b], full[b, n - 1], atol=1e-5, rtol=0)
@@ -108,10 +117,9 @@ def test_cache_layout_mirrors_the_stack():
 
 def test_greedy_equals_argmax_rollout():
   model, params = tiny_gpt()
-  prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [100, 50, 25, 12, 6, 3, 1, 0, 42]]
-  out = generate.generate(model, params, prompts, max_new_tokens=12)
-  for p, o in zip(prompts, out):
-    assert o == argmax_rollout(model, params, p, 12)
+  out = generate.generate(model, params, PROMPTS, max_new_tokens=N)
+  for p, o in zip(PROMPTS, out):
+    assert o == argmax_rollout(model, params, p, N)
   assert len(set(out[0])) > 3  # the weights are not degenerate
 
 
@@ -128,18 +136,19 @@ def test_mixed_length_batch_equals_each_prompt_alone():
 
 def test_stop_tokens_end_rows():
   model, params = tiny_gpt()
-  prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-  free = generate.generate(model, params, prompts, max_new_tokens=12)
+  prompts = PROMPTS
+  free = generate.generate(model, params, prompts, max_new_tokens=N)
   stop = free[0][3]  # row 0 stops at its 4th token (or earlier if it appears before)
-  first = [row.index(stop) + 1 if stop in row else 12 for row in free]
-  out = generate.generate(model, params, prompts, max_new_tokens=12, stop_tokens=[stop])
+  first = [row.index(stop) + 1 if stop in row else N for row in free]
+  out = generate.generate(model, params, prompts, max_new_tokens=N, stop_tokens=[stop])
   assert [len(o) for o in out] == first and first[0] <= 4
   for o, f in zip(out, free):
     assert o == f[:len(o)]
   # The jitted core pads after the stop and counts the stop token in the length.
-  cfg = generate.GenerateConfig(max_new_tokens=12, stop_tokens=(stop,))
-  res = generate.generate_tokens(model, params, jnp.asarray([[0, 0, 0, 1, 2, 3, 4, 5]]),
-                                 jnp.asarray([5]), jax.random.key(0), cfg, pad_id=-1)
+  cfg = generate.GenerateConfig(max_new_tokens=N, stop_tokens=(stop,))
+  res = jax.jit(lambda p, t, n: generate.generate_tokens(model, p, t, n, jax.random.key(0), cfg,
+                                                         pad_id=-1))(
+      params, jnp.asarray([[0, 0, 0, 1, 2, 3, 4, 5]]), jnp.asarray([5]))
   n = first[0]
   assert int(res.lengths[0]) == n and res.tokens[0, n - 1] == stop
   assert (np.asarray(res.tokens[0, n:]) == -1).all()
@@ -148,8 +157,8 @@ def test_stop_tokens_end_rows():
 def test_all_rows_stopped_ends_the_loop_early():
   """Every row stops at its first token: the while loop ends and the rest is padding."""
   model, params = tiny_gpt()
-  prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-  firsts = [o[0] for o in generate.generate(model, params, prompts, max_new_tokens=1)]
+  prompts = PROMPTS
+  firsts = [o[0] for o in generate.generate(model, params, prompts, max_new_tokens=N)]
   out = generate.generate(model, params, prompts, max_new_tokens=30, stop_tokens=firsts)
   assert out == [[firsts[0]], [firsts[1]]]
 
@@ -268,27 +277,26 @@ def test_beam_search_length_penalty_decides_between_finished_hypotheses(length_p
 
 def test_beam_width_1_equals_greedy():
   model, params = tiny_gpt()
-  prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-  greedy = generate.generate(model, params, prompts, max_new_tokens=10)
+  greedy = generate.generate(model, params, PROMPTS, max_new_tokens=N)
   prompt = np.asarray([[0, 0, 0, 1, 2, 3, 4, 5], [0] * 5 + [7, 8, 9]], np.int32)
-  out = generate.beam_search(model, params, prompt, np.asarray([5, 3]),
-                             generate.GenerateConfig(max_new_tokens=10, num_beams=1))
+  cfg = generate.GenerateConfig(max_new_tokens=N, num_beams=1)
+  out = jax.jit(lambda p, t, n: generate.beam_search(model, p, t, n, cfg))(
+      params, prompt, np.asarray([5, 3]))
   assert np.asarray(out.tokens).tolist() == greedy
 
 
 def test_beam_search_on_gpt_beats_greedy_log_prob():
   """Width 4 finds a continuation at least as likely as greedy's (scored by the model)."""
   model, params = tiny_gpt()
-  prompt = [1, 2, 3, 4, 5]
-  n = 6
+  prompt, n = PROMPTS[0], N
 
   def log_prob(new):
     logits = model.apply({"params": params}, jnp.asarray([prompt + new]))[0]
     lp = jax.nn.log_softmax(logits, -1)
     return float(sum(lp[len(prompt) - 1 + i, t] for i, t in enumerate(new)))
 
-  greedy = generate.generate(model, params, [prompt], max_new_tokens=n)[0]
-  beamed = generate.generate(model, params, [prompt], max_new_tokens=n, num_beams=4)[0]
+  greedy = generate.generate(model, params, PROMPTS, max_new_tokens=n)[0]
+  beamed = generate.generate(model, params, PROMPTS, max_new_tokens=n, num_beams=4)[0]
   assert len(beamed) == n and log_prob(beamed) >= log_prob(greedy) - 1e-5
 
 
