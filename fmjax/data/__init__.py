@@ -30,3 +30,11 @@ __all__ += [
     "mask_tokens", "prepare_pretraining_dataset", "pretraining_fingerprint",
     "read_pretraining_documents", "token_pieces", "word_starts",
 ]
+
+from fmjax.data.images import (ImageFolder, Subset, TfdsImages, load_arrays, random_crop_flip,
+                               read_idx, read_idx_dataset, resize_image)
+
+__all__ += [
+    "ImageFolder", "Subset", "TfdsImages", "load_arrays", "random_crop_flip", "read_idx",
+    "read_idx_dataset", "resize_image",
+]

@@ -1,6 +1,6 @@
 """Name and layout tables between Hugging Face checkpoints and fmjax parameters.
 
-One `Architecture` per HF `model_type`: a table of `Rule`s (HF tensor name <-> fmjax parameter
+One `Architecture` per HF `model_type` (bert, gpt2, vit): a table of `Rule`s (HF tensor name <-> fmjax parameter
 path(s) and how the array is laid out), the config.json <-> fmjax config maps, and the HF
 classes it corresponds to. Adding a model (e.g. ViT) means adding one more table here and an
 entry in `ARCHITECTURES`; `fmjax/hf/weights.py` does the reading, checking and writing.
@@ -25,6 +25,7 @@ import numpy as np
 
 from fmjax.models.bert import BertConfig, BertEncoder, BertForPreTraining
 from fmjax.models.gpt import GPT, GPTConfig
+from fmjax.models.vit import ViT, ViTConfig, ViTEncoder
 
 
 class Same:
@@ -71,6 +72,37 @@ class Matrix:
   def to_hf(self, x):
     m = x.reshape(math.prod(x.shape[:self.n_in]), -1)
     return m.T if self.transpose else m
+
+
+@dataclasses.dataclass(frozen=True)
+class Unsqueezed:
+  """A tensor HF keeps with `n` leading axes of size 1: ViT's [CLS] token (1, 1, D) and
+  position embeddings (1, T, D) <-> fmjax (D,) and (T, D)."""
+  n: int
+
+  def hf_shape(self, shape):
+    return (1,) * self.n + tuple(shape)
+
+  def to_fmjax(self, w, shape):
+    return w.reshape(shape)
+
+  def to_hf(self, x):
+    return x.reshape(self.hf_shape(x.shape))
+
+
+class Conv2d:
+  """A torch Conv2d weight (out, in, kh, kw) <-> fmjax's patch projection kernel
+  (kh, kw, in, out), the Dense over a flattened (row, column, channel) patch."""
+
+  def hf_shape(self, shape):
+    kh, kw, i, o = shape
+    return (o, i, kh, kw)
+
+  def to_fmjax(self, w, shape):
+    return w.transpose(2, 3, 1, 0)
+
+  def to_hf(self, x):
+    return x.transpose(3, 2, 0, 1)
 
 
 SAME, FLAT, LINEAR = Same(), Flat(), Matrix()
@@ -149,6 +181,9 @@ class Architecture:
   config_from_hf: Callable[[dict], Any]
   config_to_hf: Callable[[Any], dict]
   variant: Callable[[Any, set[str]], Variant]
+  modality: str = "text"  # "text" (token ids in) or "image"
+  # fmjax config -> the example input model.init needs; None: a (1, 1) batch of token ids.
+  example_input: Callable[[Any], Any] | None = None
 
   def canonical(self, name: str) -> str:
     """A checkpoint name in canonical form: TF-era LayerNorm gamma/beta renamed, base-model
@@ -358,4 +393,100 @@ GPT2 = Architecture(
     variant=lambda config, names: _GPT2_LM)
 
 
-ARCHITECTURES = {a.model_type: a for a in (BERT, GPT2)}
+# --- ViT (Dosovitskiy et al. 2021): HF ViTModel / ViTForImageClassification <-> fmjax.models.vit. ---
+
+_VIT_LAYER = "vit.encoder.layer.{i}."
+_VIT_BLOCK = "encoder/blocks/layer_{i}/"
+_VIT_ENCODER = [
+    rule("vit.embeddings.patch_embeddings.projection.weight", "encoder/patch_embed/kernel",
+         Conv2d()),  # (D, C, P, P)
+    rule("vit.embeddings.patch_embeddings.projection.bias", "encoder/patch_embed/bias"),
+    rule("vit.embeddings.cls_token", "encoder/cls", Unsqueezed(2)),
+    rule("vit.embeddings.position_embeddings", "encoder/posemb", Unsqueezed(1)),
+    *[r for name in _QKV for r in (
+        rule(_VIT_LAYER + f"attention.attention.{name}.weight", _VIT_BLOCK + f"attn/{name}/kernel",
+             LINEAR),
+        rule(_VIT_LAYER + f"attention.attention.{name}.bias", _VIT_BLOCK + f"attn/{name}/bias",
+             FLAT))],
+    rule(_VIT_LAYER + "attention.output.dense.weight", _VIT_BLOCK + "attn/out/kernel",
+         Matrix(n_in=2)),
+    rule(_VIT_LAYER + "attention.output.dense.bias", _VIT_BLOCK + "attn/out/bias"),
+    rule(_VIT_LAYER + "layernorm_before.weight", _VIT_BLOCK + "ln_attn/scale"),
+    rule(_VIT_LAYER + "layernorm_before.bias", _VIT_BLOCK + "ln_attn/bias"),
+    rule(_VIT_LAYER + "intermediate.dense.weight", _VIT_BLOCK + "mlp/wi/kernel", LINEAR),
+    rule(_VIT_LAYER + "intermediate.dense.bias", _VIT_BLOCK + "mlp/wi/bias"),
+    rule(_VIT_LAYER + "output.dense.weight", _VIT_BLOCK + "mlp/wo/kernel", LINEAR),
+    rule(_VIT_LAYER + "output.dense.bias", _VIT_BLOCK + "mlp/wo/bias"),
+    rule(_VIT_LAYER + "layernorm_after.weight", _VIT_BLOCK + "ln_mlp/scale"),
+    rule(_VIT_LAYER + "layernorm_after.bias", _VIT_BLOCK + "ln_mlp/bias"),
+    rule("vit.layernorm.weight", "encoder/ln_final/scale"),
+    rule("vit.layernorm.bias", "encoder/ln_final/bias"),
+]
+_VIT_HEAD = [rule("classifier.weight", "head/kernel", LINEAR), rule("classifier.bias", "head/bias")]
+
+
+def _square(hf: dict, key: str, default: int) -> int:
+  value = _get(hf, key, default)
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      raise ValueError(f"config.json has {key}={value!r}; fmjax's ViT supports only square "
+                       f"{key.split('_')[0]}s")
+    value = value[0]
+  return int(value)
+
+
+def _vit_config(hf: dict) -> ViTConfig:
+  _require(hf, "hidden_act", ("gelu",), "ViT (exact erf GELU)")
+  _require(hf, "qkv_bias", (True,), "ViT (query, key and value with biases)")
+  labels = hf.get("id2label")
+  num_classes = len(labels) if labels else _get(hf, "num_labels", 2)
+  return ViTConfig(
+      image_size=_square(hf, "image_size", 224), patch_size=_square(hf, "patch_size", 16),
+      num_channels=_get(hf, "num_channels", 3), num_classes=num_classes, pool="cls",
+      num_layers=_get(hf, "num_hidden_layers", 12), num_heads=_get(hf, "num_attention_heads", 12),
+      embed_dim=_get(hf, "hidden_size", 768), mlp_dim=_get(hf, "intermediate_size", 3072),
+      dropout_rate=_get(hf, "hidden_dropout_prob", 0.0),
+      attention_dropout_rate=_get(hf, "attention_probs_dropout_prob", 0.0),
+      norm_eps=_get(hf, "layer_norm_eps", 1e-12))
+
+
+def _vit_hf_config(c: ViTConfig) -> dict:
+  if c.pool != "cls":
+    raise ValueError(f"ViTConfig.pool={c.pool!r} has no equivalent in transformers, whose ViT "
+                     "classifies from the [CLS] token (pool='cls'); only those can be exported")
+  return {
+      "hidden_size": c.embed_dim, "num_hidden_layers": c.num_layers,
+      "num_attention_heads": c.num_heads, "intermediate_size": c.mlp_dim, "hidden_act": "gelu",
+      "hidden_dropout_prob": c.dropout_rate,
+      "attention_probs_dropout_prob": c.attention_dropout_rate, "initializer_range": 0.02,
+      "layer_norm_eps": c.norm_eps, "image_size": c.image_size, "patch_size": c.patch_size,
+      "num_channels": c.num_channels, "qkv_bias": True, "encoder_stride": c.patch_size,
+      "id2label": {str(i): f"LABEL_{i}" for i in range(c.num_classes)},
+      "label2id": {f"LABEL_{i}": i for i in range(c.num_classes)}}
+
+
+_VIT_CLASSIFIER = Variant("ViTForImageClassification", ViT, root="", base_model=False,
+                          rules=lambda c: _VIT_ENCODER + (_VIT_HEAD if c.num_classes else []))
+# HF's ViTModel also has a pooler, tanh(Dense([CLS])): the paper's pre-training pre-logits
+# layer, which ViTForImageClassification drops. fmjax's encoder has none: it is not read, and
+# an exported ViTModel lacks it (transformers then initialises a fresh one).
+_VIT_ENCODER_ONLY = Variant("ViTModel", ViTEncoder, root="encoder", base_model=True,
+                            rules=lambda c: _VIT_ENCODER)
+
+
+def _vit_example_input(c: ViTConfig):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.ShapeDtypeStruct((1, c.image_size, c.image_size, c.num_channels), np.float32)
+
+
+VIT = Architecture(
+    model_type="vit", prefix="vit.", heads=("classifier.",), tied={},
+    ignored=lambda name: name.startswith("vit.pooler.") or name == "vit.embeddings.mask_token",
+    variants=(_VIT_CLASSIFIER, _VIT_ENCODER_ONLY), config_from_hf=_vit_config,
+    config_to_hf=_vit_hf_config,
+    variant=lambda config, names: (_VIT_CLASSIFIER if any(n.startswith("classifier.")
+                                                          for n in names) else _VIT_ENCODER_ONLY),
+    modality="image", example_input=_vit_example_input)
+
+
+ARCHITECTURES = {a.model_type: a for a in (BERT, GPT2, VIT)}

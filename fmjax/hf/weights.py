@@ -32,13 +32,13 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
-# Fields of BertConfig / GPTConfig that only change how the model runs, not its weights.
+# Fields of BertConfig / GPTConfig / ViTConfig that only change how the model runs, not its weights.
 RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "scan_layers",
                   "remat_policy", "dtype", "param_dtype")
 
 
 def load_params(directory: str | os.PathLike, **overrides) -> tuple[Any, dict]:
-  """Reads a Hugging Face BERT or GPT-2 directory into fmjax's config and parameter names.
+  """Reads a Hugging Face BERT, GPT-2 or ViT directory into fmjax's config and parameter names.
 
   Args:
     directory: holds config.json and model.safetensors (or a sharded model.safetensors.index.json;
@@ -48,9 +48,10 @@ def load_params(directory: str | os.PathLike, **overrides) -> tuple[Any, dict]:
       param_dtype="bfloat16" (weights cast to it; default float32).
 
   Returns:
-    (config, params): a BertConfig or GPTConfig and a nested dict of numpy arrays whose paths
-    equal those of `model.init(...)["params"]`: BertForPreTraining's when the checkpoint has the
-    pretraining heads, else {"bert": BertEncoder's params}; GPT's for GPT-2.
+    (config, params): a BertConfig, GPTConfig or ViTConfig and a nested dict of numpy arrays
+    whose paths equal those of `model.init(...)["params"]`: BertForPreTraining's when the
+    checkpoint has the pretraining heads, else {"bert": BertEncoder's params}; GPT's for GPT-2;
+    ViT's for a ViTForImageClassification, else {"encoder": ViTEncoder's params}.
 
   Raises:
     FileNotFoundError: no such directory, no config.json or no weights file.
@@ -62,13 +63,15 @@ def load_params(directory: str | os.PathLike, **overrides) -> tuple[Any, dict]:
 
 def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
                     rules=None, dtype=None, **overrides) -> tuple[nn.Module, dict]:
-  """Builds the fmjax model of a Hugging Face BERT or GPT-2 directory and loads its weights.
+  """Builds the fmjax model of a Hugging Face BERT, GPT-2 or ViT directory and loads its weights.
 
   A checkpoint with BERT's pretraining heads (cls.predictions.*, cls.seq_relationship.*) gives
   a BertForPreTraining, one without a BertEncoder (HF's BertModel); GPT-2 gives a GPT with
-  its tied LM head. `model.apply(variables, ...)` then matches transformers' outputs:
+  its tied LM head; ViTForImageClassification gives a ViT, ViTModel a ViTEncoder (its pooler is
+  not read). `model.apply(variables, ...)` then matches transformers' outputs:
   BertEncoder -> (last_hidden_state, pooler_output), BertForPreTraining -> its dict of logits,
-  GPT -> logits.
+  GPT -> logits, ViT -> logits, ViTEncoder -> last_hidden_state (images channels last:
+  pixel_values.transpose(0, 2, 3, 1)).
 
   Args:
     directory: a Hugging Face model directory (see load_params).
@@ -88,7 +91,8 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | N
   if mesh is None:
     return model, {"params": jax.tree_util.tree_map(jnp.asarray, tree)}
   rules = sharding.get_rules(rules or "fsdp") if isinstance(rules, (str, type(None))) else rules
-  abstract = jax.eval_shape(model.init, jax.random.key(0), _dummy_input())
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            _dummy_input(_architecture_of(model)[0], config))
   sharding.check_divisible(abstract, mesh, rules)
   shardings = _flatten(sharding.shardings_of(abstract, mesh, rules)["params"])
   placed = {path: jax.make_array_from_callback(x.shape, shardings[path], lambda i, x=x: x[i])
@@ -99,7 +103,8 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | N
 def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -> None:
   """Writes config.json and model.safetensors that transformers' AutoModel* loads.
 
-  BertForPreTraining -> HF BertForPreTraining, BertEncoder -> BertModel, GPT -> GPT2LMHeadModel.
+  BertForPreTraining -> HF BertForPreTraining, BertEncoder -> BertModel, GPT -> GPT2LMHeadModel,
+  ViT -> ViTForImageClassification, ViTEncoder -> ViTModel (without its pooler).
   Weights keep their dtype, so export then import round-trips bit for bit. Under several
   processes every process must call this; process 0 writes.
 
@@ -120,7 +125,7 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -
     flat = _unstack_layers(flat)
   prefix = variant.root + "/" if variant.root else ""
   flat = {prefix + p: x for p, x in flat.items()}
-  shapes = _param_shapes(variant, config)
+  shapes = _param_shapes(arch, variant, config)
   for path, shape in shapes.items():
     if path not in flat:
       raise ValueError(f"variables have no parameter {path[len(prefix):]!r}, which "
@@ -155,15 +160,16 @@ def _load(directory, overrides) -> tuple[Any, Variant, dict]:
   hf_config = _read_config(directory)
   model_type = hf_config.get("model_type")
   if model_type not in ARCHITECTURES:
+    by = lambda m: sorted(k for k, a in ARCHITECTURES.items() if a.modality == m)
     raise ValueError(f"{directory / CONFIG_FILE} has model_type={model_type!r}; fmjax.hf "
-                     f"supports {sorted(ARCHITECTURES)}")
+                     f"supports {by('text')} (text) and {by('image')} (images)")
   arch = ARCHITECTURES[model_type]
   config = arch.config_from_hf(hf_config)
   config = _override(config, overrides)
   checkpoint = _Checkpoint(directory)
   names = {arch.canonical(n): n for n in checkpoint.names}
   variant = arch.variant(config, set(names))
-  shapes = _param_shapes(variant, config)
+  shapes = _param_shapes(arch, variant, config)
   dtype = jnp.dtype(config.param_dtype)
   flat, used = {}, set()
   for r in expand(variant.rules(config), config.num_layers):
@@ -289,22 +295,26 @@ def _architecture_of(model: nn.Module) -> tuple[Architecture, Variant]:
   raise ValueError(f"fmjax.hf cannot export a {type(model).__name__}; exportable models: {known}")
 
 
-def _dummy_input():
+def _dummy_input(arch: Architecture, config):
+  if arch.example_input is not None:
+    return arch.example_input(config)
   return jax.ShapeDtypeStruct((1, 1), jnp.int32)
 
 
-def _param_shapes(variant: Variant, config) -> dict[str, tuple[int, ...]]:
+def _param_shapes(arch: Architecture, variant: Variant, config) -> dict[str, tuple[int, ...]]:
   """"/"-path -> shape of the module's params, unscanned, under the variant's root."""
   config = dataclasses.replace(config, scan_layers=False)
-  abstract = jax.eval_shape(variant.module(config).init, jax.random.key(0), _dummy_input())
+  abstract = jax.eval_shape(variant.module(config).init, jax.random.key(0),
+                            _dummy_input(arch, config))
   prefix = variant.root + "/" if variant.root else ""
   return {prefix + p: tuple(x.shape)
           for p, x in _flatten(nn.meta.unbox(abstract["params"])).items()}
 
 
 def _summary(config) -> str:
-  fields = ("vocab_size", "max_len", "num_layers", "num_heads", "embed_dim", "mlp_dim")
-  return ", ".join(f"{f}={getattr(config, f)}" for f in fields)
+  fields = ("vocab_size", "max_len", "image_size", "patch_size", "num_layers", "num_heads",
+            "embed_dim", "mlp_dim")
+  return ", ".join(f"{f}={getattr(config, f)}" for f in fields if hasattr(config, f))
 
 
 def _bare(arch: Architecture, variant: Variant, name: str) -> str:

@@ -3,7 +3,8 @@
 Run from the repository root where torch and transformers are installed (they are optional
 extras; the tests themselves run without them):
 
-  .venv/bin/python tests/golden/make_hf_goldens.py
+  .venv/bin/python tests/golden/make_hf_goldens.py            # all of them
+  .venv/bin/python tests/golden/make_hf_goldens.py vit        # only the named ones
 
 It writes, under tests/golden/hf/ (about 0.5 MB in all):
   bert/  a tiny random BertForPreTraining (config.json + model.safetensors), an uncased
@@ -17,7 +18,12 @@ It writes, under tests/golden/hf/ (about 0.5 MB in all):
          logits (2, 16, V), greedy_prompt (2, 8) and greedy_tokens (2, 20) = prompt + 12 tokens
          of HF generate(do_sample=False), without stopping at EOS.
   tokenizations.json  HF's ids and character offsets of STRINGS for both tokenizers (raw
-         offsets, as transformers reports them) and their special-token ids.
+         offsets, as transformers reports them) and their special-token ids (written only when
+         both bert and gpt2 are made).
+  vit/   a tiny random ViTForImageClassification (image 16, patch 4, D=32, 2 layers, 2 heads,
+         F=64, 3 channels, 5 labels; about 0.1 MB; tests/test_vit.py) and reference.npz:
+         images (2, 16, 16, 3) channels last (HF's pixel_values are their (0, 3, 1, 2)
+         transpose), last_hidden_state (2, 17, 32) of the ViTModel inside, logits (2, 5).
 
 Weights are drawn with fixed seeds at a larger scale than HF's init (std 0.1 matrices,
 LayerNorm scales 1 +- 0.2, non-zero biases) so that every tensor, bias and LayerNorm offset
@@ -28,6 +34,7 @@ import collections
 import json
 import pathlib
 import shutil
+import sys
 
 import numpy as np
 import torch
@@ -65,7 +72,8 @@ def perturb(model, seed):
   with torch.no_grad():
     for name, p in model.named_parameters():
       noise = torch.randn(p.shape, generator=g)
-      if "LayerNorm.weight" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+      if "LayerNorm.weight" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) \
+          or ("layernorm" in name and name.endswith(".weight")):  # ViT's
         p.copy_(1 + 0.2 * noise)
       elif p.ndim == 1:
         p.copy_(0.05 * noise)
@@ -198,15 +206,40 @@ def make_gpt2(rng):
   return {"strings": ref_tok, "eos_id": eos, "vocab_size": vocab, "greedy_min_gap": gap}
 
 
-def main():
+def make_vit():
+  d = OUT / "vit"
+  config = transformers.ViTConfig(
+      image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+      num_attention_heads=2, intermediate_size=64, num_labels=5)
+  torch.manual_seed(0)
+  model = transformers.ViTForImageClassification(config).eval()
+  perturb(model, seed=3)
+  model.save_pretrained(d)
+  images = np.random.default_rng(3).uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    pixel_values = torch.tensor(images.transpose(0, 3, 1, 2))
+    hidden = model.vit(pixel_values).last_hidden_state.numpy()
+    logits = model(pixel_values).logits.numpy()
+  np.savez(d / "reference.npz", images=images, last_hidden_state=hidden, logits=logits)
+
+
+def main(names):
   OUT.mkdir(parents=True, exist_ok=True)
-  rng = np.random.default_rng(0)
-  refs = {"transformers": transformers.__version__, "bert": make_bert(rng), "gpt2": make_gpt2(rng)}
-  (OUT / "tokenizations.json").write_text(json.dumps(refs, indent=1, ensure_ascii=False) + "\n",
-                                          encoding="utf-8")
+  unknown = set(names) - {"bert", "gpt2", "vit"}
+  assert not unknown, f"unknown goldens {sorted(unknown)}; choose from bert, gpt2, vit"
+  names = names or ["bert", "gpt2", "vit"]
+  rng = np.random.default_rng(0)  # bert then gpt2 draw from it, in this order
+  refs = {"transformers": transformers.__version__}
+  if "bert" in names or "gpt2" in names:
+    refs["bert"] = make_bert(rng)
+    refs["gpt2"] = make_gpt2(rng)
+    (OUT / "tokenizations.json").write_text(json.dumps(refs, indent=1, ensure_ascii=False)
+                                            + "\n", encoding="utf-8")
+  if "vit" in names:
+    make_vit()
   total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
   print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])
