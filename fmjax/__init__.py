@@ -11,6 +11,7 @@ from fmjax.heads import ClassificationHead, SpanHead
 from fmjax.models.bert import (BertConfig, BertEncoder, BertForPreTraining,
                                BertForQuestionAnswering, BertForSequenceClassification)
 from fmjax.models.gpt import GPT, GPTConfig
+from fmjax.models.vit import ViT, ViTConfig, ViTEncoder, resize_posemb
 from fmjax.sharding import make_mesh, sharded_init, shard_batch
 from fmjax.training import TrainState, make_eval_step, make_optimizer, make_train_step
 from fmjax.transformer import Block, BlockConfig, MultiHeadAttention, TransformerStack
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GPT", "GPTConfig", "BertConfig", "BertEncoder", "BertForPreTraining",
     "BertForQuestionAnswering", "BertForSequenceClassification", "ClassificationHead", "SpanHead",
-    "evaluation", "heads", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
+    "evaluation", "heads", "ViT", "ViTConfig", "ViTEncoder", "resize_posemb", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
     "TrainState", "attention", "checkpoint", "data", "dot_product_attention", "generate",
     "layers", "make_attention_mask", "make_eval_step", "make_mesh", "make_optimizer",
     "make_train_step", "metrics", "shard_batch", "sharded_init", "sharding", "training",
