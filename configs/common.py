@@ -42,6 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.best_metric = ""  # e.g. "eval/accuracy": keep the best evaluation's params in WORKDIR/best
   t.time_budget_s = 0.0  # >0: stop (and save) after this many seconds of training
+  # A step with a NaN/inf loss, gradient or update never changes the state (fmjax/training.py).
+  # False: stop with an error naming the step and the last good checkpoint. True: go on,
+  # counting such steps as the logged metric skipped_steps (stops after max(log_every, 10)
+  # failing in a row).
+  t.skip_nonfinite = False
   # Memory plan (fmjax/memory.py), logged before compiling. auto_memory: pick the remat policy
   # and accum_steps that fit memory_budget_gb per device (0: what the device reports).
   t.auto_memory = False

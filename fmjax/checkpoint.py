@@ -6,12 +6,22 @@ A checkpoint step holds two items:
 
 Restoring reads `meta` first and compares the model configuration with the running one,
 so a workdir that holds another model's checkpoint is refused before anything is touched.
+
+Crash safety: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when
+complete, so a process killed mid-save leaves only a temporary directory, which is never
+restored and which the next training run removes (`Checkpointer.remove_unfinished`). A
+save that fails (disk full) or a checkpoint that cannot be read (truncated, corrupted
+files) raises one of the errors below, naming the step, the directory and the checkpoints
+that are still good.
 """
 
 import dataclasses
 import json
 import os
-from typing import Any
+import shutil
+import threading
+import time
+from typing import Any, NoReturn
 
 import jax
 import orbax.checkpoint as ocp
@@ -19,6 +29,35 @@ import orbax.checkpoint as ocp
 
 class CheckpointMismatchError(ValueError):
   """The workdir's checkpoint was written for another model."""
+
+
+class CheckpointReadError(ValueError):
+  """A checkpoint's files cannot be read: truncated, corrupted or partly deleted."""
+
+
+class CheckpointWriteError(OSError):
+  """Saving a checkpoint failed (e.g. the disk is full); the earlier ones are intact."""
+
+
+def _cause(e: BaseException) -> str:
+  """An exception as one short line: its type and the first line of its message."""
+  text = str(e).strip().splitlines()
+  first = text[0] if text else ""
+  return f"{type(e).__name__}: {first[:300]}{'...' if len(first) > 300 else ''}"
+
+
+def _restore(manager, step: int, what: str, **items):
+  """manager.restore of `items` at `step`; a damaged checkpoint raises CheckpointReadError."""
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # orbax, tensorstore and json report damage in many types
+    path = os.path.join(os.fspath(manager.directory), str(step))
+    earlier = [s for s in manager.all_steps() if s < step]
+    advice = (f"Move it aside (mv {path} {path}.damaged) to resume from step {max(earlier)}, "
+              "the previous one," if earlier else "Remove it to start afresh,")
+    raise CheckpointReadError(
+        f"checkpoint {path} cannot be read ({what}: {_cause(e)}): its files are incomplete "
+        f"or damaged. {advice} or use a new --workdir. Nothing was changed.") from e
 
 
 def model_signature(model_config) -> dict:
@@ -34,19 +73,39 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     # should_save_fn, not save_interval_steps: orbax's default policy also saves the first
     # step it sees (a step-1 checkpoint). The trainer forces the final and time-budget saves.
+    self.save_every = save_every
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, should_save_fn=lambda step, _: step % save_every == 0, create=True,
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
+    self._saving = None  # the step of the last save started (async: maybe not committed)
+
+  def remove_unfinished(self) -> None:
+    """Removes the temporary step directories of saves that never finished (a process
+    killed while saving). For the run that writes here, before its first save (process 0
+    only; every process makes its Checkpointer before the collective first step); never
+    for a reader, which would remove a live run's save in progress."""
+    if jax.process_index() != 0 or not os.path.isdir(self.directory):
+      return
+    for name in os.listdir(self.directory):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` without force would write a checkpoint."""
+    return step % self.save_every == 0
+
   def check_compatible(self, signature: dict, step: int | None = None) -> dict:
     """Reads meta of `step` (default latest) and raises if its model differs from `signature`."""
     step = self.latest_step() if step is None else step
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _restore(self._manager, step, "meta", meta=ocp.args.JsonRestore())["meta"]
+    if not isinstance(meta, dict):
+      raise CheckpointReadError(f"checkpoint {os.path.join(self.directory, str(step))}: its "
+                                f"meta is {type(meta).__name__}, not a JSON object: damaged")
     saved = meta.get("model", {})
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
              for k, v in signature.items() if saved.get(k) != v]
@@ -66,21 +125,59 @@ class Checkpointer:
         restore into, which may differ from the one that saved (another mesh or topology).
     """
     step = self.latest_step() if step is None else step
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    restored = _restore(self._manager, step, "state",
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     return restored["state"], restored["meta"]
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    """Saves when `step` is on the interval (or `force`); returns whether it saved."""
-    return self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    """Saves when `step` is on the interval (or `force`); returns whether it saved.
+
+    Raises:
+      CheckpointWriteError: this save, or the previous asynchronous one, failed.
+    """
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # also the previous async save's failure, reported here
+      self._failed(self._saving if self._saving is not None else step, e)
+    if saved:
+      self._saving = step
+    return saved
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      self._failed(self._saving, e)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+  def _failed(self, step, e: Exception) -> NoReturn:
+    """Stops orbax's remaining save threads, removes the unfinished step, and raises."""
+    try:
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except  (the same failure again)
+      pass
+    # orbax stops waiting at the first failed write; its other writer threads are let
+    # finish, so that the removal below is final and the exit is quiet.
+    deadline = time.monotonic() + 300
+    for thread in threading.enumerate():
+      target = getattr(thread, "_target", None)
+      owner = f"{type(thread).__module__} {getattr(target, '__module__', '')}"
+      if "orbax" in owner and thread is not threading.current_thread() and not thread.daemon:
+        try:
+          thread.join(max(0.0, deadline - time.monotonic()))
+        except Exception:  # pylint: disable=broad-except  (orbax's join re-raises its failure)
+          pass
+    self.remove_unfinished()
+    kept = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+    raise CheckpointWriteError(
+        f"saving checkpoint step {step} in {self.directory} failed ({_cause(e)}); its "
+        f"unfinished files were removed, and the checkpoints kept are steps {kept}. "
+        "Free space (or fix the cause) and rerun the same command to resume from step "
+        f"{max(kept) if kept else 0}") from e
 
 
 def path_str(path) -> str:
@@ -106,11 +203,16 @@ def read_latest(workdir: str) -> tuple[int, dict, dict]:
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"{directory} holds no complete checkpoint")
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  tree = manager.item_metadata(step)["state"]
-  tree = getattr(tree, "tree", tree)
+  meta = _restore(manager, step, "meta", meta=ocp.args.JsonRestore())["meta"]
+  try:
+    tree = manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    params = tree["params"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointReadError(f"checkpoint {os.path.join(directory, str(step))}: the list of "
+                              f"its arrays cannot be read ({_cause(e)}): damaged") from e
   manager.close()
-  return step, meta, flatten_params(tree["params"])
+  return step, meta, flatten_params(params)
 
 
 def restore_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict:
@@ -127,9 +229,9 @@ def restore_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStr
   item = {"params": nested}
   manager = ocp.CheckpointManager(directory, item_names=("state",),
                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+  restored = _restore(manager, step, "params", state=ocp.args.PyTreeRestore(
       item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))["state"]
+      partial_restore=True))["state"]
   manager.close()
   return flatten_params(restored["params"])
 

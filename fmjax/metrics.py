@@ -77,6 +77,8 @@ class MetricsWriter:
 
   On resume at step s, lines with step > s are dropped first, so a resumed run's
   metrics.jsonl equals an uninterrupted one's (and TensorBoard is told to purge them too).
+  Crash safe: that rewrite is atomic, and each row is one append of one line, so a kill
+  leaves at most a cut-short last line, which `read_metrics` drops.
   """
 
   def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool | None = None):
@@ -89,8 +91,8 @@ class MetricsWriter:
       return
     kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
     self.last = {k: v for k, v in kept[-1].items() if k != "step"} if kept else {}
-    with open(self.path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
+    # Rewritten whole then renamed: a process killed here leaves the old file or the new one.
+    write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     from tensorboardX import SummaryWriter  # imported lazily: heavy, and only process 0 needs it
     # purge_step: TensorBoard hides the earlier event files' steps > resume_step, which
     # this run writes again (as metrics.jsonl drops them above).
@@ -113,10 +115,30 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict]:
+  """The rows of a metrics.jsonl; a last line cut short (the writer was killed) is dropped."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(i, line) for i, line in enumerate(f, start=1) if line.strip()]
+  rows = []
+  for i, line in lines:
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      if (i, line) == lines[-1] and not line.endswith("\n"):  # an append that never finished
+        break
+      raise ValueError(f"{path}:{i}: not a JSON metrics row ({line.strip()[:80]!r}); fix or "
+                       "remove that line (rows past the resumed step are rewritten anyway)") from None
+  return rows
+
+
+def write_atomically(path: str, text: str) -> None:
+  """Writes `text` to `path` through a temporary file and a rename: readers (and a rerun
+  after a crash) see the old content or the new, never half of it."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def plot_loss_curve(metrics_path: str, png_path: str) -> None:
@@ -133,7 +155,8 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> None:
   ax.set_xlabel("step")
   ax.set_ylabel("loss")
   ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
-  ax.legend()
+  if keys:
+    ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(png_path, dpi=100)

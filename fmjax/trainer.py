@@ -8,13 +8,33 @@ does the rest, identically for every task:
 
 Run config keys read here (see configs/*.py): seed, mesh.{data,fsdp,tensor}, sharding,
 train.{steps, batch_size, learning_rate, warmup_steps, decay, end_factor, weight_decay,
-b1, b2, eps, grad_clip, accum_steps, log_every, eval_every, save_every, keep_checkpoints}.
+b1, b2, eps, grad_clip, accum_steps, log_every, eval_every, save_every, keep_checkpoints,
+skip_nonfinite}.
+
+Reliability (what a run does when things go wrong):
+  SIGTERM (a Cloud TPU VM's preemption notice) or SIGINT (Ctrl-C): the current step
+      finishes, a checkpoint is saved, and `fit` raises `Interrupted` (the programs exit
+      with 128 + the signal number: 143, 130). A second signal gets the process's usual
+      behaviour at once (termination; KeyboardInterrupt). All processes of a multi-process
+      run stop at the same step: the flags are all-reduced every step, one step behind.
+  kill -9, power loss: checkpoints are written to a temporary directory and renamed when
+      complete (orbax), so the rerun resumes from the last complete one; metrics.jsonl
+      rows past it are dropped (metrics.MetricsWriter), so the resumed run's file equals
+      an uninterrupted run's.
+  NaN or inf loss, gradients or update: the train step leaves the state unchanged
+      (training.make_train_step). When the metrics are next read (log and save steps, so
+      no extra host synchronisation) `fit` raises `NonFiniteError`, naming the step and
+      the last good checkpoint, before anything after that step is saved; with
+      train.skip_nonfinite it goes on and logs the count as `skipped_steps`.
 """
 
 import dataclasses
 import json
 import logging
+import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -26,6 +46,7 @@ import tqdm
 from fmjax import checkpoint, metrics, sharding, training
 
 log = logging.getLogger("fmjax")
+_write_atomically = metrics.write_atomically  # BestTracker.update's `metrics` is a dict
 
 
 @dataclasses.dataclass
@@ -71,6 +92,23 @@ def optimizer_from_config(t):
       eps=t.eps, grad_clip=t.grad_clip)
 
 
+class Interrupted(KeyboardInterrupt):
+  """`fit` stopped on SIGTERM or SIGINT after saving a checkpoint; rerun to resume.
+
+  A KeyboardInterrupt, so that `except Exception` does not swallow it.
+  """
+
+  def __init__(self, signum: int, step: int, directory: str, elsewhere: bool = False):
+    self.signum, self.step, self.directory = signum, step, directory
+    by = "another process's signal" if elsewhere else signal.Signals(signum).name
+    super().__init__(f"stopped by {by} at step {step}; checkpoint saved in {directory}; "
+                     "rerun the same command to resume")
+
+
+class NonFiniteError(ValueError):
+  """A train step's loss, gradients or update were NaN or inf (and skip_nonfinite is off)."""
+
+
 def fit(config, workdir: str, task: Task, *, until: int | None = None):
   """Trains `task` to config.train.steps, resuming from workdir/checkpoints if present.
 
@@ -84,10 +122,20 @@ def fit(config, workdir: str, task: Task, *, until: int | None = None):
 
   Returns:
     (final TrainState, list of the last logged metrics).
+  Raises:
+    Interrupted: on SIGTERM/SIGINT, after saving (see the module docstring).
+    NonFiniteError: a non-finite step without config.train.skip_nonfinite.
+    checkpoint.CheckpointWriteError: a save failed (e.g. disk full).
   """
+  with StopSignals() as stop:  # from the start: a signal during setup stops after step one
+    return _fit(config, workdir, task, until, stop)
+
+
+def _fit(config, workdir: str, task: Task, until: int | None, stop: "StopSignals"):
   t = config.train
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.get_rules(config.sharding)
+  check_batch_size(t.batch_size, t.accum_steps, mesh)
   tx, schedule = optimizer_from_config(t)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every,
                                  keep=t.keep_checkpoints)
@@ -102,10 +150,12 @@ def fit(config, workdir: str, task: Task, *, until: int | None = None):
   abstract = jax.eval_shape(init, rng)
   sharding.check_divisible(abstract, mesh, rules)
   shardings = sharding.shardings_of(abstract, mesh, rules)
+  nonfinite = NonFiniteGuard(t.get("skip_nonfinite", False), t.log_every)
   if start is not None:
     target = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), shardings)
     state, meta = ckpt.restore(target, start)
     task.train_data.set_state(meta["data"])
+    nonfinite.skipped = meta.get("skipped_steps", 0)
     log.info("resumed from %s step %d", ckpt.directory, start)
   else:
     state, _ = sharding.sharded_init(init, mesh, rules, rng)
@@ -131,48 +181,215 @@ def fit(config, workdir: str, task: Task, *, until: int | None = None):
            task.flops_per_example / task.tokens_per_example, peak, peak_source,
            jax.device_count(), dict(mesh.shape), config.sharding)
 
+  ckpt.remove_unfinished()  # a save that a killed run left half-written (only now: as above)
   if jax.process_index() == 0:  # recorded only now: a run refused above changes nothing
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    metrics.write_atomically(os.path.join(workdir, "config.json"),
+                             config.to_json_best_effort(indent=2))
   writer = metrics.MetricsWriter(workdir, resume_step=start)
   meta = lambda: {"model": signature, "data": task.train_data.get_state(), "seed": config.seed,
-                  **task.extra_meta}
+                  **nonfinite.logged(), **task.extra_meta}
   bar = tqdm.tqdm(total=end, initial=start, desc="train", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   last, window_start, window_steps = writer.last, time.perf_counter(), 0
   step, began = start, time.perf_counter()
-  with sharding.context(mesh, rules):
-    while step < end:
-      batch = sharding.shard_batch(next(task.train_data), mesh)
-      state, step_metrics = p_train(state, batch, rng)
-      step += 1
-      window_steps += 1
-      bar.update(1)
-      out_of_time = bool(t.time_budget_s) and time.perf_counter() - began > t.time_budget_s
-      final = step == end or out_of_time
-      if step % t.log_every == 0 or final:
-        m = jax.device_get(step_metrics)  # waits for the step: the window's time is all compute
-        examples_per_s = window_steps * t.batch_size / (time.perf_counter() - window_start)
-        m["tokens_per_second"] = examples_per_s * task.tokens_per_example
-        m["mfu"] = examples_per_s * task.flops_per_example / peak_total
-        if step % t.eval_every == 0 or final:
-          m.update(evaluate_if(task, p_eval, p_predict, state, mesh))
-          best.update(step, m, state)
-        writer.write(step, m)
-        last = m
-        bar.set_postfix({k.split("/")[-1] if k.startswith("train/") else k: f"{float(v):.4g}"
-                         for k, v in m.items() if k in ("train/loss", "eval/loss",
-                                                        "tokens_per_second", "mfu")})
-      if ckpt.save(step, state, meta(), force=final) or step % t.log_every == 0:
-        window_start, window_steps = time.perf_counter(), 0  # eval and saving are not throughput
-      if out_of_time:
-        log.info("time budget of %.0f s reached at step %d", t.time_budget_s, step)
-        break
-  bar.close()
-  ckpt.close()
-  best.close()
-  writer.close()
+  closers = [bar.close, ckpt.close, best.close, writer.close]
+  try:
+    with sharding.context(mesh, rules):
+      while step < end:
+        batch = sharding.shard_batch(next(task.train_data), mesh)
+        state, step_metrics = p_train(state, batch, rng)
+        step += 1
+        window_steps += 1
+        bar.update(1)
+        nonfinite.add(step, step_metrics)
+        out_of_time = bool(t.time_budget_s) and time.perf_counter() - began > t.time_budget_s
+        final = step == end or out_of_time
+        signalled = stop.agreed() and not final
+        log_now = step % t.log_every == 0 or final  # a signal adds no row: as if uninterrupted
+        if log_now or final or signalled or ckpt.due(step):
+          nonfinite.check(ckpt)  # before anything is saved; these steps are waited for anyway
+        if log_now:
+          m = jax.device_get(step_metrics)  # waits for the step: the window's time is all compute
+          m.pop("nonfinite")
+          m.update(nonfinite.logged())
+          examples_per_s = window_steps * t.batch_size / (time.perf_counter() - window_start)
+          m["tokens_per_second"] = examples_per_s * task.tokens_per_example
+          m["mfu"] = examples_per_s * task.flops_per_example / peak_total
+          if step % t.eval_every == 0 or final:
+            m.update(evaluate_if(task, p_eval, p_predict, state, mesh))
+            best.update(step, m, state)
+          writer.write(step, m)
+          last = m
+          bar.set_postfix({k.split("/")[-1] if k.startswith("train/") else k: f"{float(v):.4g}"
+                           for k, v in m.items() if k in ("train/loss", "eval/loss",
+                                                          "tokens_per_second", "mfu")})
+        if ckpt.save(step, state, meta(), force=final or signalled) or step % t.log_every == 0:
+          window_start, window_steps = time.perf_counter(), 0  # eval and saving are not throughput
+        if out_of_time:
+          log.info("time budget of %.0f s reached at step %d", t.time_budget_s, step)
+          break
+        if signalled:
+          ckpt.close()  # the checkpoint is complete before the process may be killed
+          raise Interrupted(stop.received or signal.SIGTERM, step, ckpt.directory,
+                            elsewhere=stop.received is None)
+  except KeyboardInterrupt as e:
+    if not isinstance(e, Interrupted):  # a second signal: at once, without waiting for saves
+      raise
+    _close_quietly(closers)
+    raise
+  except BaseException:
+    _close_quietly(closers)
+    raise
+  for close in closers:
+    close()
   return state, last
+
+
+def check_batch_size(batch_size: int, accum_steps: int, mesh) -> None:
+  """Each micro-batch (batch_size / accum_steps examples) splits evenly over the mesh's
+  batch shards (data x fsdp); refused here, before JAX reports it as a sharding error."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % accum_steps or (batch_size // accum_steps) % shards:
+    accum = f" in {accum_steps} micro-batches" if accum_steps > 1 else ""
+    raise ValueError(
+        f"config.train.batch_size={batch_size} does not split evenly{accum} over the "
+        f"{shards} batch shards of the mesh {dict(mesh.shape)} (data x fsdp); use a multiple "
+        f"of {shards * accum_steps}, or another config.mesh")
+
+
+def _close_quietly(closers):
+  """Runs each closer, ignoring their own failures (the first error is the one reported)."""
+  for close in closers:
+    try:
+      close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+class StopSignals:
+  """SIGTERM and SIGINT handlers for the duration of a `with` block (the training loop).
+
+  The first signal only sets `received`; the previous handlers come back at once, so a
+  second signal acts as it would have without fit (SIGTERM terminates, Ctrl-C raises
+  KeyboardInterrupt). Handlers can only be installed from the main thread; elsewhere
+  signals keep their usual behaviour.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+    self._pending = None  # multi-process: the all-reduce of the flags started last step
+    self._reduce = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    self._restore()
+
+  def _restore(self):
+    for s, handler in self._previous.items():
+      signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+    self._restore()
+    log.warning("%s received: finishing this step, saving a checkpoint and stopping (send "
+                "it again to exit at once, without saving)", signal.Signals(signum).name)
+
+  def agreed(self) -> bool:
+    """Whether to stop after the current step: the same answer on every process.
+
+    One process: the flag. Several: the maximum over processes of the flags as they were
+    one step ago, all-reduced on the devices while that step ran (no extra host wait).
+    """
+    if jax.process_count() == 1:
+      return self.received is not None
+    if self._reduce is None:
+      self._reduce = _process_max()
+    previous, self._pending = self._pending, self._reduce(int(self.received is not None))
+    return previous is not None and bool(np.asarray(previous.addressable_data(0)))
+
+
+def _process_max():
+  """flag (int, this process's) -> jax.Array holding the maximum over all processes."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  devices = np.array([[d for d in jax.devices() if d.process_index == p]
+                      for p in range(jax.process_count())])
+  mesh = Mesh(devices, ("processes", "local"))
+  spread = NamedSharding(mesh, P("processes"))
+  reduce = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(mesh, P()))
+
+  def process_max(flag: int):
+    local = np.full((1,), flag, np.int32)
+    with jax.set_mesh(mesh):
+      return reduce(jax.make_array_from_process_local_data(spread, local,
+                                                           (jax.process_count(),)))
+  return process_max
+
+
+class NonFiniteGuard:
+  """The host side of non-finite steps: reads the steps' `nonfinite` flags when the loop
+  reads metrics anyway, then stops (raises NonFiniteError) or counts the skipped steps.
+
+  The train step already left the state unchanged on those steps (training.make_train_step),
+  so nothing non-finite exists to be saved; stopping also means no state after the first
+  bad step is saved (it would have silently skipped a batch).
+  """
+
+  def __init__(self, skip: bool, log_every: int):
+    self.skip, self.log_every = skip, log_every
+    self.skipped = 0  # over the whole run, resumes included (kept in the checkpoint meta)
+    self._run = 0  # consecutive skipped steps
+    self._pending = []  # (step, device metrics) of the steps not checked yet
+
+  def add(self, step: int, step_metrics) -> None:
+    self._pending.append((step, step_metrics))
+
+  def check(self, ckpt: checkpoint.Checkpointer) -> None:
+    pending, self._pending = self._pending, []
+    flags = jax.device_get([m["nonfinite"] for _, m in pending])
+    bad = [(step, m) for (step, m), flag in zip(pending, flags) if flag]
+    for flag in flags:
+      self._run = self._run + 1 if flag else 0
+    if not bad:
+      return
+    steps = [step for step, _ in bad]
+    first = jax.device_get(bad[0][1])
+    what = ", ".join(f"{k}={float(first[k]):.4g}" for k in ("train/loss", "grad_norm",
+                                                             "learning_rate") if k in first)
+    if all(math.isfinite(float(first[k])) for k in ("train/loss", "grad_norm")):
+      what += ": the optimizer's update overflowed"
+    if self.skip and self._run < max(self.log_every, 10):
+      self.skipped += len(bad)
+      log.warning("skipped %d non-finite update(s) at step(s) %s (%s at step %d); %d in all",
+                  len(bad), steps[:10], what, steps[0], self.skipped)
+      return
+    ckpt.wait()
+    good = ckpt.latest_step()
+    where = (f"the last good checkpoint is {os.path.join(ckpt.directory, str(good))} (step "
+             f"{good}), where rerunning resumes" if good is not None else
+             "no checkpoint was saved yet")
+    if self.skip:
+      raise NonFiniteError(f"the last {self._run} steps (to step {steps[-1]}) were all "
+                           f"non-finite and skipped ({what} at step {steps[0]}): training is "
+                           f"not recovering; {where}. Lower config.train.learning_rate or "
+                           "check the data")
+    raise NonFiniteError(
+        f"non-finite training step {steps[0]} ({what}): stopped, and nothing after step "
+        f"{steps[0] - 1} was saved; {where}. Lower config.train.learning_rate, raise "
+        "warmup_steps, set grad_clip, or pass --config.train.skip_nonfinite=True to skip "
+        "such steps")
+
+  def logged(self) -> dict:
+    """The metrics row's and the checkpoint meta's share: the count, when skipping."""
+    return {"skipped_steps": self.skipped} if self.skip else {}
 
 
 def evaluate_if(task: Task, p_eval, p_predict, state, mesh) -> dict:
@@ -213,6 +430,7 @@ class BestTracker:
         with open(path) as f:
           self.record = json.load(f)
       self._ckpt = checkpoint.Checkpointer(self.directory, save_every=1, keep=1, async_save=False)
+      self._ckpt.remove_unfinished()
 
   def better(self, value: float) -> bool:
     if self.record is None:
@@ -233,8 +451,8 @@ class BestTracker:
     self._ckpt.wait()
     self.record = {"step": step, "metrics": {k: float(v) for k, v in metrics.items()}}
     if jax.process_index() == 0:
-      with open(os.path.join(self.directory, "best.json"), "w") as f:
-        json.dump(self.record, f, indent=1)
+      _write_atomically(os.path.join(self.directory, "best.json"),
+                        json.dumps(self.record, indent=1))
 
   def close(self):
     if self._ckpt is not None:

@@ -79,6 +79,13 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None)
   With accum_steps > 1 the batch's leading dimension is split into accum_steps
   micro-batches whose gradients are averaged before one optimizer update (same result as
   the full batch for losses that are means over equal-sized micro-batches).
+
+  A step whose loss, gradient norm or update norm is not finite (NaN, inf; an update norm
+  that overflows float32 too) returns `state` unchanged, step count included, with
+  metrics["nonfinite"] = 1 (else 0): no NaN reaches the parameters or optimizer state, so
+  none can be checkpointed. The host decides whether to stop or go on (fmjax.trainer.fit,
+  config.train.skip_nonfinite) when it next reads the metrics; the check costs one more
+  norm (the update's) and a select, and no host synchronisation.
   """
   grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
 
@@ -99,12 +106,18 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None)
       ((loss, aux), grads), _ = jax.lax.scan(body, zeros, jnp.arange(accum_steps))
       loss, aux, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, aux, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": loss, "grad_norm": optax.tree.norm(grads),
-               **{f"train/{k}": v for k, v in aux.items()}}
+    grad_norm = optax.tree.norm(grads)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))  # e.g. a NaN learning rate
+    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                     opt_state=opt_state)
+    new = jax.tree_util.tree_map(lambda n, old: jnp.where(finite, n, old), new, state)
+    metrics = {"train/loss": loss, "grad_norm": grad_norm,
+               **{f"train/{k}": v for k, v in aux.items()},
+               "nonfinite": 1 - finite.astype(jnp.int32)}
     if schedule is not None:
       metrics["learning_rate"] = schedule(state.step)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    return new, metrics
 
   return train_step
 

@@ -3,6 +3,7 @@
 A program is `run(config, workdir)` plus `main`; `main` parses --config (an ml_collections
 config file with `:variant`, any leaf overridable as --config.a.b=value, unknown keys are
 errors) and --workdir, and turns expected failures into one line on stderr and exit code 2.
+SIGTERM/SIGINT stop training after a checkpoint (fmjax.trainer) and exit with 143/130.
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from fmjax.trainer import Task, fit  # noqa: F401  (re-exported for the programs)
+from fmjax.trainer import Interrupted, Task, fit  # noqa: F401  (re-exported for the programs)
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/gpt.py:tiny",
@@ -32,9 +33,9 @@ flags.DEFINE_integer("num_processes", int(os.environ.get("FMJAX_NUM_PROCESSES", 
 flags.DEFINE_integer("process_id", int(os.environ.get("FMJAX_PROCESS_ID", 0)),
                      "this process's index (with --coordinator_address)")
 
-# Failures a user can fix; anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
-                   IsADirectoryError, UnicodeDecodeError, KeyError)
+# Failures a user can fix; anything else is a bug and keeps its traceback. OSError: the
+# file system's (a full disk, a failed checkpoint save), which name the file.
+EXPECTED_ERRORS = (ValueError, OSError, UnicodeDecodeError, KeyError)
 
 
 def initialize_distributed() -> None:
@@ -57,7 +58,7 @@ def prepare_workdir(config, workdir: str) -> None:
   """
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # processes may share it
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -194,9 +195,23 @@ def main(run, argv) -> None:
     fmjax_log.handlers, fmjax_log.propagate = [handler], False
     fmjax_log.setLevel(logging.INFO)
     tfds.disable_progress_bar()
+    if not os.environ.get("FMJAX_DEBUG"):
+      # orbax logs the failures of its writer threads with tracebacks; fmjax.checkpoint
+      # reports them as one error line (with the checkpoints still good).
+      absl_logging.get_absl_handler().addFilter(
+          lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
     initialize_distributed()
     try:
       run(_CONFIG.value, FLAGS.workdir)
+    except Interrupted as e:  # SIGTERM/SIGINT: fit saved a checkpoint, then stopped
+      print(f"{e}", file=sys.stderr)
+      sys.exit(128 + e.signum)  # as a shell reports a process ended by that signal
+    except KeyboardInterrupt:  # a second Ctrl-C (or one before training): no waiting
+      print("interrupted: exited at once, without saving; rerunning the same command resumes "
+            "from the last complete checkpoint", file=sys.stderr)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(130)  # pylint: disable=protected-access  (skips waiting for background saves)
     except EXPECTED_ERRORS as e:
       if os.environ.get("FMJAX_DEBUG"):
         raise

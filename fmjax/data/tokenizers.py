@@ -88,8 +88,11 @@ class Tokenizer(abc.ABC):
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"kind": self.kind, **self._metadata()}
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1, ensure_ascii=False),
-                                           encoding="utf-8")
+    # Written last (subclasses write their files first) and renamed into place: a process
+    # killed while saving leaves no METADATA_FILE, so the rerun makes the tokenizer again.
+    tmp = directory / f"{METADATA_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(metadata, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, directory / METADATA_FILE)
 
 
 class CharTokenizer(Tokenizer):
@@ -256,8 +259,9 @@ class SentencePieceTokenizer(Tokenizer):
     return self.model_proto
 
   def save(self, directory: str | os.PathLike) -> None:
-    super().save(directory)
+    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(directory) / self.MODEL_FILE).write_bytes(self.model_proto)
+    super().save(directory)  # the metadata last: see Tokenizer.save
 
   @classmethod
   def _restore(cls, directory, metadata):
