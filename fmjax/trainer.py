@@ -493,7 +493,8 @@ def initial_params(init_from: str, params, param_shardings, new_params=()):
   if init_from.startswith("hf:"):
     from fmjax import hf  # only when asked for
     source = init_from[3:]
-    _, arrays = hf.load_params(source)
+    scanned = any("/layers/" in f"/{path}" for path in ours)  # nn.scan stacks the layers
+    _, arrays = hf.load_params(source, **({"scan_layers": True} if scanned else {}))
     theirs = checkpoint.flatten_params(arrays)
   else:
     source = init_from
