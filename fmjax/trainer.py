@@ -69,6 +69,7 @@ class Task:
       prediction at once (accuracy, F1, Spearman, SQuAD exact match).
     new_params: path prefixes (e.g. "classifier") that config.init_from need not supply:
       the task's new head, initialised fresh.
+    notes: lines to log once the run has passed its checks (e.g. the memory plan).
   """
   model: Any
   model_config: Any
@@ -83,6 +84,7 @@ class Task:
   predict_fn: Callable | None = None
   score_fn: Callable | None = None
   new_params: tuple[str, ...] = ()
+  notes: tuple[str, ...] = ()  # lines logged once the run has passed its checks (memory plan)
 
 
 def optimizer_from_config(t):
@@ -180,6 +182,8 @@ def _fit(config, workdir: str, task: Task, until: int | None, stop: "StopSignals
            "(%s) x %d devices; mesh %s, rules %r", f"{n_params:,}",
            task.flops_per_example / task.tokens_per_example, peak, peak_source,
            jax.device_count(), dict(mesh.shape), config.sharding)
+  for note in task.notes:
+    log.info("%s", note)
 
   ckpt.remove_unfinished()  # a save that a killed run left half-written (only now: as above)
   if jax.process_index() == 0:  # recorded only now: a run refused above changes nothing

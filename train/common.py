@@ -82,9 +82,10 @@ def model_config(cls, cfg, tokenizer):
 
 
 def plan_memory(config, model_config, make_model, example_args, shape):
-  """Logs the per-device memory plan of this run; with config.train.auto_memory, returns the
-  model config (remat policy, scanned layers) and sets config.train.accum_steps to the
-  cheapest plan that fits config.train.memory_budget_gb, or refuses when nothing does."""
+  """The per-device memory plan of this run: returns (model config, a line describing the
+  plan, for Task.notes). With config.train.auto_memory the model config gets the remat
+  policy (and scanned layers) and config.train.accum_steps the accumulation of the cheapest
+  plan that fits config.train.memory_budget_gb; nothing fitting is an error."""
   import flax.linen as nn
   import jax
   from fmjax import memory, sharding
@@ -112,9 +113,9 @@ def plan_memory(config, model_config, make_model, example_args, shape):
     plan = memory.estimate(nn.meta.unbox(abstract), shardings, shape,
                            remat_policy=model_config.remat_policy, accum_steps=t.accum_steps,
                            mesh_shape=mesh_shape, budget=budget)
-  logging.getLogger("fmjax").info("%s%s", plan.describe(), "" if plan.fits else
-                                  " -- over budget: try --config.train.auto_memory=true")
-  return model_config
+  note = plan.describe() + ("" if plan.fits else
+                             " -- over budget: try --config.train.auto_memory=true")
+  return model_config, note
 
 
 def report(workdir: str, last: dict) -> None:

@@ -78,7 +78,7 @@ def run(config, workdir: str):
   if d.seq_len > model_config.max_len:
     raise ValueError(f"config.data.seq_len={d.seq_len} exceeds config.model.max_len="
                      f"{model_config.max_len}; lower one or raise the other")
-  model_config = common.plan_memory(
+  model_config, memory_note = common.plan_memory(
       config, model_config, gpt.GPT, (np.zeros((1, d.seq_len), np.int32),), memory.Shape(
           num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
           mlp_dim=model_config.mlp_dim, num_heads=model_config.num_heads,
@@ -102,7 +102,7 @@ def run(config, workdir: str):
       eval_data=eval_data, example_batch=train_data.batch_at(0),
       init_args=lambda b: (b["inputs"],),
       flops_per_example=gpt.flops_per_token(model_config, d.seq_len) * d.seq_len,
-      tokens_per_example=d.seq_len)
+      tokens_per_example=d.seq_len, notes=(memory_note,))
   state, last = common.fit(config, workdir, task)
 
   if config.sample.num_tokens > 0 and jax.process_index() == 0:
