@@ -14,6 +14,9 @@ transformers only fmjax runs.
 
 fmjax runs on one JAX device (all cores as its intra-op threads): decoding is a chain of
 small matmuls, which a data-parallel mesh of one device per core would not split.
+--threads 1 pins the process to one core and runs both single-threaded (XLA without its
+Eigen thread pool, torch.set_num_threads(1)): a per-core comparison that stays fair when
+other jobs share the machine.
 """
 
 import argparse
@@ -24,6 +27,25 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--prompt_len", type=int, default=32)
+  p.add_argument("--new_tokens", type=int, default=128)
+  p.add_argument("--rounds", type=int, default=5)
+  p.add_argument("--threads", type=int, choices=[0, 1], default=0,
+                 help="0: every core (default); 1: one core, single-threaded")
+  p.add_argument("--no-reference", action="store_true", help="skip HF transformers")
+  return p.parse_args(argv)
+
+
+if __name__ == "__main__" and parse_args().threads == 1:  # before jax creates its threads
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_cpu_multi_thread_eigen=false").strip()
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -52,10 +74,12 @@ def fmjax_generate(c: gpt.GPTConfig, prompts: np.ndarray, new_tokens: int):
   return run
 
 
-def torch_generate(c: gpt.GPTConfig, prompts: np.ndarray, new_tokens: int):
+def torch_generate(c: gpt.GPTConfig, prompts: np.ndarray, new_tokens: int, threads: int = 0):
   import torch
   import transformers
   torch.manual_seed(0)
+  if threads:
+    torch.set_num_threads(threads)
   hf = transformers.GPT2Config(
       vocab_size=c.vocab_size, n_positions=c.max_len, n_embd=c.embed_dim, n_layer=c.num_layers,
       n_head=c.num_heads, n_inner=c.mlp_dim, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -100,20 +124,13 @@ def interleaved(runs: dict, *, rounds: int, warmup: int = 1):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--prompt_len", type=int, default=32)
-  p.add_argument("--new_tokens", type=int, default=128)
-  p.add_argument("--rounds", type=int, default=5)
-  p.add_argument("--no-reference", action="store_true", help="skip HF transformers")
-  args = p.parse_args(argv)
+  args = parse_args(argv)
 
   c = gpt.get_config("gpt2_small", attention_impl="xla")
   prompts = np.random.RandomState(0).randint(0, c.vocab_size, (args.batch, args.prompt_len))
   runs = {"fmjax": fmjax_generate(c, prompts, args.new_tokens)}
   if not args.no_reference and has_reference():
-    runs["hf_torch"] = torch_generate(c, prompts, args.new_tokens)
+    runs["hf_torch"] = torch_generate(c, prompts, args.new_tokens, args.threads)
   load_before = os.getloadavg()[0]
   times, peak = interleaved(runs, rounds=args.rounds)
   source = "best 1024^3 fp32 matmul measured between rounds"
@@ -127,6 +144,7 @@ def main(argv=None):
                   "mfu": round(tps * flops / peak, 4),
                   "seconds_per_call": [round(t, 3) for t in ts],
                   "peak_flops": peak, "peak_source": source, "rounds": args.rounds,
+                  "threads": args.threads or "all",
                   "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     print(json.dumps(rows[name]), flush=True)
   if "hf_torch" in rows:
