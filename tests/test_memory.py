@@ -47,9 +47,8 @@ def xla_bytes(case):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(policy="none", scan=False), dict(policy="none", scan=True),
-    dict(policy="full"), dict(policy="dots_no_batch"), dict(policy="full", layers=8),
-    dict(policy="none", scan=False, impl="chunked"), dict(policy="none", scan=False, t=512),
+    dict(policy="none", scan=False), dict(policy="none", scan=True), dict(policy="full"),
+    dict(policy="dots_no_batch"), dict(policy="none", scan=False, impl="chunked"),
 ])
 def test_estimate_is_within_tolerance_of_xla(kwargs):
   case = gpt_case(**kwargs)

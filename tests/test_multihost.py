@@ -86,7 +86,7 @@ def restore(env, workdir, devices, mesh, rules, out):
   return dict(np.load(out)), json.load(open(f"{out}.json"))
 
 
-@pytest.mark.parametrize("saved_by", ["one_process", "two_processes"])
+@pytest.mark.parametrize("saved_by", ["two_processes"])  # its reference: the one-process run
 def test_checkpoints_restore_on_other_topologies(runs, env, tmp_path, saved_by):
   root, _ = runs
   workdir = root / saved_by

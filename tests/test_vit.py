@@ -27,7 +27,7 @@ from fmjax.models import vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VIT_DIR = REPO / "tests" / "golden" / "hf" / "vit"
-MNIST = pathlib.Path("/work/shared/data/mnist")
+MNIST = REPO.parent / "shared" / "data" / "mnist"  # where configs/vit.py looks (skip when absent)
 ATOL = 1e-5  # float32 vs transformers' float32 PyTorch outputs
 
 
