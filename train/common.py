@@ -135,9 +135,18 @@ def report(workdir: str, last: dict) -> None:
         f"  tokenizer:   {os.path.join(workdir, 'tokenizer')}")
 
 
-def fail(message: str) -> None:
-  """Reports an error the user can fix as one line on stderr and exits with status 2."""
+def fail(message: str, *, at_once: bool = False) -> None:
+  """Reports an error the user can fix as one line on stderr and exits with status 2.
+
+  at_once: exit without interpreter shutdown, once every save was waited for. A failed
+  orbax restore leaves asyncio callbacks behind that print tracebacks at shutdown ("Event
+  loop is closed"), burying the one line that says what to do.
+  """
   print("error: " + " ".join(str(message).split()), file=sys.stderr)
+  if at_once:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(2)  # pylint: disable=protected-access
   sys.exit(2)
 
 
@@ -216,5 +225,8 @@ def main(run, argv) -> None:
     except EXPECTED_ERRORS as e:
       if os.environ.get("FMJAX_DEBUG"):
         raise
-      fail(str(e))
+      import jax
+      # fit closed its checkpointer (waiting for saves) before the error got here. With
+      # several processes, the normal shutdown keeps jax.distributed's exit barrier.
+      fail(str(e), at_once=jax.process_count() == 1)
   app.run(_main, argv, flags_parser=parse_flags)
