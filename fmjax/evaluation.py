@@ -3,12 +3,17 @@
   accuracy, f1 (binary, of the positive class), matthews_corrcoef (CoLA), pearson and
   spearman (STS-B), and SQuAD v1.1's exact match and F1 over answer strings.
 
+corpus_bleu is sacrebleu's default BLEU (Papineni et al. 2002; Post 2018): 13a tokenization,
+n-grams up to 4, clipped counts summed over the corpus, the brevity penalty with the closest
+reference length, and "exp" smoothing of zero n-gram matches; a percentage.
+
 The SQuAD functions follow the official v1.1 evaluation script: answers are compared after
 lower-casing and removing punctuation, the articles a/an/the and extra whitespace; a
 prediction scores the maximum over its ground-truth answers; EM and F1 are percentages.
 """
 
 import collections
+import math
 import re
 import string
 from collections.abc import Mapping, Sequence
@@ -117,6 +122,77 @@ def squad_scores(predictions: Mapping[str, str],
     f1_total += max(squad_f1(predictions[qid], t) for t in truths)
   n = max(len(answers), 1)
   return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1_total / n}
+
+
+# Translation ---------------------------------------------------------------------------------
+
+_13A = [(re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # punctuation and symbols
+        (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),  # period and comma unless after a digit
+        (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),  # ... unless before a digit
+        (re.compile(r"([0-9])(-)"), r"\1 \2 ")]  # a dash after a digit
+
+
+def tokenize_13a(line: str) -> str:
+  """mteval-v13a's tokenization, as sacrebleu's default tokenizer ("13a") does it."""
+  line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+  if "&" in line:
+    line = (line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
+            .replace("&gt;", ">"))
+  line = f" {line} "
+  for pattern, replacement in _13A:
+    line = pattern.sub(replacement, line)
+  return " ".join(line.split())
+
+
+def _ngrams(words: list[str], max_order: int) -> collections.Counter:
+  return collections.Counter(tuple(words[i:i + n]) for n in range(1, max_order + 1)
+                             for i in range(len(words) - n + 1))
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]],
+                max_order: int = 4) -> dict[str, float]:
+  """Corpus BLEU equal to `sacrebleu.corpus_bleu(hypotheses, [references]).score`.
+
+  Args:
+    hypotheses: one detokenized output per segment.
+    references: one reference per segment, or per segment a list of references.
+  Returns:
+    {"bleu": percent, "brevity_penalty", "precision_1".."precision_4" (percent),
+     "hyp_len", "ref_len"}.
+  """
+  if len(hypotheses) != len(references):
+    raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references; "
+                     "give one (or a list of) reference(s) per hypothesis")
+  correct, total = [0] * max_order, [0] * max_order
+  hyp_len = ref_len = 0
+  for hyp, refs in zip(hypotheses, references):
+    refs = [refs] if isinstance(refs, str) else list(refs)
+    words = tokenize_13a(hyp).split()
+    ref_words = [tokenize_13a(r).split() for r in refs]
+    hyp_len += len(words)
+    # The closest reference length, the shorter one on a tie.
+    ref_len += min((abs(len(r) - len(words)), len(r)) for r in ref_words)[1]
+    ref_counts = collections.Counter()
+    for r in ref_words:
+      ref_counts |= _ngrams(r, max_order)  # per n-gram, the most any reference has
+    for gram, count in _ngrams(words, max_order).items():
+      total[len(gram) - 1] += count
+      correct[len(gram) - 1] += min(count, ref_counts[gram])
+  precisions, smooth = [0.0] * max_order, 1.0
+  for n in range(max_order):
+    if total[n] == 0:
+      break
+    if correct[n] == 0:  # "exp" smoothing: 1 / 2^k for the k-th order without a match
+      smooth *= 2
+      precisions[n] = 100.0 / (smooth * total[n])
+    else:
+      precisions[n] = 100.0 * correct[n] / total[n]
+  bp = 1.0 if hyp_len >= ref_len else (math.exp(1 - ref_len / hyp_len) if hyp_len else 0.0)
+  log = lambda p: math.log(p) if p > 0 else -9999999999.0
+  bleu = bp * math.exp(sum(log(p) for p in precisions) / max_order)
+  out = {"bleu": bleu, "brevity_penalty": bp, "hyp_len": float(hyp_len), "ref_len": float(ref_len)}
+  out.update({f"precision_{n + 1}": p for n, p in enumerate(precisions)})
+  return out
 
 
 # By task kind --------------------------------------------------------------------------------

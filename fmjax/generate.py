@@ -20,6 +20,9 @@ batch, prompt bucket, max_new_tokens, `GenerateConfig` and mesh, and reuses it;
 The model interface (GPT has it): `model.init_cache(batch=, length=)` returns a pytree of
 (..., B, K, S, H) buffers, and `model.apply(variables, tokens, cache, index=, positions=,
 kv_mask=, method="decode")` returns (next-token logits (B, V) of the last token, cache).
+Encoder-decoder models (fmjax/models/seq2seq.py) take `source=`, their encoder's output, in
+`init_cache` and in the first (prefill) `decode` call: `generate_tokens(..., source=)` encodes
+nothing itself, so the source is encoded once, outside the decoding loop.
 """
 
 import dataclasses
@@ -138,8 +141,9 @@ def _is_stop(tokens, stop_tokens):
 # ------------------------------------------------------------------------------ the core
 
 
-def _prefill(model, params, prompt, prompt_lengths, num_new):
-  """Runs the left-padded prompt through the model into a fresh cache of T + num_new slots.
+def _prefill(model, params, prompt, prompt_lengths, num_new, source=None):
+  """Runs the left-padded prompt through the model into a fresh cache of T + num_new slots
+  (conditioned on the encoded `source` for an encoder-decoder model).
 
   Returns (logits (B, V), cache, kv_mask (B, S), prompt_lengths (B,)).
   """
@@ -149,14 +153,15 @@ def _prefill(model, params, prompt, prompt_lengths, num_new):
   kv_mask = jnp.arange(T + num_new)[None, :] >= pad[:, None]  # (B, S)
   kv_mask = nn.with_logical_constraint(kv_mask, ("batch", "length"))
   positions = jnp.maximum(jnp.arange(T)[None, :] - pad[:, None], 0)  # (B, T)
-  cache = model.init_cache(batch=B, length=T + num_new)
+  extra = {} if source is None else {"source": source}
+  cache = model.init_cache(batch=B, length=T + num_new, **extra)
   logits, cache = model.apply({"params": params}, prompt, cache, index=0, positions=positions,
-                              kv_mask=kv_mask, method="decode")
+                              kv_mask=kv_mask, method="decode", **extra)
   return logits, cache, kv_mask, prompt_lengths
 
 
 def generate_tokens(model, params, prompt, prompt_lengths, rng, config: GenerateConfig, *,
-                    pad_id: int = 0) -> Generated:
+                    pad_id: int = 0, source=None) -> Generated:
   """Continues a batch of left-padded prompts; traceable (jit it, or call it inside jit).
 
   Args:
@@ -167,14 +172,18 @@ def generate_tokens(model, params, prompt, prompt_lengths, rng, config: Generate
     rng: PRNG key for sampling (ignored when greedy or beam search).
     config: a GenerateConfig (static).
     pad_id: written after a row has stopped.
+    source: an encoder-decoder model's encoded inputs (e.g. Seq2Seq.encode's {"memory",
+      "mask"}, B rows), given to init_cache and the prefill; None for a decoder-only model.
   Returns:
     Generated(tokens (B, N), lengths (B,), scores (B,) for beam search else None).
   """
   if config.num_beams > 1:
-    return beam_search(model, params, prompt, prompt_lengths, config, pad_id=pad_id)
+    return beam_search(model, params, prompt, prompt_lengths, config, pad_id=pad_id,
+                       source=source)
   B, T = prompt.shape
   N = config.max_new_tokens
-  logits, cache, kv_mask, prompt_lengths = _prefill(model, params, prompt, prompt_lengths, N)
+  logits, cache, kv_mask, prompt_lengths = _prefill(model, params, prompt, prompt_lengths, N,
+                                                    source)
   pick = functools.partial(select_tokens, temperature=config.temperature, top_k=config.top_k,
                            top_p=config.top_p)
 
@@ -209,7 +218,7 @@ def _cache_take(cache, rows):
 
 
 def beam_search(model, params, prompt, prompt_lengths, config: GenerateConfig, *,
-                pad_id: int = 0) -> Generated:
+                pad_id: int = 0, source=None) -> Generated:
   """Beam search with a length penalty; traceable. Returns each row's best hypothesis.
 
   W = config.num_beams beams per row (W = 1 is allowed and, without stop tokens, is greedy).
@@ -223,7 +232,8 @@ def beam_search(model, params, prompt, prompt_lengths, config: GenerateConfig, *
   """
   B, T = prompt.shape
   N, W = config.max_new_tokens, config.num_beams
-  logits, cache, kv_mask, prompt_lengths = _prefill(model, params, prompt, prompt_lengths, N)
+  logits, cache, kv_mask, prompt_lengths = _prefill(model, params, prompt, prompt_lengths, N,
+                                                    source)
   V = logits.shape[-1]
   rows = jnp.repeat(jnp.arange(B), W)  # (B*W,) beam b*W + w continues prompt b
   logits, cache, kv_mask = logits[rows], _cache_take(cache, rows), kv_mask[rows]

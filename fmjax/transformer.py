@@ -48,28 +48,33 @@ class MultiHeadAttention(nn.Module):
   With `cache` (causal self-attention only) the T new keys and values are written into the
   layer's KV cache at slots cache_index .. cache_index + T - 1, the queries attend every
   earlier slot that kv_mask allows, and the call returns (output, updated cache); see
-  `init_cache`.
+  `init_cache`. With `cross_cache` (cross-attention while decoding) the keys and values of
+  the encoder output kv are projected once into it (kv given) or read from it (kv=None);
+  kv_mask (B, S) masks source padding and the call returns (output, cross_cache).
   """
   config: BlockConfig
 
   @nn.compact
   def __call__(self, x, kv=None, *, q_segment_ids=None, kv_segment_ids=None, kv_mask=None,
                q_positions=None, kv_positions=None, causal=False, train: bool = False,
-               cache=None, cache_index=None):
+               cache=None, cache_index=None, cross_cache=None):
     c = self.config
     num_kv = c.num_kv_heads or c.num_heads
     proj = lambda feats, axes, name: Dense(feats, axes, use_bias=c.use_bias, dtype=c.dtype,
                                            param_dtype=c.param_dtype, name=name)
-    kv = x if kv is None else kv
+    key = proj((num_kv, c.head_dim), ("embed", "kv_heads", "head_dim"), "key")
+    value = proj((num_kv, c.head_dim), ("embed", "kv_heads", "head_dim"), "value")
     q = proj((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), "query")(x)  # (B,T,N,H)
-    k = proj((num_kv, c.head_dim), ("embed", "kv_heads", "head_dim"), "key")(kv)  # (B,S,K,H)
-    v = proj((num_kv, c.head_dim), ("embed", "kv_heads", "head_dim"), "value")(kv)  # (B,S,K,H)
+    out_proj = Dense(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1),
+                     use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="out")
+    if cross_cache is not None:
+      return self._cached_cross(q, kv, key, value, out_proj, kv_mask, cross_cache)
+    kv = x if kv is None else kv
+    k, v = key(kv), value(kv)  # (B, S, K, H) each
     if c.rope:
       q = apply_rope(q, _positions(q_positions, x))
       k = apply_rope(k, _positions(kv_positions, kv))
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
-    out_proj = Dense(x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1),
-                     use_bias=c.use_bias, dtype=c.dtype, param_dtype=c.param_dtype, name="out")
     if cache is not None:
       if kv is not x or q_segment_ids is not None:
         raise ValueError("a KV cache serves causal self-attention without segment ids; got "
@@ -92,6 +97,20 @@ class MultiHeadAttention(nn.Module):
         dropout_rng=self.make_rng("dropout") if dropout > 0 else None)  # (B,T,N,H)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
     return out_proj(out)
+
+  def _cached_cross(self, q, kv, key, value, out_proj, kv_mask, cross_cache):
+    """Cross-attention whose keys and values are projected once per source: from `kv` (the
+    encoder output, first decoding step) into a fresh cross_cache, else read from it.
+    Returns (output, cross_cache (B, K, S, H) each)."""
+    if kv is not None:
+      cross_cache = {"k": key(kv), "v": value(kv)}
+      cross_cache = {n: nn.with_logical_constraint(
+          t.transpose(0, 2, 1, 3).astype(self.config.dtype), CACHE_AXES) for n, t in cross_cache.items()}
+    every_key = jnp.full((1, q.shape[1]), cross_cache["k"].shape[2] - 1)  # (1, T): no causality
+    out = attention.cached_attention(q, cross_cache["k"], cross_cache["v"], q_slots=every_key,
+                                     kv_mask=kv_mask)
+    out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
+    return out_proj(out), cross_cache
 
 
 # Logical axes of a cache buffer (B, K, S, H): batch split like activations, kv heads like heads.
@@ -167,6 +186,64 @@ class Block(nn.Module):
       x = norm("ln_mlp")(x + drop(mlp(x)))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     return x, new_cache
+
+
+class DecoderBlock(nn.Module):
+  """A decoder layer of an encoder-decoder Transformer (Vaswani et al. 2017, figure 1 right):
+  causal self-attention, cross-attention over the encoder output, MLP; residuals and norms
+  as in `Block` (pre-LN: x + CrossAttn(LN(x), memory), ...).
+
+  Training: __call__(x, memory, memory_mask) -> (x, None). Decoding: `cache` is
+  {"self": {"k", "v"} (B, K, S_tgt, H), "cross": {"k", "v"} (B, K, S_src, H)}; memory is given
+  on the first step only (its keys and values go into cache["cross"]); returns (x, cache).
+  """
+  config: BlockConfig
+
+  @nn.compact
+  def __call__(self, x, memory, memory_mask, *, positions=None, kv_mask=None,
+               train: bool = False, cache=None, cache_index=None):
+    c = self.config
+    norm = lambda name: Norm(c.norm, epsilon=c.norm_eps, dtype=c.dtype,
+                             param_dtype=c.param_dtype, name=name)
+    drop = lambda y: nn.Dropout(c.dropout_rate)(y, deterministic=not train)
+    new_cache = None if cache is None else {}
+
+    def self_attn(y):
+      mha = MultiHeadAttention(c, name="attn")
+      if cache is None:
+        return mha(y, q_positions=positions, kv_positions=positions, causal=True, train=train)
+      y, new_cache["self"] = mha(y, kv_mask=kv_mask, q_positions=positions,
+                                 kv_positions=positions, causal=True, cache=cache["self"],
+                                 cache_index=cache_index)
+      return y
+
+    def cross_attn(y):
+      mha = MultiHeadAttention(c, name="cross")
+      if cache is None:
+        return mha(y, memory, kv_mask=memory_mask, train=train)
+      y, new_cache["cross"] = mha(y, memory, kv_mask=memory_mask, cross_cache=cache["cross"])
+      return y
+
+    mlp = lambda y: MLP(c.mlp_dim, c.mlp_activation, gated=c.gated_mlp, use_bias=c.use_bias,
+                        dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype,
+                        name="mlp")(y, train=train)
+    for name, sublayer in (("ln_attn", self_attn), ("ln_cross", cross_attn), ("ln_mlp", mlp)):
+      if c.pre_ln:
+        x = x + drop(sublayer(norm(name)(x)))
+      else:
+        x = norm(name)(x + drop(sublayer(x)))
+    x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+    return x, new_cache
+
+
+def init_decoder_cache(config: BlockConfig, num_layers: int, *, batch: int, length: int,
+                       source_length: int, dtype=None):
+  """Zero caches for `num_layers` DecoderBlocks: {"layer_i": {"self": {"k", "v"}, "cross":
+  {"k", "v"}}}, (B, K, length, H) for self-attention and (B, K, source_length, H) for the
+  cross-attention keys (filled by the first decoding step)."""
+  self_cache = init_cache(config, 1, batch=batch, length=length, dtype=dtype)["layer_0"]
+  cross = init_cache(config, 1, batch=batch, length=source_length, dtype=dtype)["layer_0"]
+  return {f"layer_{i}": {"self": self_cache, "cross": cross} for i in range(num_layers)}
 
 
 # Named rematerialisation policies: what the backward pass may keep instead of recomputing.

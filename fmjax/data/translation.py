@@ -1,0 +1,180 @@
+"""Parallel text for translation: line-aligned files or a tfds catalog dataset -> batches.
+
+Reading order: `read_parallel` (two line-aligned files, plain or .gz) or `read_tfds`
+(e.g. wmt14_translate/de-en) -> `train_tokenizers` (one shared SentencePiece vocabulary or
+one per side) -> `encode_pairs` (ids, target + EOS) -> `PairBatches` (training: length
+buckets, resumable) and `padded_pairs` (evaluation: every pair once, fixed shapes).
+
+Decoder inputs are the target shifted right behind EOS, the start token (as fairseq does):
+target_in = [EOS, y1, ..., yn], target_out = [y1, ..., yn, EOS].
+"""
+
+import gzip
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from fmjax.data import batches
+from fmjax.data.text import DataError
+from fmjax.data.tokenizers import Tokenizer, train_sentencepiece
+
+Pair = tuple[str, str]
+
+
+def read_lines(path: str) -> list[str]:
+  """The lines of a UTF-8 text file (gzip when it ends in .gz), without line ends."""
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: no such file; check config.data paths (relative paths are "
+                    f"taken from {os.getcwd()})")
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rb") as f:
+    raw = f.read()
+  lines = raw.split(b"\n")
+  if lines and lines[-1] == b"":
+    lines.pop()
+  out = []
+  for i, line in enumerate(lines):
+    try:
+      out.append(line.decode("utf-8").rstrip("\r"))
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}:{i + 1}: not UTF-8 ({e.reason} at byte {e.start}); convert "
+                      "the file to UTF-8 (e.g. iconv -t utf-8)") from None
+  if not out:
+    raise DataError(f"{path} is empty; give a file with one sentence per line")
+  return out
+
+
+def read_parallel(source_path: str, target_path: str) -> list[Pair]:
+  """Line i of source_path translates to line i of target_path; both must have as many."""
+  sources, targets = read_lines(source_path), read_lines(target_path)
+  if len(sources) != len(targets):
+    raise DataError(f"{source_path} has {len(sources)} lines but {target_path} has "
+                    f"{len(targets)}: parallel files must be line-aligned (one sentence and "
+                    "its translation per line)")
+  return list(zip(sources, targets))
+
+
+def read_tfds(name: str, split: str, source_lang: str, target_lang: str,
+              data_dir: str | None = None) -> list[Pair]:
+  """A tfds translation dataset (e.g. "wmt14_translate/de-en", features "de" and "en").
+
+  Needs the prepared dataset (it downloads and prepares on first use online)."""
+  import tensorflow_datasets as tfds  # imported only when asked for
+  source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  pairs = []
+  for i in range(len(source)):
+    record = source[i]
+    missing = [k for k in (source_lang, target_lang) if k not in record]
+    if missing:
+      raise KeyError(f"tfds:{name}/{split}[{i}] has no feature {missing[0]!r} (features: "
+                     f"{sorted(record)}); set config.data.source_lang / target_lang")
+    pairs.append((_to_str(record[source_lang]), _to_str(record[target_lang])))
+  return pairs
+
+
+def _to_str(value) -> str:
+  return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def train_tokenizers(pairs: Sequence[Pair], vocab_size: int, *, shared: bool = True,
+                     **options) -> tuple[Tokenizer, Tokenizer]:
+  """(source tokenizer, target tokenizer), SentencePiece learned on the training pairs; the
+  same object twice when `shared` (one vocabulary of both languages)."""
+  if shared:
+    tok = train_sentencepiece([t for pair in pairs for t in pair], vocab_size, **options)
+    return tok, tok
+  return (train_sentencepiece([s for s, _ in pairs], vocab_size, **options),
+          train_sentencepiece([t for _, t in pairs], vocab_size, **options))
+
+
+def encode_pairs(pairs: Sequence[Pair], source_tok: Tokenizer, target_tok: Tokenizer,
+                 max_length: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+  """(source ids, target ids + EOS, number of pairs cut to max_length) per pair."""
+  eos = target_tok.eos_id
+  sources = source_tok.encode_batch([s for s, _ in pairs])
+  targets = target_tok.encode_batch([t for _, t in pairs])
+  cut = sum(len(s) > max_length or len(t) + 1 > max_length for s, t in zip(sources, targets))
+  sources = [np.asarray(s[:max_length], np.int32) for s in sources]
+  targets = [np.asarray((t + [eos])[:max_length], np.int32) for t in targets]
+  return sources, targets, cut
+
+
+def make_batch(sources, targets, length: int, *, pad_id: int, start_id: int) -> batches.Batch:
+  """Pads pairs to `length`: {"source", "source_mask", "target_in", "target_out", "weight"}
+  (B, length) each; weight is 1.0 on real target tokens."""
+  b = len(sources)
+  out = {"source": np.full((b, length), pad_id, np.int32),
+         "target_in": np.full((b, length), pad_id, np.int32),
+         "target_out": np.full((b, length), pad_id, np.int32),
+         "source_mask": np.zeros((b, length), bool), "weight": np.zeros((b, length), np.float32)}
+  for i, (s, t) in enumerate(zip(sources, targets)):
+    out["source"][i, :len(s)] = s
+    out["source_mask"][i, :len(s)] = True
+    out["target_out"][i, :len(t)] = t
+    out["target_in"][i, 0] = start_id
+    out["target_in"][i, 1:len(t)] = t[:-1]
+    out["weight"][i, :len(t)] = 1.0
+  return out
+
+
+class PairBatches(batches._StepIterator):  # pylint: disable=protected-access
+  """Endless training batches of `batch_size` pairs of similar length, epoch by epoch.
+
+  Epoch e shuffles the pairs (seed, e), sorts each run of `pool` batches' worth by length,
+  cuts it into batches and shuffles the batches: little padding, and every batch is padded
+  to a multiple of `length_multiple`, so only a few shapes are ever compiled. A batch is a
+  pure function of (seed, step): the state is the step, as for the other iterators.
+  """
+
+  def __init__(self, sources, targets, *, batch_size: int, seed: int, pad_id: int,
+               start_id: int, length_multiple: int = 16, pool: int = 50,
+               process_index: int = 0, process_count: int = 1):
+    if len(sources) < batch_size:
+      raise DataError(f"{len(sources)} training pairs are fewer than one batch of "
+                      f"{batch_size}; lower config.train.batch_size")
+    self.sources, self.targets = sources, targets
+    self.batch_size, self.seed, self.pool = batch_size, seed, pool
+    self.pad_id, self.start_id, self.multiple = pad_id, start_id, length_multiple
+    self._rows = batches._rows(batch_size, process_index, process_count)  # pylint: disable=protected-access
+    self.per_epoch = len(sources) // batch_size
+    self.longest = max(max(len(s), len(t)) for s, t in zip(sources, targets))
+    self.step = 0
+    self._plan = (-1, None)
+
+  def _epoch(self, epoch: int) -> np.ndarray:
+    """(per_epoch, batch_size) pair indices of every batch of `epoch`."""
+    if self._plan[0] != epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      order = rng.permutation(len(self.sources))[:self.per_epoch * self.batch_size]
+      lengths = np.asarray([max(len(self.sources[i]), len(self.targets[i])) for i in order])
+      chunk = self.pool * self.batch_size
+      for start in range(0, len(order), chunk):
+        part = slice(start, start + chunk)
+        order[part] = order[part][np.argsort(lengths[part], kind="stable")]
+      plan = order.reshape(self.per_epoch, self.batch_size)
+      self._plan = (epoch, plan[rng.permutation(self.per_epoch)])
+    return self._plan[1]
+
+  def batch_at(self, step: int) -> batches.Batch:
+    epoch, k = divmod(step, self.per_epoch)
+    rows = self._epoch(epoch)[k]
+    longest = max(max(len(self.sources[i]), len(self.targets[i])) for i in rows)
+    length = -(-longest // self.multiple) * self.multiple
+    rows = rows[self._rows]
+    return make_batch([self.sources[i] for i in rows], [self.targets[i] for i in rows], length,
+                      pad_id=self.pad_id, start_id=self.start_id)
+
+
+def padded_pairs(sources, targets, batch_size: int, length: int, *, pad_id: int, start_id: int,
+                 process_index: int = 0, process_count: int = 1):
+  """Every pair once, in order, in batches of (batch_size, length); the last batch is filled
+  with empty rows (no source, weight 0). Yields (batch, number of real rows in it)."""
+  rows = batches._rows(batch_size, process_index, process_count)  # pylint: disable=protected-access
+  empty = np.zeros((0,), np.int32)
+  for start in range(0, len(sources), batch_size):
+    index = range(start, start + batch_size)
+    s = [sources[i] if i < len(sources) else empty for i in index]
+    t = [targets[i] if i < len(targets) else empty for i in index]
+    batch = make_batch(s, t, length, pad_id=pad_id, start_id=start_id)
+    yield {k: v[rows] for k, v in batch.items()}, min(batch_size, len(sources) - start)
