@@ -236,6 +236,27 @@ def restore_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStr
   return flatten_params(restored["params"])
 
 
+def load_params(workdir: str, prefix: str = "") -> dict:
+  """The params of `workdir`'s latest checkpoint as a nested dict on one device (to apply a
+  trained model outside its program: a notebook, an export). prefix: only that subtree,
+  e.g. "bert" for the encoder of a finetuned classifier."""
+  step, _, arrays = read_latest(workdir)
+  if prefix and not any(p.startswith(prefix + "/") for p in arrays):
+    raise KeyError(f"{workdir}: the checkpoint's params have no {prefix!r}; they start with "
+                   f"{sorted({p.split('/')[0] for p in arrays})}")
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  targets = {p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
+             for p, m in arrays.items() if not prefix or p.startswith(prefix + "/")}
+  nested: dict = {}
+  for path, x in restore_params(workdir, step, targets).items():
+    node = nested
+    *parents, leaf = path[len(prefix) + 1:].split("/") if prefix else path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = x
+  return nested
+
+
 def abstract_with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying the target shardings, for Checkpointer.restore."""
   return jax.tree_util.tree_map(

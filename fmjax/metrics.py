@@ -143,12 +143,13 @@ def write_atomically(path: str, text: str) -> None:
 
 def plot_loss_curve(metrics_path: str, png_path: str) -> None:
   """Plots every */loss key of metrics.jsonl against step."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A bare Figure renders with Agg without touching pyplot's global backend, so a notebook
+  # that trains through a program still shows its own plots inline.
+  from matplotlib.figure import Figure
   rows = read_metrics(metrics_path)
   keys = sorted({k for r in rows for k in r if k.endswith("loss")})
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
   for k in keys:
     pts = [(r["step"], r[k]) for r in rows if k in r]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
@@ -160,4 +161,3 @@ def plot_loss_curve(metrics_path: str, png_path: str) -> None:
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(png_path, dpi=100)
-  plt.close(fig)
