@@ -72,8 +72,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     d.eval_target = "data/translate_tiny/val.en.gz"
     d.vocab_size, d.max_length = 60, 32
     e.final_num_beams, e.batch_size = 2, 32
-    t.steps, t.batch_size, t.warmup_steps, t.learning_rate = 150, 32, 20, 3e-3
-    t.log_every, t.eval_every, t.save_every = 25, 75, 75
+    t.steps, t.batch_size, t.warmup_steps, t.learning_rate = 300, 32, 30, 3e-3
+    t.log_every, t.eval_every, t.save_every = 50, 150, 150
   elif variant == "multi30k":
     for split, name in (("train", "train"), ("eval", "val"), ("test", "test_2016_flickr")):
       d[f"{split}_source"] = MULTI30K.format(name, "de")

@@ -291,6 +291,24 @@ def beam_search(model, params, prompt, prompt_lengths, config: GenerateConfig, *
   return Generated(tokens=tokens, lengths=length[:, 0], scores=score[:, 0])
 
 
+def generate_from_source(model, params, source, config: GenerateConfig, *, start_id: int,
+                         pad_id: int = 0, rng=None) -> Generated:
+  """An encoder-decoder model's outputs for an encoded batch, each row starting from
+  `start_id` (greedy, sampled or beam search as `config` says); traceable.
+
+  Args:
+    model, params: e.g. fmjax.models.seq2seq.Seq2Seq and its parameters.
+    source: model.encode's output for B rows ({"memory": (B, S, D), "mask": (B, S)}).
+  Returns:
+    Generated, as generate_tokens (the start token is not among the new tokens).
+  """
+  batch = source["mask"].shape[0]
+  prompt = jnp.full((batch, 1), start_id, jnp.int32)
+  rng = jax.random.key(0) if rng is None else rng
+  return generate_tokens(model, params, prompt, jnp.ones((batch,), jnp.int32), rng, config,
+                         pad_id=pad_id, source=source)
+
+
 # ------------------------------------------------------------------------------ host API
 
 

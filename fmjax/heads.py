@@ -7,11 +7,14 @@ Shape key: B batch, T length, D width, C classes (num_labels).
   SpanHead            tokens (B, T, D) -> Dense(2) -> start and end logits (B, T) each
                       (extractive QA: the answer is the span [start, end] of the input)
 
+  sequence_loss       next-token logits (B, T, V) of a decoder -> label-smoothed cross-entropy
+
 The losses take per-example `weights` (1 for real examples, 0 for the rows that pad the
 last evaluation batch) and return (loss, metrics) like fmjax.training.cross_entropy.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from fmjax.layers import Dense, Dtype
@@ -80,3 +83,22 @@ def span_loss(start_logits, end_logits, start_positions, end_positions, weights=
   end, end_acc, _ = cross_entropy(end_logits, end_positions, weights)
   loss = (start + end) / 2
   return loss, {"loss": loss, "start_accuracy": start_acc, "end_accuracy": end_acc}
+
+
+def sequence_loss(logits, targets, weights, label_smoothing: float = 0.0):
+  """Label-smoothed cross-entropy per target token (Szegedy et al. 2016; Vaswani et al. use
+  eps = 0.1): the target gets 1 - eps of the probability mass, eps is spread evenly over the
+  vocabulary.
+
+  Args: logits (B, T, V); targets (B, T) int; weights (B, T) float, 0 on padding.
+  Returns: (loss, {"loss", "nll" (unsmoothed), "accuracy" (argmax == target)}), means over
+    the weighted tokens.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (B, T)
+  smoothed = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+  weights = weights.astype(jnp.float32)
+  mean = lambda x: (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+  loss = mean(smoothed)
+  return loss, {"loss": loss, "nll": mean(nll),
+                "accuracy": mean((logits.argmax(-1) == targets).astype(jnp.float32))}

@@ -21,10 +21,9 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fmjax import evaluation, generate, trainer
+from fmjax import evaluation, generate, heads, trainer
 from fmjax import data as fdata
 from fmjax.data import translation
 from fmjax.models import seq2seq
@@ -92,45 +91,20 @@ def model_config(config, source_tok, target_tok) -> seq2seq.Seq2SeqConfig:
 
 # Loss and decoding ------------------------------------------------------------------------------
 
-def token_loss(logits, targets, weights, label_smoothing: float):
-  """Label-smoothed cross-entropy (Szegedy et al. 2016; the paper's eps_ls = 0.1): the target
-  gets 1 - eps of the mass and eps is spread evenly over the vocabulary.
-
-  Args: logits (B, T, V), targets (B, T) int, weights (B, T) float.
-  Returns: (mean smoothed loss, {"nll", "accuracy"} per weighted token).
-  """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (B, T)
-  smooth = -logp.mean(axis=-1)
-  loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-  n = jnp.maximum(weights.sum(), 1.0)
-  correct = (logits.argmax(-1) == targets).astype(jnp.float32)
-  return (loss * weights).sum() / n, {"nll": (nll * weights).sum() / n,
-                                      "accuracy": (correct * weights).sum() / n}
-
-
 def make_loss_fn(model, label_smoothing: float):
   def loss_fn(params, batch, rng, train):
     logits = model.apply({"params": params}, batch["source"], batch["source_mask"],
                          batch["target_in"], train=train, rngs={"dropout": rng})
-    return token_loss(logits, batch["target_out"], batch["weight"], label_smoothing)
+    return heads.sequence_loss(logits, batch["target_out"], batch["weight"], label_smoothing)
   return loss_fn
-
-
-def decode(model, params, encoded, gen: generate.GenerateConfig, start_id: int, pad_id: int):
-  """Greedy or beam search from the start token over an encoded batch -> (B, N) ids."""
-  batch = encoded["memory"].shape[0]
-  prompt = jnp.full((batch, 1), start_id, jnp.int32)
-  out = generate.generate_tokens(model, params, prompt, jnp.ones((batch,), jnp.int32),
-                                 jax.random.key(0), gen, pad_id=pad_id, source=encoded)
-  return out.tokens
 
 
 def make_predict_fn(model, gen: generate.GenerateConfig, start_id: int, pad_id: int):
   def predict_fn(params, batch):
     encoded = model.apply({"params": params}, batch["source"], batch["source_mask"],
                           method="encode")
-    return {"tokens": decode(model, params, encoded, gen, start_id, pad_id)}
+    return {"tokens": generate.generate_from_source(model, params, encoded, gen,
+                                                    start_id=start_id, pad_id=pad_id).tokens}
   return predict_fn
 
 
