@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 		--temperature=0.8 --top_k=40
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests --durations=25
+	$(PY) -m pytest tests -n 2 --durations=25
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]' torch==2.13.0
