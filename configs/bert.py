@@ -9,6 +9,9 @@ Variants:
             next-sentence accuracy >= 0.95 on its own instances within a few hundred steps.
   wikitext  WikiText-2 text converted to one sentence per line (train/prepare_wikitext.py),
             a mini model; the last 10% of documents are held out for eval.
+  sst2_text a small encoder (4 layers x 128) on SST-2's own unlabelled training sentences plus
+            WikiText-2 (train/prepare_corpus.py makes the corpus); the encoder behind the SST-2
+            result in bench/RESULTS.md (finetune with configs/finetune.py:sst2_small).
   base      BERT-base, two phases: 90% of steps at 128 tokens, the rest at 512 (TPU-sized).
 """
 
@@ -22,9 +25,11 @@ SAMPLE = "data/bert_sample_text.txt"
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   config = base_config()
-  preset = {"tiny": "tiny", "sample": "mini", "wikitext": "mini", "base": "base"}.get(variant)
+  preset = {"tiny": "tiny", "sample": "mini", "wikitext": "mini", "sst2_text": "tiny",
+            "base": "base"}.get(variant)
   if preset is None:
-    raise ValueError(f"unknown variant {variant!r}; choose tiny, sample, wikitext or base")
+    raise ValueError(f"unknown variant {variant!r}; choose tiny, sample, wikitext, sst2_text "
+                     "or base")
   config.model = model_config(bert.get_config(preset))
   config.model.vocab_size = -1  # -1: the tokenizer's vocabulary size
 
@@ -66,6 +71,14 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     d.eval_fraction, d.vocab_size, d.dupe_factor, d.lowercase = 0.1, 8192, 5, True
     t.steps, t.batch_size, t.learning_rate, t.warmup_steps = 1500, 32, 5e-4, 100
     t.log_every, t.eval_every, t.save_every, t.eval_batches = 50, 500, 500, 20
+  elif variant == "sst2_text":
+    d.train_path = "workdirs/sst2_corpus.txt"
+    config.model.update(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512)
+    d.eval_fraction, d.vocab_size, d.lowercase = 0.02, 8192, True
+    d.max_seq_length, d.max_predictions_per_seq, d.dupe_factor = 64, 10, 1
+    d.dynamic_masking = True
+    t.steps, t.batch_size, t.learning_rate, t.warmup_steps = 4000, 64, 1e-3, 200
+    t.log_every, t.eval_every, t.save_every, t.eval_batches = 100, 1000, 500, 10
   else:  # base
     d.train_path, d.vocab_size = "", 30522
     d.phase1_fraction = 0.9

@@ -10,6 +10,9 @@ Variants (tasks; with train_path/eval_path empty they read the tfds catalog data
   tiny      a 2-layer encoder on the bundled toy sentiment TSV (data/finetune_tiny; seconds).
   tiny_qa   the same on the bundled toy SQuAD JSON, short windows so contexts span several.
   sst2      single sentences, 2 labels (glue/sst2; local GLUE TSV: header, no quoting).
+  sst2_small  SST-2 from ../shared/data/sst2 (train.tsv; test.tsv is GLUE's dev set) with a
+            4-layer x 128 encoder, 2 epochs at 3e-4: the acceptance run, from
+            configs/bert.py:sst2_text or from random init beside it (bench/RESULTS.md).
   rte       sentence pairs, entailment / not_entailment (glue/rte; local TSV with CSV quoting).
   stsb      sentence-pair regression, scores 0..5 (glue/stsb), Pearson and Spearman.
   squad     extractive QA, SQuAD v1.1 (tfds squad; local SQuAD JSON), exact match and F1.
@@ -23,7 +26,7 @@ import ml_collections
 from configs.common import base_config, model_config
 from fmjax.models import bert
 
-VARIANTS = ("tiny", "tiny_qa", "sst2", "rte", "stsb", "squad", "xquad")
+VARIANTS = ("tiny", "tiny_qa", "sst2", "sst2_small", "rte", "stsb", "squad", "xquad")
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -86,6 +89,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   elif variant == "sst2":
     d.tfds_name, d.max_seq_length = "glue/sst2", 64
     t.epochs, t.learning_rate = 1.0, 1e-4
+  elif variant == "sst2_small":
+    d.train_path = "../shared/data/sst2/train.tsv"
+    d.eval_path = "../shared/data/sst2/test.tsv"  # GLUE's dev set (labelled)
+    d.max_seq_length = 64
+    config.model.update(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=128)
+    t.epochs, t.learning_rate, t.batch_size = 2.0, 3e-4, 32
+    t.log_every, t.eval_every, t.save_every = 100, 500, 500
   elif variant == "rte":
     d.tfds_name, d.text_columns = "glue/rte", "sentence1,sentence2"
     d.quoting, d.label_names = "csv", "entailment,not_entailment"

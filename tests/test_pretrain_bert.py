@@ -128,3 +128,18 @@ def test_prepare_wikitext_converts_articles_to_documents_of_sentences():
            " = = Habitat = = \n", " Sea . \n", " = Crab = \n", " Small 2 @.@ 5 cm . \n"]
   assert prepare_wikitext.convert(lines) == [
       ["A big-clawed animal .", "It is 1,000 g !", "Yes ?", "Sea ."], ["Small 2.5 cm ."]]
+
+
+def test_prepare_corpus_groups_table_rows_into_documents_after_wikitext(tmp_path):
+  from train import prepare_corpus
+  table = tmp_path / "train.tsv"
+  table.write_text("sentence\tlabel\nit 's  good \t1\nbad\t0\nfine\t1\n", encoding="utf-8")
+  wiki = tmp_path / "wiki.txt"
+  wiki.write_text(" = Lobster = \n A big animal . It is blue . \n", encoding="utf-8")
+  out = tmp_path / "corpus.txt"
+  prepare_corpus.main([str(out), f"--wikitext={wiki}", f"--table={table}:sentence",
+                       "--per_document=2"])
+  assert out.read_text() == "A big animal .\nIt is blue .\n\nit 's good\nbad\n\nfine\n"
+  with pytest.raises(SystemExit) as e:
+    prepare_corpus.main([str(out), f"--table={table}"])  # no :COLUMN
+  assert e.value.code == 2
