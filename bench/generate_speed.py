@@ -105,10 +105,12 @@ def has_reference() -> bool:
     return False
 
 
-def interleaved(runs: dict, *, rounds: int, warmup: int = 1):
+def interleaved(runs: dict, *, rounds: int, warmup: int = 1, settle: float = 1.0):
   """Seconds per call of each impl in every round, alternating impls (and their order), and
   the best fp32 matmul FLOP/s seen between rounds (the MFU denominator: a CPU peak cached
-  while other jobs loaded the machine would flatter every MFU)."""
+  while other jobs loaded the machine would flatter every MFU). Each timed call starts after
+  `settle` idle seconds: OpenMP (torch) and Eigen (XLA) workers spin for a while after their
+  last task and would otherwise steal the cores from the call that follows."""
   for run in runs.values():
     for _ in range(warmup):
       run()
@@ -117,6 +119,7 @@ def interleaved(runs: dict, *, rounds: int, warmup: int = 1):
   for r in range(rounds):
     peak = max(peak, metrics.measure_cpu_peak_flops())
     for name in (names if r % 2 == 0 else names[::-1]):
+      time.sleep(settle)  # let the other runtime's worker threads stop spinning
       t = time.perf_counter()
       runs[name]()
       times[name].append(time.perf_counter() - t)

@@ -11,7 +11,7 @@ Variants (tasks; with train_path/eval_path empty they read the tfds catalog data
   tiny_qa   the same on the bundled toy SQuAD JSON, short windows so contexts span several.
   sst2      single sentences, 2 labels (glue/sst2; local GLUE TSV: header, no quoting).
   sst2_small  SST-2 from ../shared/data/sst2 (train.tsv; test.tsv is GLUE's dev set) with a
-            4-layer x 128 encoder, 2 epochs at 3e-4: the acceptance run, from
+            4-layer x 128 encoder, 1 epoch at 3e-4: the acceptance run, from
             configs/bert.py:sst2_text or from random init beside it (bench/RESULTS.md).
   rte       sentence pairs, entailment / not_entailment (glue/rte; local TSV with CSV quoting).
   stsb      sentence-pair regression, scores 0..5 (glue/stsb), Pearson and Spearman.
@@ -94,7 +94,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     d.eval_path = "../shared/data/sst2/test.tsv"  # GLUE's dev set (labelled)
     d.max_seq_length = 64
     config.model.update(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=128)
-    t.epochs, t.learning_rate, t.batch_size = 2.0, 3e-4, 32
+    t.epochs, t.learning_rate, t.batch_size = 1.0, 3e-4, 32
     t.log_every, t.eval_every, t.save_every = 100, 500, 500
   elif variant == "rte":
     d.tfds_name, d.text_columns = "glue/rte", "sentence1,sentence2"
