@@ -11,17 +11,20 @@ from fmjax.heads import ClassificationHead, SpanHead
 from fmjax.models.bert import (BertConfig, BertEncoder, BertForPreTraining,
                                BertForQuestionAnswering, BertForSequenceClassification)
 from fmjax.models.gpt import GPT, GPTConfig
+from fmjax.models.seq2seq import ImageCaptioner, Seq2Seq, Seq2SeqConfig
 from fmjax.models.vit import ViT, ViTConfig, ViTEncoder, resize_posemb
 from fmjax.sharding import make_mesh, sharded_init, shard_batch
 from fmjax.training import TrainState, make_eval_step, make_optimizer, make_train_step
-from fmjax.transformer import Block, BlockConfig, MultiHeadAttention, TransformerStack
+from fmjax.transformer import (Block, BlockConfig, DecoderBlock, MultiHeadAttention,
+                               TransformerStack)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPT", "GPTConfig", "BertConfig", "BertEncoder", "BertForPreTraining",
     "BertForQuestionAnswering", "BertForSequenceClassification", "ClassificationHead", "SpanHead",
-    "evaluation", "heads", "ViT", "ViTConfig", "ViTEncoder", "resize_posemb", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
+    "evaluation", "heads", "ViT", "ViTConfig", "ViTEncoder", "resize_posemb", "Seq2Seq", "Seq2SeqConfig",
+    "ImageCaptioner", "DecoderBlock", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
     "TrainState", "attention", "checkpoint", "data", "dot_product_attention", "generate",
     "layers", "make_attention_mask", "make_eval_step", "make_mesh", "make_optimizer",
     "make_train_step", "metrics", "shard_batch", "sharded_init", "sharding", "training",
