@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import attention, evaluation, generate
+from fmjax import attention, evaluation, generate, heads
 from fmjax.data import captions, translation
 from fmjax.data.text import DataError
 from fmjax.models import seq2seq, vit
@@ -87,19 +87,17 @@ def test_cross_attention_mask_by_hand():
 
 def test_source_padding_is_invisible_and_target_is_causal():
   model, params = tiny()
-  f = jax.jit(lambda s, t: model.apply({"params": params}, s, s > 0, t))
-  base = np.asarray(f(SOURCE, TARGET_IN))
-  other_padding = SOURCE.copy()
-  other_padding[1, 3:] = 0  # already 0; now change what sits under the mask:
-  logits_masked = np.asarray(jax.jit(lambda s, m, t: model.apply({"params": params}, s, m, t))(
-      np.where(SOURCE > 0, SOURCE, 77), SOURCE > 0, TARGET_IN))
-  np.testing.assert_allclose(logits_masked, base, atol=1e-5)
+  f = jax.jit(lambda s, m, t: model.apply({"params": params}, s, m, t))
+  mask = SOURCE > 0
+  base = np.asarray(f(SOURCE, mask, TARGET_IN))
+  under_the_mask = np.where(mask, SOURCE, 77)  # other ids where the source is padding
+  np.testing.assert_allclose(np.asarray(f(under_the_mask, mask, TARGET_IN)), base, atol=1e-5)
   changed_source = SOURCE.copy()
   changed_source[1, 1] = 201  # a real token: the output must move
-  assert np.abs(np.asarray(f(changed_source, TARGET_IN))[1] - base[1]).max() > 1e-3
+  assert np.abs(np.asarray(f(changed_source, mask, TARGET_IN))[1] - base[1]).max() > 1e-3
   changed_future = TARGET_IN.copy()
   changed_future[:, 4:] = 3  # later target tokens never reach earlier positions
-  out = np.asarray(f(SOURCE, changed_future))
+  out = np.asarray(f(SOURCE, mask, changed_future))
   np.testing.assert_allclose(out[:, :4], base[:, :4], atol=1e-5)
   assert np.abs(out[:, 4:] - base[:, 4:]).max() > 1e-3
 
@@ -132,9 +130,8 @@ def cached_logits(model, params, encoded, target_in):
   return np.stack(out, 1)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"source_vocab_size": 300, "num_heads": 2}])
-def test_cached_decoding_equals_full_decoding(overrides):
-  model, params = tiny(**overrides)
+def test_cached_decoding_equals_full_decoding():
+  model, params = tiny(source_vocab_size=300)  # separate vocabularies: two tables
   full = model.apply({"params": params}, SOURCE, SOURCE > 0, TARGET_IN)
   encoded = model.apply({"params": params}, SOURCE, SOURCE > 0, method="encode")
   np.testing.assert_allclose(cached_logits(model, params, encoded, TARGET_IN), full,
@@ -181,6 +178,16 @@ def test_greedy_equals_argmax_rollout_and_beam_width_one():
   logp = lambda toks: float(sum(jax.nn.log_softmax(forward(params, np.concatenate(
       [np.full((2, 1), start), toks], 1)[:, :-1]), -1)[0, np.arange(n), toks[0]]))
   assert logp(np.asarray(wide.tokens)) >= logp(out) - 1e-4  # beam finds at least greedy's
+
+
+def test_label_smoothed_loss_by_hand():
+  """p = [1/2, 1/4, 1/4], target 0, eps 0.1: 0.9 * ln 2 + 0.1 * (ln 2 + 2 ln 4) / 3; the
+  padded position (weight 0) counts for nothing."""
+  logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]]))
+  loss, m = heads.sequence_loss(logits, jnp.asarray([[0, 1]]), jnp.asarray([[1.0, 0.0]]), 0.1)
+  expected = 0.9 * math.log(2) + 0.1 * (math.log(2) + 2 * math.log(4)) / 3
+  assert float(loss) == pytest.approx(expected, abs=1e-6)
+  assert float(m["nll"]) == pytest.approx(math.log(2), abs=1e-6) and float(m["accuracy"]) == 1.0
 
 
 # ------------------------------------------------------------------------------ BLEU

