@@ -5,6 +5,10 @@ all cores busy with independent work instead of splitting each small op across t
 (measured +18% tokens/s on the demo model, bench/RESULTS.md). Set FMJAX_CPU_DEVICES=N to
 choose N, or pass your own --xla_force_host_platform_device_count in XLA_FLAGS. This only
 takes effect when jax has not been imported yet, and does nothing on TPU or GPU backends.
+
+The in-process CPU collectives wait up to an hour for a late device thread instead of XLA's default
+40 s: on a CPU shared with other jobs one core's thread can be starved that long, and XLA
+would abort the whole run ("may be stuck ... not all of them arrived on time").
 """
 
 import os
@@ -14,4 +18,9 @@ if "jax" not in sys.modules:
   _flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in _flags:
     _n = os.environ.get("FMJAX_CPU_DEVICES") or str(os.cpu_count() or 1)
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={_n}".strip()
+    _flags = f"{_flags} --xla_force_host_platform_device_count={_n}"
+  for _flag, _value in (("xla_cpu_collective_call_terminate_timeout_seconds", 3600),
+                        ("xla_cpu_collective_call_warn_stuck_timeout_seconds", 300)):
+    if _flag not in _flags:
+      _flags = f"{_flags} --{_flag}={_value}"
+  os.environ["XLA_FLAGS"] = _flags.strip()
