@@ -42,6 +42,12 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+if __name__ == "__main__":
+  # The programs' CPU settings (train/__init__.py: 512-bit vectors on AVX-512 hosts, ...) on
+  # one JAX device, set before jax starts.
+  os.environ.setdefault("FMJAX_CPU_DEVICES", "1")
+  import train  # noqa: F401,E402
+
 if __name__ == "__main__" and parse_args().threads == 1:  # before jax creates its threads
   os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
