@@ -189,6 +189,18 @@ def flatten_params(tree) -> dict[str, Any]:
   return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def unflatten_params(flat: dict[str, Any]) -> dict:
+  """The inverse of flatten_params: slash-joined paths -> a nested dict."""
+  nested: dict = {}
+  for path, x in flat.items():
+    node = nested
+    *parents, leaf = path.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = x
+  return nested
+
+
 def read_latest(workdir: str) -> tuple[int, dict, dict]:
   """(step, meta, params metadata by path) of a workdir's latest checkpoint, read-only.
 
@@ -219,14 +231,7 @@ def restore_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStr
   """Reads only the params named in `targets` (path -> ShapeDtypeStruct with a sharding) from
   `workdir`'s checkpoint `step`, each straight into its sharding. Returns path -> jax.Array."""
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  nested: dict = {}
-  for path, target in targets.items():
-    node = nested
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = target
-  item = {"params": nested}
+  item = {"params": unflatten_params(targets)}
   manager = ocp.CheckpointManager(directory, item_names=("state",),
                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   restored = _restore(manager, step, "params", state=ocp.args.PyTreeRestore(
@@ -247,14 +252,8 @@ def load_params(workdir: str, prefix: str = "") -> dict:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   targets = {p: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)
              for p, m in arrays.items() if not prefix or p.startswith(prefix + "/")}
-  nested: dict = {}
-  for path, x in restore_params(workdir, step, targets).items():
-    node = nested
-    *parents, leaf = path[len(prefix) + 1:].split("/") if prefix else path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = x
-  return nested
+  params = unflatten_params(restore_params(workdir, step, targets))
+  return params[prefix] if prefix else params
 
 
 def abstract_with_shardings(abstract_tree, shardings):

@@ -14,18 +14,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FMJAX_DEBUG")}
-  env["JAX_PLATFORMS"] = "cpu"
-  env["FMJAX_CPU_DEVICES"] = "1"
-  cache = tmp_path_factory.mktemp("cache")
-  env["XDG_CACHE_HOME"] = str(cache)
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache / "jax")
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return env
-
-
 def program(env, workdir, *overrides, config="configs/finetune.py:tiny", module="finetune",
             devices=None):
   cmd = [sys.executable, "-m", f"train.{module}", f"--config={config}", f"--workdir={workdir}",

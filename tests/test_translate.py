@@ -10,21 +10,11 @@ import sys
 
 import pytest
 
+from fmjax.metrics import read_metrics
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FMJAX_DEBUG")}
-  env["JAX_PLATFORMS"] = "cpu"
-  env["FMJAX_CPU_DEVICES"] = "1"
-  cache = tmp_path_factory.mktemp("cache")
-  env["XDG_CACHE_HOME"] = str(cache)
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache / "jax")
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return env
 
 
 def program(env, module, config, workdir, *overrides):
@@ -38,8 +28,7 @@ def check_ok(proc):
 
 
 def rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return read_metrics(os.path.join(workdir, "metrics.jsonl"))
 
 
 def test_translation_learns_decodes_and_resumes(env, tmp_path):

@@ -388,18 +388,6 @@ def test_program_transform_is_seeded_by_index_and_epoch_so_resume_is_exact():
 
 # The program ----------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FMJAX_DEBUG")}
-  env["JAX_PLATFORMS"] = "cpu"
-  env["FMJAX_CPU_DEVICES"] = "1"
-  cache = tmp_path_factory.mktemp("cache")
-  env["XDG_CACHE_HOME"] = str(cache)
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache / "jax")
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  return env
-
-
 def start(env, workdir, *overrides, config="configs/vit.py:tiny", devices=None):
   """The program as a subprocess (subprocess.Popen): .communicate() waits for it."""
   cmd = [sys.executable, "-m", "train.classify_images", f"--config={config}",

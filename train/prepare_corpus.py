@@ -19,6 +19,11 @@ from fmjax.data import glue
 from train import prepare_wikitext
 
 
+def group(sentences, per_document: int) -> list[list[str]]:
+  """Consecutive sentences, per_document to a document (the last may be shorter)."""
+  return [sentences[i:i + per_document] for i in range(0, len(sentences), per_document)]
+
+
 def table_documents(spec: str, per_document: int) -> list[list[str]]:
   path, _, column = spec.rpartition(":")
   if not path:
@@ -26,7 +31,7 @@ def table_documents(spec: str, per_document: int) -> list[list[str]]:
   fmt = glue.TableFormat(text_columns=(column,), label_column="")
   sentences = [" ".join(e.texts[0].split()) for e in glue.read_examples(path, fmt, labelled=False)]
   sentences = [s for s in sentences if s]
-  return [sentences[i:i + per_document] for i in range(0, len(sentences), per_document)]
+  return group(sentences, per_document)
 
 
 def main(argv=None):
@@ -50,9 +55,7 @@ def main(argv=None):
   if not documents:
     print("error: no text: give --wikitext and/or --table", file=sys.stderr)
     sys.exit(2)
-  with open(args.output, "w", encoding="utf-8") as f:
-    f.write("\n\n".join("\n".join(doc) for doc in documents) + "\n")
-  print(f"{args.output}: {len(documents)} documents, {sum(map(len, documents))} sentences")
+  prepare_wikitext.write_documents(args.output, documents)
 
 
 if __name__ == "__main__":

@@ -36,15 +36,20 @@ def convert(lines):
   return documents
 
 
+def write_documents(path: str, documents) -> None:
+  """BERT's input format: one sentence per line, a blank line between documents."""
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n\n".join("\n".join(doc) for doc in documents) + "\n")
+  print(f"{path}: {len(documents)} documents, {sum(map(len, documents))} sentences")
+
+
 def main(argv):
   if len(argv) != 3:
     print(__doc__, file=sys.stderr)
     sys.exit(2)
   with open(argv[1], encoding="utf-8") as f:
     documents = convert(f)
-  with open(argv[2], "w", encoding="utf-8") as f:
-    f.write("\n\n".join("\n".join(doc) for doc in documents) + "\n")
-  print(f"{argv[2]}: {len(documents)} documents, {sum(map(len, documents))} sentences")
+  write_documents(argv[2], documents)
 
 
 if __name__ == "__main__":

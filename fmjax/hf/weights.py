@@ -24,6 +24,7 @@ import safetensors
 import safetensors.numpy
 
 from fmjax import sharding
+from fmjax.checkpoint import unflatten_params
 from fmjax.hf.tables import ARCHITECTURES, Architecture, Variant, expand
 
 CONFIG_FILE = "config.json"
@@ -97,7 +98,7 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | N
   shardings = _flatten(sharding.shardings_of(abstract, mesh, rules)["params"])
   placed = {path: jax.make_array_from_callback(x.shape, shardings[path], lambda i, x=x: x[i])
             for path, x in _flatten(tree).items()}
-  return model, {"params": _unflatten(placed)}
+  return model, {"params": unflatten_params(placed)}
 
 
 def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -> None:
@@ -206,7 +207,7 @@ def _load(directory, overrides) -> tuple[Any, Variant, dict]:
                   f"{variant.hf_class} does not have: {unused[:8]}", stacklevel=3)
   if config.scan_layers:
     flat = _stack_layers(flat)
-  return config, variant, _unflatten(flat)
+  return config, variant, unflatten_params(flat)
 
 
 def _read_config(directory: pathlib.Path) -> dict:
@@ -366,15 +367,4 @@ def _flatten(tree, prefix: str = "") -> dict:
       out.update(_flatten(v, f"{prefix}{k}/"))
     else:
       out[f"{prefix}{k}"] = v
-  return out
-
-
-def _unflatten(flat: dict) -> dict:
-  out = {}
-  for path, x in flat.items():
-    *parents, leaf = path.split("/")
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = x
   return out
