@@ -29,9 +29,8 @@ import numpy as np  # noqa: E402
 
 from configs import gpt as gpt_configs  # noqa: E402
 from fmjax import data as fdata  # noqa: E402
-from fmjax import sharding, training  # noqa: E402
+from fmjax import heads, sharding, training  # noqa: E402
 from fmjax.models import gpt  # noqa: E402
-from train.pretrain_gpt import lm_loss  # noqa: E402
 
 TEXT = os.path.join(ROOT, "data", "tiny_shakespeare.txt")
 
@@ -63,7 +62,7 @@ class FmjaxRun:
     self.val, self.eos = val, tok.eos_id
     self.mesh = sharding.make_mesh(dict(cfg.mesh))  # all devices, as train.pretrain_gpt
     self.rules = sharding.get_rules("dp")
-    self.loss_fn = lm_loss(self.model)
+    self.loss_fn = heads.causal_lm_loss_fn(self.model)
     self.budget_s, self.t = budget_s, t
     self._build(total_steps=t.steps)
 

@@ -2,10 +2,17 @@
 
 Reading order: attention.py -> layers.py -> transformer.py -> models/gpt.py (then models/bert.py) -> sharding.py
 -> training.py -> checkpoint.py -> data/ -> trainer.py (the loop the programs in train/ share).
+
+`import fmjax` loads the models and the maths they need (JAX, Flax, optax). The parts with
+heavy optional dependencies load on first use: `fmjax.checkpoint` (orbax), `fmjax.data`
+(tensorflow_datasets, sentencepiece), `fmjax.hf` (safetensors, tokenizers), `fmjax.trainer`,
+and the small tools beside them. Importing fmjax installs no logging handler.
 """
 
-from fmjax import (attention, checkpoint, data, evaluation, generate, heads, layers, metrics,
-                   sharding, training, transformer)
+import importlib
+import importlib.util
+
+from fmjax import attention, heads, layers, sharding, training, transformer
 from fmjax.attention import dot_product_attention, make_attention_mask
 from fmjax.heads import ClassificationHead, SpanHead
 from fmjax.models.bert import (BertConfig, BertEncoder, BertForPreTraining,
@@ -20,6 +27,11 @@ from fmjax.transformer import (Block, BlockConfig, DecoderBlock, MultiHeadAttent
 
 __version__ = "0.1.0"
 
+# Submodules imported on first attribute access (PEP 562), for what they pull in; any other
+# submodule (e.g. fmjax.models) is found the same way.
+_LAZY_SUBMODULES = ("checkpoint", "data", "evaluation", "generate", "hf", "memory", "metrics",
+                    "trainer")
+
 __all__ = [
     "GPT", "GPTConfig", "BertConfig", "BertEncoder", "BertForPreTraining",
     "BertForQuestionAnswering", "BertForSequenceClassification", "ClassificationHead", "SpanHead",
@@ -30,3 +42,14 @@ __all__ = [
     "make_train_step", "metrics", "shard_batch", "sharded_init", "sharding", "training",
     "transformer",
 ]
+
+
+def __getattr__(name: str):
+  if name in _LAZY_SUBMODULES or (
+      not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None):
+    return importlib.import_module(f"{__name__}.{name}")  # also binds it as an attribute
+  raise AttributeError(f"module 'fmjax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted({*globals(), *_LAZY_SUBMODULES})

@@ -368,7 +368,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   _check_positions(model, longest, max_new_tokens)
   B = len(prompts)
   if mesh is not None:
-    data = mesh.shape["data"] * mesh.shape["fsdp"]
+    data = sharding.batch_shards(mesh)
     prompts += [prompts[0]] * (-B % data)
   T = bucket_length(longest)
   tokens = np.full((len(prompts), T), pad_id, np.int32)
@@ -377,7 +377,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   lengths = np.asarray([len(p) for p in prompts], np.int32)
   rng = jax.random.key(seed)
   call = functools.partial(_generate_jit, model=model, config=config, pad_id=pad_id, mesh=mesh,
-                           rules=None if rules is None else tuple(map(tuple, rules)))
+                           rules=None if rules is None else tuple(sharding.get_rules(rules)))
   if mesh is None:
     out = call(params, tokens, lengths, rng)
   else:

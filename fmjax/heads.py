@@ -8,6 +8,9 @@ Shape key: B batch, T length, D width, C classes (num_labels).
                       (extractive QA: the answer is the span [start, end] of the input)
 
   sequence_loss       next-token logits (B, T, V) of a decoder -> label-smoothed cross-entropy
+  causal_lm_loss      next-token logits (B, T, V) of a language model -> cross-entropy, accuracy
+  causal_lm_loss_fn   a GPT-style model -> the loss_fn(params, batch, rng, train) that
+                      fmjax.training.make_train_step and fmjax.trainer.Task take
 
 The losses take per-example `weights` (1 for real examples, 0 for the rows that pad the
 last evaluation batch) and return (loss, metrics) like fmjax.training.cross_entropy.
@@ -102,3 +105,37 @@ def sequence_loss(logits, targets, weights, label_smoothing: float = 0.0):
   loss = mean(smoothed)
   return loss, {"loss": loss, "nll": mean(nll),
                 "accuracy": mean((logits.argmax(-1) == targets).astype(jnp.float32))}
+
+
+def causal_lm_loss(logits, targets, weights=None):
+  """Next-token cross-entropy of a causal language model, in float32.
+
+  Args:
+    logits: (B, T, V) scores at each position for the token that follows it.
+    targets: (B, T) int, the following tokens (inputs shifted left by one, as
+      fmjax.data.LMBatchIterator makes them).
+    weights: (B, T) float, 0 where a position does not count (e.g. padding), or None.
+  Returns:
+    (loss, {"loss", "accuracy"}): the weighted mean of -log p(target) over positions, and how
+    often the argmax is the target.
+  """
+  loss, accuracy, _ = cross_entropy(logits, targets, weights)
+  return loss, {"loss": loss, "accuracy": accuracy}
+
+
+def causal_lm_loss_fn(model: nn.Module):
+  """The training loss of a causal LM over packed windows, for make_train_step / fit.
+
+  Args:
+    model: e.g. fmjax.GPT(config); called as model.apply({"params": params}, inputs,
+      positions=..., segment_ids=..., train=..., rngs={"dropout": rng}).
+  Returns:
+    loss_fn(params, batch, rng, train) -> (loss, {"loss", "accuracy"}), where batch holds
+    "inputs", "targets", "positions" and "segment_ids", each (B, T) int (fmjax.data's LM
+    batches), and optionally "weights" (B, T).
+  """
+  def loss_fn(params, batch, rng, train):
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"], train=train, rngs={"dropout": rng})
+    return causal_lm_loss(logits, batch["targets"], batch.get("weights"))
+  return loss_fn

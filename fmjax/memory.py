@@ -36,6 +36,8 @@ import os
 import jax
 import numpy as np
 
+from fmjax.sharding import batch_shards, tensor_shards
+
 POLICIES = {"none": 1.0, "dots_no_batch": 1.15, "full": 1.33}  # relative step time
 GiB = 1024 ** 3
 
@@ -116,8 +118,8 @@ def activation_bytes(s: Shape, policy: str, accum_steps: int, mesh_shape: dict) 
   if policy not in ("none", "dots", "dots_no_batch", "full"):
     raise ValueError(f"remat policy {policy!r} has no activation model; choose one of "
                      f"{[*POLICIES, 'dots']}")
-  batch_split = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
-  tensor = mesh_shape.get("tensor", 1)
+  batch_split = batch_shards(mesh_shape)
+  tensor = tensor_shards(mesh_shape)
   micro = math.ceil(s.batch_size / batch_split / accum_steps)  # b
   tokens = micro * s.seq_len
   layers = activation_elements_per_token(s, policy) / tensor
@@ -153,7 +155,7 @@ def plan(abstract_params, param_shardings, s: Shape, *, mesh_shape: dict,
   Raises:
     MemoryError: naming the smallest plan, when nothing fits.
   """
-  per_device = s.batch_size // (mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1))
+  per_device = s.batch_size // batch_shards(mesh_shape)
   accums = [a for a in range(1, min(per_device, max_accum_steps) + 1) if per_device % a == 0]
   candidates = sorted(((factor * (1 + 0.1 * math.log2(a)), policy, a)
                        for policy, factor in POLICIES.items() for a in accums))

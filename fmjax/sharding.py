@@ -9,6 +9,10 @@ ZeRO-3 style), tensor (Megatron-style model parallel over heads and MLP width).
 
 Logical axes (params):      vocab, embed, mlp, heads, kv_heads, head_dim, layers
 Logical axes (activations): batch, length, act_embed, act_heads, act_mlp
+
+Every function taking `rules` accepts a rule-set name of RULES ("dp", "fsdp", "fsdp_tp") or
+a rule list of (logical axis, mesh axes) pairs (see `get_rules`). Code elsewhere asks this
+module how a mesh splits the batch (`batch_shards`) rather than naming mesh axes itself.
 """
 
 import contextlib
@@ -20,6 +24,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fmjax.errors import ArgumentError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch is split over every data-parallel axis
@@ -38,48 +44,88 @@ RULES: dict[str, list[tuple[str, Any]]] = {
 }
 
 
-def get_rules(name: str):
-  if name not in RULES:
-    raise ValueError(f"unknown sharding rule set {name!r}; choose from {sorted(RULES)} "
-                     "(config.sharding)")
-  return RULES[name]
+Rules = str | list[tuple[str, Any]]  # a name of RULES, or the rule list itself
+
+
+def get_rules(rules: Rules) -> list[tuple[str, Any]]:
+  """The rule list of a rule-set name, or a rule list checked and returned as a list.
+
+  Args:
+    rules: a name of RULES ("dp", "fsdp", "fsdp_tp"), or (logical axis, mesh axes) pairs
+      (or a {logical axis: mesh axes} dict) where mesh axes is None, a mesh axis name or a
+      tuple of them.
+  Returns:
+    [(logical axis, mesh axes), ...], as flax's logical partitioning takes them.
+  Raises:
+    ArgumentError: an unknown name (the message lists the names), or a malformed list.
+  """
+  if isinstance(rules, str):
+    if rules not in RULES:
+      raise ArgumentError(f"unknown sharding rule set {rules!r}; choose from {sorted(RULES)}, "
+                          "or pass a list of (logical axis, mesh axes) pairs",
+                          function="get_rules", argument="rules")
+    return RULES[rules]
+  if isinstance(rules, Mapping):
+    rules = list(rules.items())
+  is_axes = lambda a: a is None or isinstance(a, str) or (
+      isinstance(a, tuple) and all(isinstance(x, str) for x in a))
+  try:
+    pairs = [tuple(pair) for pair in rules]
+  except TypeError:
+    pairs = None
+  bad = ([] if pairs is None else
+         [p for p in pairs if len(p) != 2 or not isinstance(p[0], str) or not is_axes(p[1])])
+  if pairs is None or bad:
+    raise ArgumentError(
+        f"rules={rules!r} is neither a rule-set name {sorted(RULES)} nor a list of (logical "
+        f"axis, mesh axes) pairs{f'; bad pair {bad[0]!r}' if bad else ''}",
+        function="get_rules", argument="rules")
+  return pairs
 
 
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
   """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices.
 
   Args:
-    sizes: {"data": int, "fsdp": int, "tensor": int} (e.g. config.mesh).
+    sizes: {"data": int, "fsdp": int, "tensor": int} (e.g. config.mesh); a missing axis has
+      size 1, so `make_mesh({}, devices=jax.devices()[:1])` is a one-device mesh.
     devices: defaults to all of jax.devices().
+  Raises:
+    ArgumentError: (argument "sizes") unknown axes, or sizes that do not use the devices.
   """
   given = devices
   devices = jax.devices() if devices is None else list(devices)
+  error = lambda message: ArgumentError(message, function="make_mesh", argument="sizes")
   unknown = set(sizes) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"unknown mesh axes {sorted(unknown)} in config.mesh; axes are {MESH_AXES}")
+    raise error(f"unknown mesh axes {sorted(unknown)} in sizes={dict(sizes)}; axes are "
+                f"{MESH_AXES}")
   shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
   if shape.count(-1) > 1:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))}: at most one size may be -1")
+    raise error(f"the mesh {dict(zip(MESH_AXES, shape))}: at most one size may be -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} cannot fill {len(devices)} "
-                       f"devices: {len(devices)} is not a multiple of {known}")
+      raise error(f"the mesh {dict(zip(MESH_AXES, shape))} cannot fill {len(devices)} "
+                  f"devices: {len(devices)} is not a multiple of {known}")
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(
-        f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
-        f"{len(devices)} are available ({devices[0].platform}); set the sizes so their product "
-        f"is {len(devices)}, or use -1 for one axis, e.g. --config.mesh.data=-1")
+    example = {**dict(zip(MESH_AXES, shape)), MESH_AXES[0]: -1}
+    fits = len(devices) % math.prod(shape[1:]) == 0
+    raise error(
+        f"the mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices but "
+        f"{len(devices)} are available ({devices[0].platform}); give sizes whose product is "
+        f"{len(devices)}, or -1 for one axis to take the remaining devices"
+        + (f", e.g. {example}" if fits else ""))
   # mesh_utils orders devices by the physical interconnect on TPU slices.
   if given is None:  # mesh_utils orders devices by the physical interconnect on TPU slices.
     return Mesh(mesh_utils.create_device_mesh(shape), MESH_AXES)
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def logical_to_mesh(logical_specs, rules):
+def logical_to_mesh(logical_specs, rules: Rules):
   """Pytree of logical PartitionSpecs -> pytree of mesh PartitionSpecs."""
-  return nn.logical_to_mesh(logical_specs, rules)
+  return nn.logical_to_mesh(logical_specs, get_rules(rules))
 
 
 def logical_specs(abstract_tree):
@@ -87,11 +133,11 @@ def logical_specs(abstract_tree):
   return nn.get_partition_spec(abstract_tree)
 
 
-def check_divisible(abstract_tree, mesh: Mesh, rules) -> None:
+def check_divisible(abstract_tree, mesh: Mesh, rules: Rules) -> None:
   """Pre-flight check: every sharded dimension divides the product of its mesh axes.
 
-  Raises ValueError naming the parameter path, its shape, the mesh and the rule involved,
-  before anything is compiled or allocated.
+  Raises ArgumentError (argument "mesh") naming the parameter path, its shape, the mesh and
+  the rule involved, before anything is compiled or allocated.
   """
   specs = logical_to_mesh(logical_specs(abstract_tree), rules)
   shapes = nn.meta.unbox(abstract_tree)
@@ -102,19 +148,20 @@ def check_divisible(abstract_tree, mesh: Mesh, rules) -> None:
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       size = math.prod(mesh.shape[a] for a in axes)
       if dim % size:
-        raise ValueError(
+        raise ArgumentError(
             f"cannot shard {jax.tree_util.keystr(path)} with shape {tuple(leaf.shape)}: "
             f"dimension {dim} is split over mesh axes {axes} of total size {size} "
             f"(mesh {dict(mesh.shape)}), and {dim} % {size} != 0. Choose a mesh whose "
-            f"{'x'.join(axes)} size divides {dim}, another config.sharding, or change the model size")
+            f"{'x'.join(axes)} size divides {dim}, other rules, or change the model size",
+            function="check_divisible", argument="mesh")
 
 
-def shardings_of(abstract_tree, mesh: Mesh, rules):
+def shardings_of(abstract_tree, mesh: Mesh, rules: Rules):
   """NamedShardings for a pytree of boxed (logically partitioned) values."""
-  return nn.logical_to_mesh_sharding(logical_specs(abstract_tree), mesh, rules)
+  return nn.logical_to_mesh_sharding(logical_specs(abstract_tree), mesh, get_rules(rules))
 
 
-def sharded_init(init_fn: Callable, mesh: Mesh, rules, *args):
+def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules, *args):
   """Runs `init_fn(*args)` directly into its shardings.
 
   init_fn returns a pytree with nn.LogicallyPartitioned leaves (flax params, optax states
@@ -125,6 +172,7 @@ def sharded_init(init_fn: Callable, mesh: Mesh, rules, *args):
   Returns:
     (tree of plain arrays, tree of NamedShardings) with the same structure.
   """
+  rules = get_rules(rules)
   abstract = jax.eval_shape(init_fn, *args)
   check_divisible(abstract, mesh, rules)
   shardings = shardings_of(abstract, mesh, rules)
@@ -134,15 +182,47 @@ def sharded_init(init_fn: Callable, mesh: Mesh, rules, *args):
 
 
 @contextlib.contextmanager
-def context(mesh: Mesh, rules):
+def context(mesh: Mesh, rules: Rules):
   """Mesh + logical rules in scope, so nn.with_logical_constraint inside models resolves."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules(rules)):
     yield
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dim split over (data, fsdp); any other dims replicated."""
   return NamedSharding(mesh, P(BATCH))
+
+
+def batch_shards(mesh) -> int:
+  """How many pieces the batch is split into: the product of the (data, fsdp) sizes.
+
+  Args:
+    mesh: a Mesh (or AbstractMesh), or a {mesh axis: size} mapping (missing axes: size 1).
+  """
+  sizes = getattr(mesh, "shape", mesh)
+  return math.prod(int(sizes.get(a, 1)) for a in BATCH)
+
+
+def tensor_shards(mesh) -> int:
+  """How many pieces tensor parallelism splits heads, MLP width and vocabulary into.
+
+  Args:
+    mesh: as for `batch_shards`.
+  """
+  return int(getattr(mesh, "shape", mesh).get("tensor", 1))
+
+
+def process_mesh() -> Mesh:
+  """A (processes, local) mesh: one row of devices per process, for reductions across
+  processes (e.g. "did any process get a stop signal?"); see `over_processes`."""
+  devices = np.array([[d for d in jax.devices() if d.process_index == p]
+                      for p in range(jax.process_count())])
+  return Mesh(devices, ("processes", "local"))
+
+
+def over_processes(mesh: Mesh) -> NamedSharding:
+  """The leading dim of a `process_mesh` array split over processes: one entry each."""
+  return NamedSharding(mesh, P("processes"))
 
 
 def shard_batch(batch, mesh: Mesh):
@@ -161,7 +241,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def describe(abstract_tree, rules) -> list[tuple[str, tuple, tuple, str]]:
+def describe(abstract_tree, rules: Rules) -> list[tuple[str, tuple, tuple, str]]:
   """Rows of (param path, shape, logical axes, mesh PartitionSpec): the golden sharding table."""
   logical = logical_specs(abstract_tree)
   mesh_specs = logical_to_mesh(logical, rules)

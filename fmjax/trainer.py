@@ -252,7 +252,7 @@ def _fit(config, workdir: str, task: Task, until: int | None, stop: "StopSignals
 def check_batch_size(batch_size: int, accum_steps: int, mesh) -> None:
   """Each micro-batch (batch_size / accum_steps examples) splits evenly over the mesh's
   batch shards (data x fsdp); refused here, before JAX reports it as a sharding error."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_shards(mesh)
   if batch_size % accum_steps or (batch_size // accum_steps) % shards:
     accum = f" in {accum_steps} micro-batches" if accum_steps > 1 else ""
     raise ValueError(
@@ -323,12 +323,9 @@ class StopSignals:
 
 def _process_max():
   """flag (int, this process's) -> jax.Array holding the maximum over all processes."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  devices = np.array([[d for d in jax.devices() if d.process_index == p]
-                      for p in range(jax.process_count())])
-  mesh = Mesh(devices, ("processes", "local"))
-  spread = NamedSharding(mesh, P("processes"))
-  reduce = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(mesh, P()))
+  mesh = sharding.process_mesh()
+  spread = sharding.over_processes(mesh)
+  reduce = jax.jit(lambda x: x.max(), out_shardings=sharding.replicated(mesh))
 
   def process_max(flag: int):
     local = np.full((1,), flag, np.int32)

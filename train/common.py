@@ -14,11 +14,11 @@ import os
 import sys
 
 import ml_collections
-import tensorflow_datasets as tfds
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from fmjax.errors import ArgumentError
 from fmjax.trainer import Interrupted, Task, fit  # noqa: F401  (re-exported for the programs)
 
 FLAGS = flags.FLAGS
@@ -36,6 +36,21 @@ flags.DEFINE_integer("process_id", int(os.environ.get("FMJAX_PROCESS_ID", 0)),
 # Failures a user can fix; anything else is a bug and keeps its traceback. OSError: the
 # file system's (a full disk, a failed checkpoint save), which name the file.
 EXPECTED_ERRORS = (ValueError, OSError, UnicodeDecodeError, KeyError)
+
+# fmjax's errors name a function's argument; where the run config sets that argument, the
+# program names the flag: (function, argument) -> flag.
+ARGUMENT_FLAGS = {
+    ("make_mesh", "sizes"): "--config.mesh",
+    ("get_rules", "rules"): "--config.sharding",
+    ("check_divisible", "mesh"): "--config.mesh (or --config.sharding, --config.model)",
+}
+
+
+def explain(error: BaseException) -> str:
+  """The message of an expected error, led by the flag that sets the argument it names."""
+  flag = (ARGUMENT_FLAGS.get((error.function, error.argument))
+          if isinstance(error, ArgumentError) else None)
+  return f"{flag}: {error}" if flag else str(error)
 
 
 def initialize_distributed() -> None:
@@ -204,6 +219,7 @@ def main(run, argv) -> None:
     fmjax_log = logging.getLogger("fmjax")
     fmjax_log.handlers, fmjax_log.propagate = [handler], False
     fmjax_log.setLevel(logging.INFO)
+    import tensorflow_datasets as tfds  # here, not when a notebook imports a program
     tfds.disable_progress_bar()
     if not os.environ.get("FMJAX_DEBUG"):
       # orbax logs the failures of its writer threads with tracebacks; fmjax.checkpoint
@@ -228,5 +244,5 @@ def main(run, argv) -> None:
       import jax
       # fit closed its checkpointer (waiting for saves) before the error got here. With
       # several processes, the normal shutdown keeps jax.distributed's exit barrier.
-      fail(str(e), at_once=jax.process_count() == 1)
+      fail(explain(e), at_once=jax.process_count() == 1)
   app.run(_main, argv, flags_parser=parse_flags)

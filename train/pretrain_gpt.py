@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from fmjax import data as fdata
-from fmjax import generate, memory, training
+from fmjax import generate, heads, memory
 from fmjax.models import gpt
 from train import common
 
@@ -44,16 +44,6 @@ def build_tokenizer(config, workdir: str, documents) -> fdata.Tokenizer:
   if jax.process_index() == 0:
     tok.save(saved)
   return tok
-
-
-def lm_loss(model):
-  """Next-token cross-entropy over every position of packed windows."""
-  def loss_fn(params, batch, rng, train):
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"], train=train, rngs={"dropout": rng})
-    loss, accuracy, _ = training.cross_entropy(logits, batch["targets"])
-    return loss, {"accuracy": accuracy}
-  return loss_fn
 
 
 def run(config, workdir: str):
@@ -98,8 +88,8 @@ def run(config, workdir: str):
       process_index=jax.process_index(), process_count=jax.process_count())
 
   task = common.Task(
-      model=model, model_config=model_config, loss_fn=lm_loss(model), train_data=train_data,
-      eval_data=eval_data, example_batch=train_data.batch_at(0),
+      model=model, model_config=model_config, loss_fn=heads.causal_lm_loss_fn(model),
+      train_data=train_data, eval_data=eval_data, example_batch=train_data.batch_at(0),
       init_args=lambda b: (b["inputs"],),
       flops_per_example=gpt.flops_per_token(model_config, d.seq_len) * d.seq_len,
       tokens_per_example=d.seq_len, notes=(memory_note,))

@@ -65,7 +65,7 @@ def load(workdir: str, tokenizer: fdata.Tokenizer):
     tx, _ = optimizer_from_config(config.train)
     init = training.init_fn(model, tx, jnp.zeros((1, 8), jnp.int32))
     abstract = jax.eval_shape(init, jax.random.key(0))
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    mesh = sharding.make_mesh({}, devices=jax.devices()[:1])
     shardings = sharding.shardings_of(abstract, mesh, sharding.get_rules("dp"))
     state, _ = ckpt.restore(checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), shardings))
   finally:

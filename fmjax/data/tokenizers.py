@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -353,6 +354,9 @@ def lower_same_length(text: str) -> str:
 
 
 _KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, SentencePieceTokenizer)}
+# Kinds whose class builds on this module elsewhere: (module, class), imported by name only
+# when such a tokenizer is restored, so that fmjax.data never imports fmjax.hf.
+_KINDS_ELSEWHERE = {"hf": ("fmjax.hf.tokenizer", "HFTokenizer")}
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
@@ -370,8 +374,10 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     raise FileNotFoundError(f"no {METADATA_FILE} in {directory}; save a tokenizer there first")
   metadata = json.loads(path.read_text(encoding="utf-8"))
   kind = metadata.pop("kind", None)
-  if kind == "hf" and kind not in _KINDS:  # fmjax.hf registers its kind when imported
-    import fmjax.hf  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  if kind in _KINDS_ELSEWHERE:
+    module, name = _KINDS_ELSEWHERE[kind]
+    return getattr(importlib.import_module(module), name)._restore(directory, metadata)
   if kind not in _KINDS:
-    raise ValueError(f"{path} names tokenizer kind {kind!r}; known kinds: {sorted(_KINDS)}")
+    raise ValueError(f"{path} names tokenizer kind {kind!r}; known kinds: "
+                     f"{sorted({*_KINDS, *_KINDS_ELSEWHERE})}")
   return _KINDS[kind]._restore(directory, metadata)

@@ -11,9 +11,28 @@ Reading order: tables.py (which HF tensor is which fmjax parameter), weights.py 
 checks, sharded placement), tokenizer.py.
 """
 
-from fmjax.hf.tables import ARCHITECTURES
-from fmjax.hf.tokenizer import HFTokenizer, load_tokenizer
-from fmjax.hf.weights import RUNTIME_FIELDS, from_pretrained, load_params, save_pretrained
+import importlib
+import importlib.util
+
+# name -> the submodule that defines it, imported on first use (PEP 562): the tokenizer does
+# not load safetensors and the weights do not load tokenizers.
+_MODULE_OF = {"ARCHITECTURES": "tables", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+              "RUNTIME_FIELDS": "weights", "from_pretrained": "weights", "load_params": "weights",
+              "save_pretrained": "weights"}
 
 __all__ = ["ARCHITECTURES", "HFTokenizer", "RUNTIME_FIELDS", "from_pretrained", "load_params",
            "load_tokenizer", "save_pretrained"]
+
+
+def __getattr__(name: str):
+  if name in _MODULE_OF:
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+  if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+    return importlib.import_module(f"{__name__}.{name}")  # a submodule, e.g. fmjax.hf.tables
+  raise AttributeError(f"module 'fmjax.hf' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted({*globals(), *_MODULE_OF})

@@ -176,6 +176,3 @@ def _read_json(path: pathlib.Path) -> dict:
 def _token(value) -> str | None:
   """A special token as tokenizer configs write it: a string or {"content": ...}."""
   return value.get("content") if isinstance(value, dict) else value
-
-
-fm_tokenizers._KINDS[HFTokenizer.kind] = HFTokenizer  # pylint: disable=protected-access
