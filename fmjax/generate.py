@@ -347,9 +347,10 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
       GenerateConfig.
     seed: sampling seed; the same seed, prompts and settings give the same tokens.
     pad_id: the id prompts are padded with (never attended).
-    mesh, rules: run on a mesh (fmjax.sharding.make_mesh, get_rules): pass params already
-      sharded (e.g. by sharding.sharded_init); the batch is split over (data, fsdp), padded
-      with copies of the first prompt to a multiple of their size.
+    mesh, rules: run on a mesh (fmjax.sharding.make_mesh) with logical-axis rules (a rule-set
+      name such as "fsdp_tp", or a rule list): pass params already sharded (e.g. by
+      sharding.sharded_init); the batch is split over the mesh's batch shards, padded with
+      copies of the first prompt to a multiple of their number.
   Returns:
     B lists of new token ids; a row that stopped ends with its stop token.
   """
