@@ -1,11 +1,13 @@
 """Text data for language models: tokenizers, corpora as tfds datasets, packed LM batches.
 
 Reading order: `tokenizers.py` (str <-> ids), `text.py` (files or tfds catalog -> documents),
-`packing.py` (documents -> one cached token stream), `batches.py` (stream -> batches).
+`packing.py` (documents -> one cached token stream), `batches.py` (Grain pipelines: stream or
+examples -> resumable per-host batches).
 """
 
-from fmjax.data.batches import (ArraySource, ExampleBatchIterator, LMBatchIterator, eval_batches,
-                                example_batches, make_batch, padded_batches)
+from fmjax.data.batches import (ArraySource, Batches, ExampleBatchIterator, LMBatchIterator,
+                                eval_batches, example_batches, host_batches, make_batch,
+                                padded_batches)
 from fmjax.data.packing import load_token_stream, pack_documents, token_cache_path, token_dtype
 from fmjax.data.text import (DataError, Documents, LocalText, LocalTextConfig, load_documents,
                              split_documents, split_fraction)
@@ -13,7 +15,7 @@ from fmjax.data.tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTo
                                    Tokenizer, load_tokenizer, train_sentencepiece)
 
 __all__ = [
-    "ArraySource", "padded_batches", "ByteTokenizer", "CharTokenizer", "ExampleBatchIterator", "example_batches", "DataError", "Documents", "LMBatchIterator", "LocalText",
+    "ArraySource", "Batches", "host_batches", "padded_batches", "ByteTokenizer", "CharTokenizer", "ExampleBatchIterator", "example_batches", "DataError", "Documents", "LMBatchIterator", "LocalText",
     "LocalTextConfig", "SentencePieceTokenizer", "Tokenizer", "eval_batches",
     "load_documents", "load_token_stream", "load_tokenizer", "make_batch", "pack_documents",
     "split_documents", "split_fraction", "token_cache_path", "token_dtype",
