@@ -10,10 +10,11 @@ of batches already produced: `get_state()` is {"step": k} (Grain's own iterator 
 `batch_at(k)` reads element k directly without moving the iterator.
 
 The pipelines, as Grain transformations:
-  examples     source(src) -> (index, example) -> seed(seed).shuffle() -> repeat()
-               -> transform(example, index, epoch) -> batch(b) -> [p::P]
-  LM windows   sequential: range(W) -> seed(seed).shuffle() -> repeat() -> start w*T
-               -> batch(b) -> [p::P] -> make_batch
+  epochs       `epoch_order(n, seed)`: the row -> index order, a new permutation of range(n)
+               each epoch (Grain's shuffle from GRAIN_SHUFFLE_MIN indices up), endless
+  examples     epoch_order(n) -> (index, source[index]) -> transform(example, index, epoch)
+               -> batch(b) -> [p::P], the examples read through grain.MapDataset.source
+  LM windows   sequential: epoch_order(W) -> start w*T -> batch(b) -> [p::P] -> make_batch
                random: range(steps) -> step k's B starts, drawn by numpy's
                default_rng([seed, k]) as nanoGPT's get_batch -> this host's b -> make_batch
   evaluation   source or range, whole global batches (or padded to them) -> batch(b) -> [p::P]
@@ -31,6 +32,13 @@ position embeddings. An EOS input's target is the next document's first token; m
 with the segment ids if that prediction should not count.
 
 What stays hand-written, and why (grain 0.2.18):
+  - Shuffling small datasets. Grain's shuffle (`ShuffleMapDataset`, one `index_shuffle` call
+    per row, grain/_src/python/experimental/index_shuffle) costs a few us per row at 2**16
+    rows and more but grows as 1/n below (measured here: 4 us at 2**16 rows, 0.07 ms at 1000,
+    1 ms at 60, 9.5 ms at 10), so a 60-example dataset would spend 30 ms shuffling each batch
+    of 32. Below GRAIN_SHUFFLE_MIN rows an epoch's order is numpy's default_rng([seed, epoch])
+    .permutation(n), computed once per epoch (n ints); from there up, Grain's O(1)-memory
+    shuffle.
   - Host sharding. Grain's `ShardByJaxProcess` (through `IndexSampler(shard_options=...)` or
     a source's `set_slice`) gives each host a contiguous block of the records
     (`grain/_src/core/sharding.py: even_split`), shuffled on its own, so a host's rows are not a
@@ -48,6 +56,7 @@ What stays hand-written, and why (grain 0.2.18):
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -62,6 +71,7 @@ if TYPE_CHECKING:
 Batch = dict[str, np.ndarray]
 MODES = ("random", "sequential")
 PREFETCH = 2  # batches read ahead, each in its own thread
+GRAIN_SHUFFLE_MIN = 2**16  # smaller datasets are shuffled by a numpy permutation per epoch
 
 
 def _rows(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -102,6 +112,33 @@ def host_batches(rows: grain.MapDataset, batch_size: int, *, process_index: int 
   rows_of_host = _rows(batch_size, process_index, process_count)
   b = rows_of_host.stop - rows_of_host.start
   return rows.batch(b, batch_fn=batch_fn)[process_index::process_count]
+
+
+def epoch_order(n: int, seed: int) -> grain.MapDataset:
+  """The order in which training visits n indices: row e*n + i is the i-th index of epoch e's
+  permutation of range(n), a new one each epoch, for 2**62 rows (endless in practice).
+
+  From GRAIN_SHUFFLE_MIN indices up the permutation is Grain's shuffle (seeded through
+  `seed(seed)`, reseeded per epoch by `repeat`); below, where Grain's shuffle is slow, numpy's
+  default_rng([seed, epoch]).permutation(n), computed once per epoch.
+
+  Args:
+    n: the number of indices (examples, windows), > 0.
+    seed: the data seed, >= 0.
+
+  Returns:
+    A grain.MapDataset of int indices in [0, n).
+  """
+  import grain
+  # A count, not the endless repeat(): that one's length, sys.maxsize, overflows a later
+  # batch(1), which divides it as a float; 2**62 rows do not.
+  epochs = max(1, 2**62 // n)
+  if n >= GRAIN_SHUFFLE_MIN:
+    return grain.MapDataset.range(n).seed(seed).shuffle().repeat(epochs)
+  permutation = functools.lru_cache(maxsize=2)(  # two: prefetch threads may straddle epochs
+      lambda epoch: np.random.default_rng([seed, epoch]).permutation(n))
+  return grain.MapDataset.range(n).repeat(epochs).map_with_index(
+      lambda row, _: int(permutation(row // n)[row % n]))
 
 
 def make_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, eos_id: int) -> Batch:
@@ -178,8 +215,8 @@ class LMBatchIterator(Batches):
   mode="random": each global row starts at a position drawn uniformly from
     [0, L - T - 1] by a numpy Generator seeded with (seed, step), as nanoGPT's get_batch.
   mode="sequential": the stream is cut into W = (L - 1) // T non-overlapping windows;
-    Grain's shuffle visits all of them once per epoch (in a new order each epoch), and
-    global rows run through epoch after epoch (a batch may straddle two epochs).
+    epoch e visits all of them in the order `epoch_order(W, seed)` gives (a new permutation
+    each epoch), and global rows run through epoch after epoch (a batch may straddle two).
   """
 
   def __init__(self, tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int,
@@ -209,7 +246,7 @@ class LMBatchIterator(Batches):
         return rng.integers(0, len(tokens) - seq_len, size=batch_size)[rows]
       starts = grain.MapDataset.range(sys.maxsize).map(draw)
     else:
-      windows = grain.MapDataset.range(self.num_windows).seed(seed).shuffle().repeat()
+      windows = epoch_order(self.num_windows, seed)
       starts = host_batches(windows.map(lambda w: w * seq_len), batch_size,
                             process_index=process_index, process_count=process_count)
     super().__init__(starts.map(lambda s: make_batch(tokens, s, seq_len, eos_id)),
@@ -260,10 +297,10 @@ def _arrays(example: dict) -> Batch:
 class ExampleBatchIterator(Batches):
   """Endless batches of fixed-shape examples (BERT instances, finetuning rows), epoch by epoch.
 
-  Grain's shuffle visits every example once per epoch, in a new order each epoch; global rows
-  run through epochs in order (a batch may straddle two). As for LMBatchIterator, a batch is a
-  pure function of (seed, step), the state is the step, and host p gets rows [p*b, (p+1)*b) of
-  the global batch.
+  Epoch e visits every example once, in the order `epoch_order(len(source), seed)` gives (a
+  new permutation each epoch); global rows run through epochs in order (a batch may straddle
+  two). As for LMBatchIterator, a batch is a pure function of (seed, step), the state is the
+  step, and host p gets rows [p*b, (p+1)*b) of the global batch.
 
   Args:
     source: indexable (len + __getitem__) returning dicts of equal-shape numpy arrays, e.g. a
@@ -284,13 +321,13 @@ class ExampleBatchIterator(Batches):
       raise DataError("the example source is empty: nothing to train on")
     self.source, self.batch_size, self.seed, self.transform = source, batch_size, seed, transform
 
-    def example(row, indexed):  # row: the global row number, from which the epoch follows
-      index, example = indexed
-      example = _arrays(example)
+    examples = grain.MapDataset.source(source)
+
+    def example(row, index):  # row: the global row number, from which the epoch follows
+      example = _arrays(examples[index])
       return example if transform is None else transform(example, index, row // n)
 
-    rows = (grain.MapDataset.source(source).map_with_index(lambda i, e: (i, e))
-            .seed(seed).shuffle().repeat().map_with_index(example))
+    rows = epoch_order(n, seed).map_with_index(example)
     super().__init__(host_batches(rows, batch_size, process_index=process_index,
                                   process_count=process_count), prefetch=prefetch)
 
