@@ -1,7 +1,8 @@
 """Text data for language models: tokenizers, corpora as tfds datasets, packed LM batches.
 
 Reading order: `tokenizers.py` (str <-> ids), `text.py` (files or tfds catalog -> documents),
-`packing.py` (documents -> one cached token stream), `batches.py` (stream -> batches).
+`packing.py` (documents -> one cached token stream), `batches.py` (Grain pipelines: stream or
+examples -> resumable per-host batches).
 
 Each name below, and each submodule, is imported on first use (PEP 562), so that
 `fmjax.data.CharTokenizer` does not load tensorflow_datasets, which `text.py` needs.
@@ -12,8 +13,8 @@ import importlib.util
 
 # name -> the submodule that defines it
 _NAMES = {
-    "batches": ("ArraySource", "ExampleBatchIterator", "LMBatchIterator", "eval_batches",
-                "example_batches", "make_batch", "padded_batches"),
+    "batches": ("ArraySource", "Batches", "ExampleBatchIterator", "LMBatchIterator", "eval_batches",
+                "example_batches", "host_batches", "make_batch", "padded_batches"),
     "packing": ("load_token_stream", "pack_documents", "token_cache_path", "token_dtype"),
     "text": ("DataError", "Documents", "LocalText", "LocalTextConfig", "load_documents",
              "split_documents", "split_fraction"),

@@ -9,7 +9,8 @@ finally the shuffle of all instances), so a seed gives one fixed output.
 Pipeline: `read_pretraining_documents` (one sentence per line, blank lines between
 documents) -> `create_pretraining_examples` (dicts of numpy arrays: the original's
 tf.Example features) -> `prepare_pretraining_dataset` (the same, stored once as a tfds
-ArrayRecord dataset). `mask_tokens` masks an unmasked example again on the fly (dynamic
+ArrayRecord dataset, whose random-access data source `batches.ExampleBatchIterator` reads
+through `grain.MapDataset.source`). `mask_tokens` masks an unmasked example again on the fly (dynamic
 masking, as in RoBERTa): create the examples with `masked_lm_prob=0.0` and call it per epoch.
 
 Shape key: T max_seq_length, P max_predictions_per_seq.

@@ -5,6 +5,10 @@ written as raw little-endian integers (uint16 when every id fits, else int32) an
 as a read-only `np.memmap`, so a run reads only the windows it samples. The file sits in
 the prepared tfds dataset's directory and its name carries the split and the tokenizer's
 fingerprint, so any later run with the same data and tokenizer reuses it.
+
+The packing is done once, here, rather than by Grain's packers on the fly: batches.py cuts
+windows out of this stream at random access (global shuffling, exact resume, per-host rows;
+its docstring says why Grain's `ConcatThenSplitIterDataset` does not give those).
 """
 
 from __future__ import annotations

@@ -3,14 +3,17 @@
 Reading order: `read_parallel` (two line-aligned files, plain or .gz) or `read_tfds`
 (e.g. wmt14_translate/de-en) -> `train_tokenizers` (one shared SentencePiece vocabulary or
 one per side) -> `encode_pairs` (ids, target + EOS) -> `PairBatches` (training: length
-buckets, resumable) and `padded_pairs` (evaluation: every pair once, fixed shapes).
+buckets, resumable) and `padded_pairs` (evaluation: every pair once, fixed shapes), both Grain
+pipelines read as `batches.Batches`.
 
 Decoder inputs are the target shifted right behind EOS, the start token (as fairseq does):
 target_in = [EOS, y1, ..., yn], target_out = [y1, ..., yn, EOS].
 """
 
+import functools
 import gzip
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -118,18 +121,25 @@ def make_batch(sources, targets, length: int, *, pad_id: int, start_id: int) -> 
   return out
 
 
-class PairBatches(batches._StepIterator):  # pylint: disable=protected-access
+class PairBatches(batches.Batches):
   """Endless training batches of `batch_size` pairs of similar length, epoch by epoch.
 
   Epoch e shuffles the pairs (seed, e), sorts each run of `pool` batches' worth by length,
   cuts it into batches and shuffles the batches: little padding, and every batch is padded
   to a multiple of `length_multiple`, so only a few shapes are ever compiled. A batch is a
   pure function of (seed, step): the state is the step, as for the other iterators.
+
+  The steps are a Grain pipeline (range -> global batch plan -> this host's rows, padded), read
+  and checkpointed as `batches.Batches`; the plan itself is numpy, because grain 0.2.18 has no
+  length bucketing (its packers join examples into one row instead), and every host pads to
+  the longest pair of the whole global batch, which a per-host `batch` could not see.
   """
 
   def __init__(self, sources, targets, *, batch_size: int, seed: int, pad_id: int,
                start_id: int, length_multiple: int = 16, pool: int = 50,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               prefetch: int = batches.PREFETCH):
+    import grain
     if len(sources) < batch_size:
       raise DataError(f"{len(sources)} training pairs are fewer than one batch of "
                       f"{batch_size}; lower config.train.batch_size")
@@ -139,24 +149,23 @@ class PairBatches(batches._StepIterator):  # pylint: disable=protected-access
     self._rows = batches._rows(batch_size, process_index, process_count)  # pylint: disable=protected-access
     self.per_epoch = len(sources) // batch_size
     self.longest = max(max(len(s), len(t)) for s, t in zip(sources, targets))
-    self.step = 0
-    self._plan = (-1, None)
+    # Two epochs cached: prefetching threads may work on both sides of an epoch boundary.
+    self._epoch = functools.lru_cache(maxsize=2)(self._plan)
+    super().__init__(grain.MapDataset.range(sys.maxsize).map(self._batch), prefetch=prefetch)
 
-  def _epoch(self, epoch: int) -> np.ndarray:
+  def _plan(self, epoch: int) -> np.ndarray:
     """(per_epoch, batch_size) pair indices of every batch of `epoch`."""
-    if self._plan[0] != epoch:
-      rng = np.random.default_rng([self.seed, epoch])
-      order = rng.permutation(len(self.sources))[:self.per_epoch * self.batch_size]
-      lengths = np.asarray([max(len(self.sources[i]), len(self.targets[i])) for i in order])
-      chunk = self.pool * self.batch_size
-      for start in range(0, len(order), chunk):
-        part = slice(start, start + chunk)
-        order[part] = order[part][np.argsort(lengths[part], kind="stable")]
-      plan = order.reshape(self.per_epoch, self.batch_size)
-      self._plan = (epoch, plan[rng.permutation(self.per_epoch)])
-    return self._plan[1]
+    rng = np.random.default_rng([self.seed, epoch])
+    order = rng.permutation(len(self.sources))[:self.per_epoch * self.batch_size]
+    lengths = np.asarray([max(len(self.sources[i]), len(self.targets[i])) for i in order])
+    chunk = self.pool * self.batch_size
+    for start in range(0, len(order), chunk):
+      part = slice(start, start + chunk)
+      order[part] = order[part][np.argsort(lengths[part], kind="stable")]
+    plan = order.reshape(self.per_epoch, self.batch_size)
+    return plan[rng.permutation(self.per_epoch)]
 
-  def batch_at(self, step: int) -> batches.Batch:
+  def _batch(self, step: int) -> batches.Batch:
     epoch, k = divmod(step, self.per_epoch)
     rows = self._epoch(epoch)[k]
     longest = max(max(len(self.sources[i]), len(self.targets[i])) for i in rows)
@@ -167,14 +176,19 @@ class PairBatches(batches._StepIterator):  # pylint: disable=protected-access
 
 
 def padded_pairs(sources, targets, batch_size: int, length: int, *, pad_id: int, start_id: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1) -> batches.Batches:
   """Every pair once, in order, in batches of (batch_size, length); the last batch is filled
   with empty rows (no source, weight 0). Yields (batch, number of real rows in it)."""
-  rows = batches._rows(batch_size, process_index, process_count)  # pylint: disable=protected-access
-  empty = np.zeros((0,), np.int32)
-  for start in range(0, len(sources), batch_size):
-    index = range(start, start + batch_size)
-    s = [sources[i] if i < len(sources) else empty for i in index]
-    t = [targets[i] if i < len(targets) else empty for i in index]
-    batch = make_batch(s, t, length, pad_id=pad_id, start_id=start_id)
-    yield {k: v[rows] for k, v in batch.items()}, min(batch_size, len(sources) - start)
+  import grain
+  n, empty = len(sources), np.zeros((0,), np.int32)
+
+  def batch(k, index):  # k: the batch number; index: (b,) this host's row numbers
+    s = [sources[i] if i < n else empty for i in index]
+    t = [targets[i] if i < n else empty for i in index]
+    return (make_batch(s, t, length, pad_id=pad_id, start_id=start_id),
+            min(batch_size, n - k * batch_size))
+
+  index = grain.MapDataset.range(-(-n // batch_size) * batch_size)
+  return batches.Batches(batches.host_batches(
+      index, batch_size, process_index=process_index,
+      process_count=process_count).map_with_index(batch))
