@@ -5,15 +5,17 @@
   fmjax.hf.save_pretrained(model, variables, "out/")             # transformers can load it
   tokenizer = fmjax.hf.load_tokenizer("path/to/gpt2")            # an fmjax Tokenizer
   model, variables = fmjax.hf.from_pretrained("path/to/vit-base-patch16-224")  # a ViT classifier
+  model, variables = fmjax.hf.from_pretrained("path/to/bert", task="classification", num_labels=3)
+  fmjax.hf.save_pretrained(model, variables, "out/")  # an HF BertForSequenceClassification
 
 Needs only `safetensors` and `tokenizers` (torch only to read a legacy pytorch_model.bin).
 Reading order: tables.py (which HF tensor is which fmjax parameter), weights.py (files,
 checks, sharded placement), tokenizer.py.
 """
 
-from fmjax.hf.tables import ARCHITECTURES
+from fmjax.hf.tables import ARCHITECTURES, TASKS
 from fmjax.hf.tokenizer import HFTokenizer, load_tokenizer
 from fmjax.hf.weights import RUNTIME_FIELDS, from_pretrained, load_params, save_pretrained
 
-__all__ = ["ARCHITECTURES", "HFTokenizer", "RUNTIME_FIELDS", "from_pretrained", "load_params",
-           "load_tokenizer", "save_pretrained"]
+__all__ = ["ARCHITECTURES", "HFTokenizer", "RUNTIME_FIELDS", "TASKS", "from_pretrained",
+           "load_params", "load_tokenizer", "save_pretrained"]
