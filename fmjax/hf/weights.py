@@ -319,8 +319,7 @@ def _init_head(arch: Architecture, model: nn.Module, paths: list[str], seed: int
   example = _dummy_input(arch, model.config)
 
   def init(key):
-    x = jnp.zeros(example.shape, example.dtype)
-    params = nn.meta.unbox(model.init(key, x)["params"])
+    params = nn.meta.unbox(model.init(key, jnp.zeros(example.shape, example.dtype))["params"])
     return {p: x for p, x in _flatten(params).items() if p in paths}
 
   values = jax.device_get(jax.jit(init)(jax.random.key(seed)))
