@@ -20,7 +20,7 @@ import pytest
 import safetensors.numpy
 
 from fmjax import heads, hf, sharding, training
-from fmjax.models.bert import (BertConfig, BertForMaskedLM, BertForQuestionAnswering,
+from fmjax.models.bert import (BertForMaskedLM, BertForQuestionAnswering,
                                BertForSequenceClassification)
 from fmjax.models.gpt import GPT
 from fmjax.models.vit import ViT
