@@ -420,9 +420,8 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
              if not k.startswith(("cls.seq_relationship", "bert.pooler"))}
   d = write_model_dir(tmp_path / "mlm", json.loads((BERT_DIR / "config.json").read_text()),
                       tensors)
-  with pytest.raises(ValueError, match=r"masked-LM head \(cls.predictions.\*\) but neither the "
-                                       r"next-sentence head"):
-    hf.load_params(d)
+  # Once an error, the MLM head alone is HF's BertForMaskedLM (tests/test_hf_tasks.py).
+  assert type(hf.from_pretrained(d)[0]).__name__ == "BertForMaskedLM"
 
 
 def test_pytorch_bin_without_torch_says_what_to_do(tmp_path, monkeypatch):

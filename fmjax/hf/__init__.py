@@ -5,6 +5,8 @@
   fmjax.hf.save_pretrained(model, variables, "out/")             # transformers can load it
   tokenizer = fmjax.hf.load_tokenizer("path/to/gpt2")            # an fmjax Tokenizer
   model, variables = fmjax.hf.from_pretrained("path/to/vit-base-patch16-224")  # a ViT classifier
+  model, variables = fmjax.hf.from_pretrained("path/to/bert", task="classification", num_labels=3)
+  fmjax.hf.save_pretrained(model, variables, "out/")  # an HF BertForSequenceClassification
 
 Needs only `safetensors` and `tokenizers` (torch only to read a legacy pytorch_model.bin).
 Reading order: tables.py (which HF tensor is which fmjax parameter), weights.py (files,
@@ -16,12 +18,12 @@ import importlib.util
 
 # name -> the submodule that defines it, imported on first use (PEP 562): the tokenizer does
 # not load safetensors and the weights do not load tokenizers.
-_MODULE_OF = {"ARCHITECTURES": "tables", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+_MODULE_OF = {"ARCHITECTURES": "tables", "TASKS": "tables", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
               "RUNTIME_FIELDS": "weights", "from_pretrained": "weights", "load_params": "weights",
               "save_pretrained": "weights"}
 
-__all__ = ["ARCHITECTURES", "HFTokenizer", "RUNTIME_FIELDS", "from_pretrained", "load_params",
-           "load_tokenizer", "save_pretrained"]
+__all__ = ["ARCHITECTURES", "HFTokenizer", "RUNTIME_FIELDS", "TASKS", "from_pretrained",
+           "load_params", "load_tokenizer", "save_pretrained"]
 
 
 def __getattr__(name: str):

@@ -4,6 +4,8 @@ One `Architecture` per HF `model_type` (bert, gpt2, vit): a table of `Rule`s (HF
 path(s) and how the array is laid out), the config.json <-> fmjax config maps, and the HF
 classes it corresponds to. Adding a model (e.g. ViT) means adding one more table here and an
 entry in `ARCHITECTURES`; `fmjax/hf/weights.py` does the reading, checking and writing.
+`TASKS` (at the end) says which `Variant` each task of `from_pretrained(task=...)` builds from
+each architecture; a new task head is a new Variant and a new row there.
 
 HF names are *canonical*: as the task class saves them (BertForPreTraining: "bert.*", "cls.*";
 GPT2LMHeadModel: "transformer.*", "lm_head.*"). Base-model checkpoints (BertModel, GPT2Model)
@@ -23,7 +25,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import numpy as np
 
-from fmjax.models.bert import BertConfig, BertEncoder, BertForPreTraining
+from fmjax.models.bert import (BertConfig, BertEncoder, BertForMaskedLM, BertForPreTraining,
+                               BertForQuestionAnswering, BertForSequenceClassification)
 from fmjax.models.gpt import GPT, GPTConfig
 from fmjax.models.vit import ViT, ViTConfig, ViTEncoder
 
@@ -146,18 +149,37 @@ def expand(rules, num_layers: int) -> list[Rule]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Labels:
+  """Where a classifier keeps its label count: `build(config, num_labels, **kwargs)` makes the
+  module (kwargs: what else the module takes), `count(module)` reads the count back."""
+  build: Callable[..., nn.Module]
+  count: Callable[[nn.Module], int]
+
+
+@dataclasses.dataclass(frozen=True)
 class Variant:
   """One fmjax module and the HF class it corresponds to.
 
   root: where the module's params sit in the canonical fmjax tree ("bert" for BertEncoder,
     whose params load_params returns as {"bert": ...}); "" for the whole tree.
   base_model: HF's base class, saved without the base prefix (BertModel, GPT2Model).
+  head: canonical name prefixes of its task head: loaded when the checkpoint has them,
+    initialised (seeded) when it has none of them (a classifier built on a pretrained encoder).
+  labels: for a head sized by a label count (classifiers); None otherwise.
   """
   hf_class: str
   module: type[nn.Module]
   root: str
   base_model: bool
   rules: Callable[[Any], list[Rule]]  # fmjax config -> rules, "{i}" not yet expanded
+  head: tuple[str, ...] = ()
+  labels: Labels | None = None
+
+  def make(self, config, num_labels: int | None = None, **kwargs) -> nn.Module:
+    """The fmjax module, given its label count when it has labels."""
+    if self.labels is None:
+      return self.module(config, **kwargs)
+    return self.labels.build(config, num_labels, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +224,33 @@ def _get(hf: dict, key: str, default):
   return default if value is None else value
 
 
+def num_labels_of(hf: dict) -> int:
+  """A config.json's label count as transformers reads it: id2label's length, else num_labels,
+  else 2 (transformers' default, which older configs leave out)."""
+  labels = hf.get("id2label")
+  return len(labels) if labels else int(_get(hf, "num_labels", 2))
+
+
+def labels_to_hf(num_labels: int, id2label=None) -> dict:
+  """config.json's label fields for a classifier: num_labels, id2label, label2id (names
+  "LABEL_i" unless given, a list or an {index: name} dict) and, for one label, problem_type
+  "regression" (transformers' MSE loss)."""
+  if id2label is None:
+    names = [f"LABEL_{i}" for i in range(num_labels)]
+  else:
+    items = id2label.items() if hasattr(id2label, "items") else enumerate(id2label)
+    by_index = {int(i): str(n) for i, n in items}
+    if sorted(by_index) != list(range(num_labels)):
+      raise ValueError(f"id2label={id2label!r} does not name labels 0..{num_labels - 1} of this "
+                       f"model's num_labels={num_labels}; give one name per label")
+    names = [by_index[i] for i in range(num_labels)]
+  out = {"num_labels": num_labels, "id2label": {str(i): n for i, n in enumerate(names)},
+         "label2id": {n: i for i, n in enumerate(names)}}
+  if num_labels == 1:
+    out["problem_type"] = "regression"
+  return out
+
+
 def _require(hf: dict, key: str, allowed, what: str):
   """ValueError unless config.json's `key` (or its HF default, allowed[0]) is in `allowed`."""
   value = hf.get(key, allowed[0])
@@ -237,18 +286,24 @@ _BERT_ENCODER = [
     rule(_BERT_LAYER + "output.dense.bias", _BERT_BLOCK + "mlp/wo/bias"),
     rule(_BERT_LAYER + "output.LayerNorm.weight", _BERT_BLOCK + "ln_mlp/scale"),
     rule(_BERT_LAYER + "output.LayerNorm.bias", _BERT_BLOCK + "ln_mlp/bias"),
+]
+_BERT_POOLER = [  # BertModel's; HF's BertForMaskedLM and BertForQuestionAnswering have none
     rule("bert.pooler.dense.weight", "bert/pooler/kernel", LINEAR),
     rule("bert.pooler.dense.bias", "bert/pooler/bias"),
 ]
-_BERT_HEADS = [  # MLM transform + output bias (the decoder is tied to the word embedding); NSP.
+_BERT_MLM = [  # MLM transform + output bias (the decoder is tied to the word embedding)
     rule("cls.predictions.transform.dense.weight", "mlm_dense/kernel", LINEAR),
     rule("cls.predictions.transform.dense.bias", "mlm_dense/bias"),
     rule("cls.predictions.transform.LayerNorm.weight", "mlm_ln/scale"),
     rule("cls.predictions.transform.LayerNorm.bias", "mlm_ln/bias"),
     rule("cls.predictions.bias", "mlm_bias"),
-    rule("cls.seq_relationship.weight", "nsp_dense/kernel", LINEAR),
-    rule("cls.seq_relationship.bias", "nsp_dense/bias"),
 ]
+_BERT_NSP = [rule("cls.seq_relationship.weight", "nsp_dense/kernel", LINEAR),
+             rule("cls.seq_relationship.bias", "nsp_dense/bias")]
+_BERT_CLASSIFIER = [rule("classifier.weight", "classifier/dense/kernel", LINEAR),  # (C, D)
+                    rule("classifier.bias", "classifier/dense/bias")]
+_BERT_SPAN = [rule("qa_outputs.weight", "qa_outputs/dense/kernel", LINEAR),  # (2, D): start, end
+              rule("qa_outputs.bias", "qa_outputs/dense/bias")]
 
 
 def _bert_config(hf: dict) -> BertConfig:
@@ -281,28 +336,41 @@ def _bert_hf_config(c: BertConfig) -> dict:
 
 
 _BERT_PRETRAINING = Variant("BertForPreTraining", BertForPreTraining, root="", base_model=False,
-                            rules=lambda c: _BERT_ENCODER + _BERT_HEADS)
+                            rules=lambda c: _BERT_ENCODER + _BERT_POOLER + _BERT_MLM + _BERT_NSP)
 _BERT_ENCODER_ONLY = Variant("BertModel", BertEncoder, root="bert", base_model=True,
-                             rules=lambda c: _BERT_ENCODER)
+                             rules=lambda c: _BERT_ENCODER + _BERT_POOLER)
+_BERT_MASKED_LM = Variant("BertForMaskedLM", BertForMaskedLM, root="", base_model=False,
+                          rules=lambda c: _BERT_ENCODER + _BERT_MLM, head=("cls.predictions.",))
+_BERT_SEQUENCE_CLASSIFIER = Variant(
+    "BertForSequenceClassification", BertForSequenceClassification, root="", base_model=False,
+    rules=lambda c: _BERT_ENCODER + _BERT_POOLER + _BERT_CLASSIFIER, head=("classifier.",),
+    labels=Labels(build=BertForSequenceClassification, count=lambda m: m.num_labels))
+_BERT_QUESTION_ANSWERING = Variant(
+    "BertForQuestionAnswering", BertForQuestionAnswering, root="", base_model=False,
+    rules=lambda c: _BERT_ENCODER + _BERT_SPAN, head=("qa_outputs.",))
 
 
 def _bert_variant(config: BertConfig, names: set[str]) -> Variant:
-  mlm = any(n.startswith("cls.predictions.") for n in names)
-  nsp = any(n.startswith("cls.seq_relationship.") for n in names)
-  if mlm and not nsp:
-    raise ValueError(
-        "this BERT checkpoint has the masked-LM head (cls.predictions.*) but neither the "
-        "next-sentence head (cls.seq_relationship.*) nor, as a BertForMaskedLM, a pooler; "
-        "fmjax.hf loads BertModel and BertForPreTraining checkpoints")
-  return _BERT_PRETRAINING if mlm and nsp else _BERT_ENCODER_ONLY
+  """The class the checkpoint was saved from, told by its heads."""
+  has = lambda prefix: any(n.startswith(prefix) for n in names)
+  if has("cls.predictions.") and has("cls.seq_relationship."):
+    return _BERT_PRETRAINING
+  if has("cls.predictions."):
+    return _BERT_MASKED_LM
+  if has("classifier."):
+    return _BERT_SEQUENCE_CLASSIFIER
+  if has("qa_outputs."):
+    return _BERT_QUESTION_ANSWERING
+  return _BERT_ENCODER_ONLY
 
 
 BERT = Architecture(
-    model_type="bert", prefix="bert.", heads=("cls.",),
+    model_type="bert", prefix="bert.", heads=("cls.", "classifier.", "qa_outputs."),
     tied={"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
           "cls.predictions.decoder.bias": "cls.predictions.bias"},
     ignored=lambda name: name == "bert.embeddings.position_ids",
-    variants=(_BERT_PRETRAINING, _BERT_ENCODER_ONLY),
+    variants=(_BERT_PRETRAINING, _BERT_ENCODER_ONLY, _BERT_MASKED_LM, _BERT_SEQUENCE_CLASSIFIER,
+              _BERT_QUESTION_ANSWERING),
     config_from_hf=_bert_config, config_to_hf=_bert_hf_config, variant=_bert_variant)
 
 
@@ -438,8 +506,7 @@ def _square(hf: dict, key: str, default: int) -> int:
 def _vit_config(hf: dict) -> ViTConfig:
   _require(hf, "hidden_act", ("gelu",), "ViT (exact erf GELU)")
   _require(hf, "qkv_bias", (True,), "ViT (query, key and value with biases)")
-  labels = hf.get("id2label")
-  num_classes = len(labels) if labels else _get(hf, "num_labels", 2)
+  num_classes = num_labels_of(hf)
   return ViTConfig(
       image_size=_square(hf, "image_size", 224), patch_size=_square(hf, "patch_size", 16),
       num_channels=_get(hf, "num_channels", 3), num_classes=num_classes, pool="cls",
@@ -465,8 +532,11 @@ def _vit_hf_config(c: ViTConfig) -> dict:
       "label2id": {f"LABEL_{i}": i for i in range(c.num_classes)}}
 
 
-_VIT_CLASSIFIER = Variant("ViTForImageClassification", ViT, root="", base_model=False,
-                          rules=lambda c: _VIT_ENCODER + (_VIT_HEAD if c.num_classes else []))
+_VIT_CLASSIFIER = Variant(
+    "ViTForImageClassification", ViT, root="", base_model=False,
+    rules=lambda c: _VIT_ENCODER + (_VIT_HEAD if c.num_classes else []), head=("classifier.",),
+    labels=Labels(build=lambda c, n, **kw: ViT(dataclasses.replace(c, num_classes=n), **kw),
+                  count=lambda m: m.config.num_classes))
 # HF's ViTModel also has a pooler, tanh(Dense([CLS])): the paper's pre-training pre-logits
 # layer, which ViTForImageClassification drops. fmjax's encoder has none: it is not read, and
 # an exported ViTModel lacks it (transformers then initialises a fresh one).
@@ -490,3 +560,13 @@ VIT = Architecture(
 
 
 ARCHITECTURES = {a.model_type: a for a in (BERT, GPT2, VIT)}
+
+# from_pretrained(task=...): task -> {model_type: the Variant it builds}. A checkpoint without
+# the task's head (e.g. a BertModel for "classification") gets a freshly initialised one.
+TASKS = {
+    "causal_lm": {"gpt2": _GPT2_LM},  # GPT with its (tied) LM head
+    "masked_lm": {"bert": _BERT_MASKED_LM},  # logits at every position, or the masked ones
+    "classification": {"bert": _BERT_SEQUENCE_CLASSIFIER},  # num_labels; 1 = regression
+    "question_answering": {"bert": _BERT_QUESTION_ANSWERING},  # start and end logits
+    "image_classification": {"vit": _VIT_CLASSIFIER},  # num_labels classes
+}

@@ -2,14 +2,15 @@
 
 The tables in `fmjax/hf/tables.py` say which HF tensor is which fmjax parameter; this module
 finds the files, checks every name and shape against the fmjax model's own `jax.eval_shape`
-of `init`, converts, and places the result on devices (optionally straight into the
-NamedShardings of a mesh).
+of `init`, converts, initialises a task head the checkpoint lacks, and places the result on
+devices (optionally straight into the NamedShardings of a mesh).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import re
@@ -25,7 +26,10 @@ import safetensors.numpy
 
 from fmjax import sharding
 from fmjax.checkpoint import unflatten_params
-from fmjax.hf.tables import ARCHITECTURES, Architecture, Variant, expand
+from fmjax.hf.tables import (ARCHITECTURES, TASKS, Architecture, Variant, expand, labels_to_hf,
+                              num_labels_of)
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -38,44 +42,69 @@ RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "s
                   "remat_policy", "dtype", "param_dtype")
 
 
-def load_params(directory: str | os.PathLike, **overrides) -> tuple[Any, dict]:
+def load_params(directory: str | os.PathLike, *, task: str | None = None,
+                num_labels: int | None = None, seed: int = 0, **overrides) -> tuple[Any, dict]:
   """Reads a Hugging Face BERT, GPT-2 or ViT directory into fmjax's config and parameter names.
 
   Args:
     directory: holds config.json and model.safetensors (or a sharded model.safetensors.index.json;
       pytorch_model.bin is read only when torch is installed).
+    task, num_labels, seed: the model to read it as, as in from_pretrained.
     **overrides: runtime fields of the fmjax config (RUNTIME_FIELDS), e.g. scan_layers=True
       (parameters then stacked on a leading layer axis, as nn.scan wants) or
       param_dtype="bfloat16" (weights cast to it; default float32).
 
   Returns:
     (config, params): a BertConfig, GPTConfig or ViTConfig and a nested dict of numpy arrays
-    whose paths equal those of `model.init(...)["params"]`: BertForPreTraining's when the
-    checkpoint has the pretraining heads, else {"bert": BertEncoder's params}; GPT's for GPT-2;
-    ViT's for a ViTForImageClassification, else {"encoder": ViTEncoder's params}.
+    whose paths equal those of `model.init(...)["params"]` of from_pretrained's model, e.g.
+    BertForPreTraining's when the checkpoint has the pretraining heads and no task is given,
+    {"bert": BertEncoder's params} for a BertModel; GPT's for GPT-2; ViT's for a
+    ViTForImageClassification, else {"encoder": ViTEncoder's params}.
 
   Raises:
     FileNotFoundError: no such directory, no config.json or no weights file.
-    ValueError: unsupported model_type or config, a missing tensor or a shape mismatch.
+    ValueError: unsupported model_type, task or config, a missing tensor or a shape mismatch.
   """
-  config, variant, params = _load(directory, overrides)
-  return config, params
+  model, variant, params = _load(directory, overrides, task=task, num_labels=num_labels,
+                                 seed=seed)
+  return model.config, params
 
 
-def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                    rules=None, dtype=None, **overrides) -> tuple[nn.Module, dict]:
+def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
+                    num_labels: int | None = None, seed: int = 0,
+                    mesh: jax.sharding.Mesh | None = None, rules=None, dtype=None,
+                    **overrides) -> tuple[nn.Module, dict]:
   """Builds the fmjax model of a Hugging Face BERT, GPT-2 or ViT directory and loads its weights.
 
-  A checkpoint with BERT's pretraining heads (cls.predictions.*, cls.seq_relationship.*) gives
-  a BertForPreTraining, one without a BertEncoder (HF's BertModel); GPT-2 gives a GPT with
-  its tied LM head; ViTForImageClassification gives a ViT, ViTModel a ViTEncoder (its pooler is
-  not read). `model.apply(variables, ...)` then matches transformers' outputs:
+  With a task (fmjax.hf.TASKS), the model is that task's, whatever head the checkpoint has:
+    "causal_lm"             GPT-2 -> GPT: logits (B, T, V)
+    "masked_lm"             BERT -> BertForMaskedLM: logits (B, T, V) (HF's BertForMaskedLM)
+    "classification"        BERT -> BertForSequenceClassification(config, num_labels):
+                            logits (B, num_labels); num_labels = 1: a regression score
+    "question_answering"    BERT -> BertForQuestionAnswering: start and end logits (B, T) each
+    "image_classification"  ViT -> ViT: logits (B, num_labels)
+  The task's head is loaded when the checkpoint has it (HF's classifier.*, qa_outputs.*,
+  cls.predictions.*) and initialised from `seed` (logged) when it has none of it, e.g. a
+  classifier on a pretrained BertModel or BertForPreTraining; the checkpoint's other heads
+  are left out (logged).
+
+  Without a task, the model is the class the checkpoint was saved from: BERT's pretraining
+  heads (cls.predictions.*, cls.seq_relationship.*) give a BertForPreTraining, the MLM head
+  alone a BertForMaskedLM, classifier.* a BertForSequenceClassification, qa_outputs.* a
+  BertForQuestionAnswering, none a BertEncoder (HF's BertModel); GPT-2 gives a GPT with its
+  tied LM head; ViTForImageClassification gives a ViT, ViTModel a ViTEncoder (its pooler is not
+  read). `model.apply(variables, ...)` then matches transformers' outputs:
   BertEncoder -> (last_hidden_state, pooler_output), BertForPreTraining -> its dict of logits,
   GPT -> logits, ViT -> logits, ViTEncoder -> last_hidden_state (images channels last:
   pixel_values.transpose(0, 2, 3, 1)).
 
   Args:
     directory: a Hugging Face model directory (see load_params).
+    task: one of fmjax.hf.TASKS, or None for the model the checkpoint holds.
+    num_labels: the label count of a classifier; default config.json's (the length of its
+      id2label, else num_labels, else 2, as transformers). A checkpoint head of another size
+      is an error.
+    seed: initialises a head the checkpoint lacks.
     mesh: if given, each weight is placed directly into its NamedSharding on this mesh.
     rules: logical-axis rules (a name of fmjax.sharding.RULES or a rule list); default "fsdp".
     dtype: parameter and compute dtype, e.g. "bfloat16"; default float32.
@@ -83,11 +112,16 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | N
 
   Returns:
     (model, variables) with variables = {"params": tree of jax.Arrays}.
+
+  Raises:
+    ValueError: an unknown task, a task this model_type cannot serve (e.g. "classification"
+      of GPT-2), num_labels that differ from the checkpoint's head, and load_params' errors.
   """
   if dtype is not None:
     overrides = {"dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(dtype).name, **overrides}
-  config, variant, params = _load(directory, overrides)
-  model = variant.module(config)
+  model, variant, params = _load(directory, overrides, task=task, num_labels=num_labels,
+                                 seed=seed)
+  config = model.config
   tree = params[variant.root] if variant.root else params
   if mesh is None:
     return model, {"params": jax.tree_util.tree_map(jnp.asarray, tree)}
@@ -101,10 +135,14 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | N
   return model, {"params": unflatten_params(placed)}
 
 
-def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -> None:
+def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *,
+                    id2label=None) -> None:
   """Writes config.json and model.safetensors that transformers' AutoModel* loads.
 
-  BertForPreTraining -> HF BertForPreTraining, BertEncoder -> BertModel, GPT -> GPT2LMHeadModel,
+  BertForPreTraining -> HF BertForPreTraining, BertEncoder -> BertModel, BertForMaskedLM ->
+  BertForMaskedLM, BertForSequenceClassification -> BertForSequenceClassification (config.json
+  with num_labels, id2label, label2id; problem_type "regression" for num_labels = 1),
+  BertForQuestionAnswering -> BertForQuestionAnswering, GPT -> GPT2LMHeadModel,
   ViT -> ViTForImageClassification, ViTEncoder -> ViTModel (without its pooler).
   Weights keep their dtype, so export then import round-trips bit for bit. Under several
   processes every process must call this; process 0 writes.
@@ -113,6 +151,7 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -
     model: the fmjax module whose `variables` these are (its config says the architecture).
     variables: {"params": ...} or the params tree itself (boxed or plain, sharded or not).
     directory: created if needed; existing config.json / model.safetensors are overwritten.
+    id2label: a classifier's label names, a list or {index: name}; default "LABEL_0", ...
 
   Raises:
     ValueError: a model with no HF equivalent (e.g. a rotary GPT), or params that do not fit it.
@@ -120,13 +159,19 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -
   arch, variant = _architecture_of(model)
   config = model.config
   hf_config = arch.config_to_hf(config)  # raises first if the config has no HF equivalent
+  num_labels = variant.labels.count(model) if variant.labels else 0
+  if num_labels:
+    hf_config.update(labels_to_hf(num_labels, id2label))
+  elif id2label is not None:
+    raise ValueError(f"id2label names the labels of a classifier; a {type(model).__name__} has "
+                     "none, so leave id2label out")
   params = nn.meta.unbox(variables.get("params", variables))
   flat = {path: _to_host(x) for path, x in _flatten(params).items()}
   if config.scan_layers:
     flat = _unstack_layers(flat)
   prefix = variant.root + "/" if variant.root else ""
   flat = {prefix + p: x for p, x in flat.items()}
-  shapes = _param_shapes(arch, variant, config)
+  shapes = _param_shapes(arch, variant, model)
   for path, shape in shapes.items():
     if path not in flat:
       raise ValueError(f"variables have no parameter {path[len(prefix):]!r}, which "
@@ -152,8 +197,12 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -
   (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-def _load(directory, overrides) -> tuple[Any, Variant, dict]:
-  """(config, variant, params) for load_params and from_pretrained."""
+def _load(directory, overrides, *, task=None, num_labels=None,
+          seed=0) -> tuple[nn.Module, Variant, dict]:
+  """(model, variant, params) for load_params and from_pretrained."""
+  if task is not None and task not in TASKS:
+    raise ValueError(f"unknown task={task!r}; choose one of {list(TASKS)}, or task=None for "
+                     "the model the checkpoint holds")
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"{directory} is not a directory; give a Hugging Face model "
@@ -169,11 +218,19 @@ def _load(directory, overrides) -> tuple[Any, Variant, dict]:
   config = _override(config, overrides)
   checkpoint = _Checkpoint(directory)
   names = {arch.canonical(n): n for n in checkpoint.names}
-  variant = arch.variant(config, set(names))
-  shapes = _param_shapes(arch, variant, config)
+  variant = _variant(arch, task, config, set(names), directory)
+  labels = _num_labels(variant, num_labels, hf_config)
+  model = variant.make(config, labels)
+  config = model.config  # a ViT's num_classes follows num_labels
+  shapes = _param_shapes(arch, variant, model)
   dtype = jnp.dtype(config.param_dtype)
+  rules = expand(variant.rules(config), config.num_layers)
+  head = [r for r in rules if variant.head and r.hf.startswith(variant.head)]
+  fresh = [] if any(r.hf in names for r in head) else head  # no head in the checkpoint
   flat, used = {}, set()
-  for r in expand(variant.rules(config), config.num_layers):
+  for r in rules:
+    if r in fresh:
+      continue
     if r.hf not in names:
       raise ValueError(
           f"{checkpoint.describe()} has no tensor {_bare(arch, variant, r.hf)!r} (fmjax "
@@ -183,6 +240,14 @@ def _load(directory, overrides) -> tuple[Any, Variant, dict]:
     w = checkpoint.get(names[r.hf])
     fm_shapes = [shapes[p] for p in r.fm]
     expected = r.hf_shape(fm_shapes)
+    if tuple(w.shape) != expected and r in head and variant.labels:
+      given = ("the argument" if num_labels is not None
+               else f"{CONFIG_FILE}'s {'id2label' if hf_config.get('id2label') else 'num_labels'}")
+      raise ValueError(
+          f"{checkpoint.describe()}: head tensor {names[r.hf]!r} has shape {tuple(w.shape)}, but "
+          f"num_labels={labels} ({given}) needs {expected}; the checkpoint's head has "
+          f"{w.shape[0]} labels: pass num_labels={w.shape[0]}, or a directory without "
+          f"{variant.head[0]}* for a new head")
     if tuple(w.shape) != expected:
       raise ValueError(
           f"{checkpoint.describe()}: tensor {names[r.hf]!r} has shape {tuple(w.shape)}, but "
@@ -191,6 +256,11 @@ def _load(directory, overrides) -> tuple[Any, Variant, dict]:
     for path, x in zip(r.fm, r.to_fmjax(w, fm_shapes)):
       flat[path] = x.astype(dtype)
     used.add(r.hf)
+  if fresh:
+    flat.update(_init_head(arch, model, [p for r in fresh for p in r.fm], seed))
+    log.warning("%s has no %s head (%s*): initialised %s with seed %d; train it before use",
+                directory, variant.hf_class, ", ".join(variant.head),
+                [p for r in fresh for p in r.fm], seed)
   missing = set(shapes) - set(flat)
   if missing:  # a table that misses a parameter is a bug here, not in the checkpoint
     raise RuntimeError(f"fmjax.hf's {arch.model_type} table maps no tensor to {sorted(missing)}")
@@ -202,12 +272,58 @@ def _load(directory, overrides) -> tuple[Any, Variant, dict]:
                        "supported for this model")
     used.add(name)
   unused = sorted(names[n] for n in set(names) - used if not arch.ignored(n))
-  if unused:
+  if unused and task is not None:  # asked for: e.g. the pretraining heads under a classifier
+    log.info("task=%r leaves out %d tensors of %s that a %s does not have: %s", task,
+             len(unused), checkpoint.describe(), variant.hf_class, unused[:8])
+  elif unused:
     warnings.warn(f"fmjax.hf ignores {len(unused)} tensors of {checkpoint.describe()} that a "
                   f"{variant.hf_class} does not have: {unused[:8]}", stacklevel=3)
   if config.scan_layers:
     flat = _stack_layers(flat)
-  return config, variant, unflatten_params(flat)
+  return model, variant, unflatten_params(flat)
+
+
+def _variant(arch: Architecture, task, config, names: set[str], directory) -> Variant:
+  """The task's Variant for this model_type, or (task None) the checkpoint's own."""
+  if task is None:
+    return arch.variant(config, names)
+  if arch.model_type not in TASKS[task]:
+    serves = [t for t, by_type in TASKS.items() if arch.model_type in by_type]
+    raise ValueError(f"task={task!r} needs a {' or '.join(TASKS[task])} checkpoint, but "
+                     f"{directory / CONFIG_FILE} has model_type={arch.model_type!r}, which "
+                     f"serves tasks {serves}")
+  return TASKS[task][arch.model_type]
+
+
+def _num_labels(variant: Variant, num_labels, hf_config: dict) -> int | None:
+  """The label count to build the variant with: the argument, else config.json's."""
+  if variant.labels is None:
+    if num_labels is not None:
+      with_labels = [t for t, by_type in TASKS.items()
+                     if any(v.labels for v in by_type.values())]
+      raise ValueError(f"num_labels={num_labels!r} sizes a classifier's head, but a "
+                       f"{variant.hf_class} has no labels; pass it with task in {with_labels}")
+    return None
+  if num_labels is None:
+    return num_labels_of(hf_config)
+  if isinstance(num_labels, bool) or not isinstance(num_labels, (int, np.integer)) or (
+      num_labels < 1):
+    raise ValueError(f"num_labels={num_labels!r}; give a positive int (1: a regression score)")
+  return int(num_labels)
+
+
+def _init_head(arch: Architecture, model: nn.Module, paths: list[str], seed: int) -> dict:
+  """"/"-path -> numpy value of the given (head) parameters of model.init(key(seed)). Only they
+  are returned, so XLA drops the rest of init: the encoder is never initialised."""
+  model = model.clone(config=dataclasses.replace(model.config, scan_layers=False))
+  example = _dummy_input(arch, model.config)
+
+  def init(key):
+    params = nn.meta.unbox(model.init(key, jnp.zeros(example.shape, example.dtype))["params"])
+    return {p: x for p, x in _flatten(params).items() if p in paths}
+
+  values = jax.device_get(jax.jit(init)(jax.random.key(seed)))
+  return {p: np.asarray(x) for p, x in values.items()}
 
 
 def _read_config(directory: pathlib.Path) -> dict:
@@ -302,10 +418,11 @@ def _dummy_input(arch: Architecture, config):
   return jax.ShapeDtypeStruct((1, 1), jnp.int32)
 
 
-def _param_shapes(arch: Architecture, variant: Variant, config) -> dict[str, tuple[int, ...]]:
-  """"/"-path -> shape of the module's params, unscanned, under the variant's root."""
-  config = dataclasses.replace(config, scan_layers=False)
-  abstract = jax.eval_shape(variant.module(config).init, jax.random.key(0),
+def _param_shapes(arch: Architecture, variant: Variant,
+                  model: nn.Module) -> dict[str, tuple[int, ...]]:
+  """"/"-path -> shape of the model's params, unscanned, under the variant's root."""
+  config = dataclasses.replace(model.config, scan_layers=False)
+  abstract = jax.eval_shape(model.clone(config=config).init, jax.random.key(0),
                             _dummy_input(arch, config))
   prefix = variant.root + "/" if variant.root else ""
   return {prefix + p: tuple(x.shape)

@@ -11,6 +11,8 @@ tokens + positions + segments (token types) -> LayerNorm -> dropout
 Pretraining heads (section 3.1, appendix A.1):
   MLM: hidden at the P masked positions -> Dense -> GELU -> LayerNorm -> tied embedding + bias
   NSP: Dense(2) over the pooled output.
+BertForMaskedLM is the MLM head alone on an encoder without pooler; BertForSequenceClassification
+and BertForQuestionAnswering are the finetuning heads (fmjax/heads.py), all as Hugging Face's.
 Every weight starts from normal(0.02), biases at zero, as in the reference implementation.
 """
 
@@ -103,6 +105,14 @@ class BertEncoder(nn.Module):
     Returns:
       (sequence_output (B, T, D), pooled_output (B, D)) in the compute dtype.
     """
+    x = self.encode(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                    train=train)
+    pooled = jnp.tanh(self.pooler(x[:, 0]))  # (B, D), from the [CLS] token
+    return x, pooled
+
+  def encode(self, input_ids, *, token_type_ids=None, attention_mask=None, train: bool = False):
+    """The sequence output (B, T, D) alone; the pooler is neither run nor created (models with
+    only token-level heads have none, as HF's BertForMaskedLM and BertForQuestionAnswering)."""
     c = self.config
     t = input_ids.shape[1]
     if t > c.max_len:
@@ -117,13 +127,30 @@ class BertEncoder(nn.Module):
     x = self.dropout(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     kv_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-    x = self.blocks(x, kv_mask=kv_mask, train=train)  # bidirectional: every real key is visible
-    pooled = jnp.tanh(self.pooler(x[:, 0]))  # (B, D), from the [CLS] token
-    return x, pooled
+    return self.blocks(x, kv_mask=kv_mask, train=train)  # bidirectional: every real key is visible
 
   def attend(self, x):
     """Tied output projection through the word embedding: (B, P, D) -> (B, P, V)."""
     return self.word_embeddings.attend(x)
+
+
+def masked_lm_head(module: nn.Module, bert: BertEncoder, seq, masked_lm_positions=None):
+  """MLM logits (B, P, V) float32 at the masked positions (B, P) of seq (B, T, D); all T when
+  None. Its parameters ("mlm_dense", "mlm_ln", "mlm_bias") belong to `module`, the model that
+  calls it from its compact __call__; the output projection is bert's word embedding (tied)."""
+  c = bert.config
+  dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+  if masked_lm_positions is None:
+    masked_lm_positions = jnp.broadcast_to(jnp.arange(seq.shape[1]), seq.shape[:2])
+  # Gather first: the D x V projection runs on P (~15% of T) rows, not on all T.
+  h = jnp.take_along_axis(seq, masked_lm_positions[..., None], axis=1)  # (B, P, D)
+  h = Dense(c.embed_dim, ("embed", None), dtype=dtype, param_dtype=param_dtype,
+            name="mlm_dense")(h)
+  h = ACTIVATIONS["gelu"](h)
+  h = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlm_ln")(h)
+  bias = module.param("mlm_bias", partitioned(nn.initializers.zeros, ("vocab",)),
+                      (c.vocab_size,), param_dtype)
+  return bert.attend(h).astype(jnp.float32) + bias.astype(jnp.float32)
 
 
 class BertForPreTraining(nn.Module):
@@ -149,21 +176,27 @@ class BertForPreTraining(nn.Module):
     bert = BertEncoder(c, name="bert")
     seq, pooled = bert(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                        train=train)
-    if masked_lm_positions is None:
-      masked_lm_positions = jnp.broadcast_to(jnp.arange(seq.shape[1]), input_ids.shape)
-    # Gather first: the D x V projection runs on P (~15% of T) rows, not on all T.
-    h = jnp.take_along_axis(seq, masked_lm_positions[..., None], axis=1)  # (B, P, D)
-    h = Dense(c.embed_dim, ("embed", None), dtype=dtype, param_dtype=param_dtype,
-              name="mlm_dense")(h)
-    h = ACTIVATIONS["gelu"](h)
-    h = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlm_ln")(h)
-    bias = self.param("mlm_bias", partitioned(nn.initializers.zeros, ("vocab",)),
-                      (c.vocab_size,), param_dtype)
-    mlm_logits = bert.attend(h).astype(jnp.float32) + bias.astype(jnp.float32)  # (B, P, V)
+    mlm_logits = masked_lm_head(self, bert, seq, masked_lm_positions)  # (B, P, V)
     nsp_logits = Dense(2, ("embed", None), dtype=dtype, param_dtype=param_dtype,
                        name="nsp_dense")(pooled)  # (B, 2): 0 = IsNext, 1 = NotNext
     return {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits.astype(jnp.float32),
             "sequence_output": seq, "pooled_output": pooled}
+
+
+class BertForMaskedLM(nn.Module):
+  """The encoder without its pooler (submodule "bert") and the masked-LM head alone: Hugging
+  Face's BertForMaskedLM, e.g. for domain-adaptive MLM pretraining or fill-in-the-blank."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
+               masked_lm_positions=None, *, train: bool = False):
+    """(B, T) inputs as in BertEncoder; masked_lm_positions (B, P) as in BertForPreTraining,
+    default every position -> (B, P, V) float32 logits (P = T by default)."""
+    bert = BertEncoder(self.config, name="bert")
+    seq = bert.encode(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                      train=train)
+    return masked_lm_head(self, bert, seq, masked_lm_positions)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -185,7 +218,8 @@ class BertForSequenceClassification(nn.Module):
 
 
 class BertForQuestionAnswering(nn.Module):
-  """The encoder with a span head over its token outputs (SQuAD-style extractive QA)."""
+  """The encoder (no pooler) with a span head over its token outputs (SQuAD-style extractive
+  QA), as Hugging Face's BertForQuestionAnswering."""
   config: BertConfig
 
   @nn.compact
@@ -193,8 +227,8 @@ class BertForQuestionAnswering(nn.Module):
                train: bool = False):
     """(B, T) inputs as in BertEncoder -> (start_logits, end_logits), (B, T) float32 each."""
     c = self.config
-    seq, _ = BertEncoder(c, name="bert")(input_ids, token_type_ids=token_type_ids,
-                                          attention_mask=attention_mask, train=train)
+    seq = BertEncoder(c, name="bert").encode(input_ids, token_type_ids=token_type_ids,
+                                             attention_mask=attention_mask, train=train)
     return heads.SpanHead(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
                           name="qa_outputs")(seq)
 

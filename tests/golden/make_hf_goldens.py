@@ -6,7 +6,7 @@ extras; the tests themselves run without them):
   .venv/bin/python tests/golden/make_hf_goldens.py            # all of them
   .venv/bin/python tests/golden/make_hf_goldens.py vit        # only the named ones
 
-It writes, under tests/golden/hf/ (about 0.5 MB in all):
+It writes, under tests/golden/hf/ (about 0.6 MB in all):
   bert/  a tiny random BertForPreTraining (config.json + model.safetensors), an uncased
          WordPiece tokenizer learned from TEXT (tokenizer.json, tokenizer_config.json and
          vocab.txt; see wordpiece_vocab) and
@@ -24,6 +24,12 @@ It writes, under tests/golden/hf/ (about 0.5 MB in all):
          F=64, 3 channels, 5 labels; about 0.1 MB; tests/test_vit.py) and reference.npz:
          images (2, 16, 16, 3) channels last (HF's pixel_values are their (0, 3, 1, 2)
          transpose), last_hidden_state (2, 17, 32) of the ViTModel inside, logits (2, 5).
+  bert_cls/, bert_qa/, bert_mlm/  (name: bert_tasks; tests/test_hf_tasks.py) tiny random
+         BertForSequenceClassification (3 labels, named in id2label), BertForQuestionAnswering
+         and BertForMaskedLM (D=16, 2 layers, 2 heads, F=32, V=200 as bert/'s vocabulary, 32
+         positions; about 40 KB each; QA and MLM without the pooler, as HF builds them) and
+         reference.npz: input_ids, token_type_ids, attention_mask (B=2, T=12, the second row
+         padded) and logits (2, 3) | start_logits, end_logits (2, 12) | logits (2, 12, 200).
 
 Weights are drawn with fixed seeds at a larger scale than HF's init (std 0.1 matrices,
 LayerNorm scales 1 +- 0.2, non-zero biases) so that every tensor, bias and LayerNorm offset
@@ -223,11 +229,55 @@ def make_vit():
   np.savez(d / "reference.npz", images=images, last_hidden_state=hidden, logits=logits)
 
 
+BERT_TASKS = {  # directory -> (transformers class, extra config, perturb seed)
+    "bert_cls": ("BertForSequenceClassification",
+                 {"id2label": {0: "negative", 1: "neutral", 2: "positive"}}, 4),
+    "bert_qa": ("BertForQuestionAnswering", {}, 5),
+    "bert_mlm": ("BertForMaskedLM", {}, 6),
+}
+
+
+def make_bert_tasks():
+  """The task classes of transformers' BERT, each with its own random weights, on one input."""
+  pad, cls, sep = (BERT_SPECIALS.index(t) for t in ("[PAD]", "[CLS]", "[SEP]"))
+  b, t, vocab = 2, 12, 200
+  rng = np.random.default_rng(4)
+  ids = rng.integers(len(BERT_SPECIALS), vocab, size=(b, t))
+  ids[:, 0], ids[:, 5], ids[:, -1] = cls, sep, sep
+  mask = np.ones((b, t), np.int64)
+  mask[1, 9:] = 0  # the second example is 9 tokens long
+  ids[1, 8], ids[1, 9:] = sep, pad
+  types = np.zeros((b, t), np.int64)
+  types[0, 6:] = 1
+  types[1, 6:9] = 1
+  inputs = dict(input_ids=ids, token_type_ids=types, attention_mask=mask)
+  for name, (cls_name, extra, seed) in BERT_TASKS.items():
+    d = OUT / name
+    config = transformers.BertConfig(
+        vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, type_vocab_size=2, pad_token_id=pad,
+        **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(config).eval()
+    perturb(model, seed=seed)
+    with torch.no_grad():  # the (D, 3) and (D, 2) heads at std 1, so logits are O(1), not O(0.1)
+      for n, p in model.named_parameters():
+        if n.startswith(("classifier.", "qa_outputs.")):
+          p.mul_(10)
+    model.save_pretrained(d)
+    with torch.no_grad():
+      out = model(**{k: torch.tensor(v) for k, v in inputs.items()})
+    outputs = ({"start_logits": out.start_logits.numpy(), "end_logits": out.end_logits.numpy()}
+               if name == "bert_qa" else {"logits": out.logits.numpy()})
+    np.savez(d / "reference.npz", **{k: v.astype(np.int32) for k, v in inputs.items()},
+             **outputs)
+
+
 def main(names):
   OUT.mkdir(parents=True, exist_ok=True)
-  unknown = set(names) - {"bert", "gpt2", "vit"}
-  assert not unknown, f"unknown goldens {sorted(unknown)}; choose from bert, gpt2, vit"
-  names = names or ["bert", "gpt2", "vit"]
+  unknown = set(names) - {"bert", "gpt2", "vit", "bert_tasks"}
+  assert not unknown, f"unknown goldens {sorted(unknown)}; choose from bert, gpt2, vit, bert_tasks"
+  names = names or ["bert", "gpt2", "vit", "bert_tasks"]
   rng = np.random.default_rng(0)  # bert then gpt2 draw from it, in this order
   refs = {"transformers": transformers.__version__}
   if "bert" in names or "gpt2" in names:
@@ -237,6 +287,8 @@ def main(names):
                                             + "\n", encoding="utf-8")
   if "vit" in names:
     make_vit()
+  if "bert_tasks" in names:
+    make_bert_tasks()
   total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
   print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 
