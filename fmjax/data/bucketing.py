@@ -142,9 +142,9 @@ class BucketedBatches:
     index = self.indices_at(step)
     return self._cutter.take(index[self._rows], self._cutter.bucket(index))
 
-  def mean_length(self, steps: int) -> float:
-    """The mean width L of batches 0 .. steps-1: padded tokens per example over a run."""
-    return float(np.mean([self.length_at(s) for s in range(max(steps, 1))]))
+  def lengths(self, steps: int) -> np.ndarray:
+    """(steps,) the widths L of batches 0 .. steps-1: a run's padded tokens per example."""
+    return np.array([self.length_at(s) for s in range(steps)], np.int64)
 
   def get_state(self) -> dict[str, int]:
     """The resumable state: the number of batches already produced."""
