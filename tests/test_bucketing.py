@@ -1,6 +1,7 @@
 """Length-bucketed batches (fmjax.data.bucketing): buckets by hand, every example once per
 epoch, exact resume, hosts' rows, and the finetune program's padding invariance."""
 
+import ast
 import json
 import os
 import pathlib
@@ -155,8 +156,15 @@ def program(env, workdir, *overrides, config="configs/finetune.py:tiny"):
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  flops = float(re.search(r"([0-9.e+]+) training FLOPs per token", proc.stderr).group(1))
-  return rows, flops
+  widths = re.search(r"train batch widths \(tokens: batches, of the first \d+\): (\{.*\})",
+                     proc.stderr).group(1)
+  return rows, ast.literal_eval(widths)  # {width: number of batches}
+
+
+# tiny: sentences of 7-24 tokens. tiny_qa: windows as long as the contexts, 46-128 tokens.
+SHAPES = {"tiny": ("--config.train.batch_size=4", "--config.data.max_seq_length=64"),
+          "tiny_qa": ("--config.train.batch_size=2", "--config.data.max_seq_length=128",
+                      "--config.data.doc_stride=128")}
 
 
 @pytest.mark.slow
@@ -165,11 +173,13 @@ def test_finetune_with_buckets_equals_max_seq_length_padding(env, tmp_path, vari
   """Dropout off, the same seed: the same examples in every step, so bucketed training is the
   padded one up to float rounding -- losses, eval metrics and the predictions file."""
   config = f"configs/finetune.py:{variant}"
-  steps = ("--config.train.steps=8", "--config.train.learning_rate=3e-3")
-  bucketed, flops_bucketed = program(env, tmp_path / "b", *steps, config=config)
-  padded, flops_padded = program(env, tmp_path / "p", *steps, "--config.data.bucket=False",
-                                 config=config)
-  assert flops_bucketed < flops_padded  # shorter batches really ran (attention FLOPs ~ L)
+  steps = ("--config.train.steps=8", "--config.train.learning_rate=3e-3", *SHAPES[variant])
+  bucketed, widths = program(env, tmp_path / "b", *steps, config=config)
+  padded, padded_widths = program(env, tmp_path / "p", *steps, "--config.data.bucket=False",
+                                  config=config)
+  width = 64 if variant == "tiny" else 128  # max_seq_length
+  assert padded_widths == {width: 8}
+  assert sum(widths.values()) == 8 and min(widths) < width  # shorter batches ran
   assert [r["step"] for r in bucketed] == [r["step"] for r in padded] == [4, 8]
   assert padded[0]["train/loss"] != padded[1]["train/loss"]  # it trains
   for a, b in zip(bucketed, padded):

@@ -321,6 +321,9 @@ def run(config, workdir: str):
       train_arrays, batch_size=t.batch_size, seed=config.seed, min_length=min_bucket(config),
       process_index=jax.process_index(), process_count=jax.process_count())
   lengths = train_data.lengths(min(t.steps, LENGTH_SAMPLE_STEPS))
+  widths, counts = np.unique(lengths, return_counts=True)
+  trainer.log.info("train batch widths (tokens: batches, of the first %d): %s", len(lengths),
+                   dict(zip(widths.tolist(), counts.tolist())))
   flops_per_example = float(np.mean([bert.flops_per_token(encoder, int(n), masked_fraction=0.0)
                                      * int(n) for n in lengths]))
   score_fn = lambda predict: score(config, collect(config, predict, eval_arrays),
