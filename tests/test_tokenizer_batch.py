@@ -218,3 +218,18 @@ def test_errors_name_the_argument_and_value():
     WORDS(["a"], max_length=0)
   with pytest.raises(ValueError, match="truncation='only_second' .* no text_pairs"):
     WORDS(["a"], truncation="only_second")
+
+
+def test_glue_encoding_is_the_batch_call():
+  from fmjax.data import glue
+  examples = [glue.Example(("a b c d e", "f g h"), 1, "x:2"), glue.Example(("a", "b"), 0, "x:3")]
+  arrays, truncated = glue.encode_examples(examples, WORDS, max_seq_length=8)
+  # 5 + 3 tokens in a room of 5: both cut, half each, the longer first text the odd token
+  np.testing.assert_array_equal(arrays["input_ids"], [[2, 4, 5, 6, 3, 9, 10, 3],
+                                                      [2, 4, 3, 5, 3, 0, 0, 0]])
+  np.testing.assert_array_equal(arrays["segment_ids"], [[0, 0, 0, 0, 0, 1, 1, 1],
+                                                        [0, 0, 0, 1, 1, 0, 0, 0]])
+  np.testing.assert_array_equal(arrays["input_mask"].sum(1), [8, 5])
+  assert truncated == 1
+  with pytest.raises(ValueError, match="finetuning needs a BERT tokenizer"):
+    glue.encode_examples(examples, ByteTokenizer(), max_seq_length=8)
