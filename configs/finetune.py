@@ -57,6 +57,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   d.label_names = ""  # comma-separated label strings in id order; empty: ids as written
   d.num_labels = 2
   d.max_seq_length = 128
+  # Length buckets: each batch is padded to the next power of two >= its longest row (at
+  # least min_bucket_length, at most max_seq_length), one compiled program per bucket, so
+  # short texts cost what their tokens cost. False: every batch padded to max_seq_length.
+  d.bucket = True
+  d.min_bucket_length = 16
   d.eval_batch_size = 0  # 0: train.batch_size
   # QA
   d.doc_stride, d.max_query_length, d.n_best_size, d.max_answer_length = 128, 64, 20, 30

@@ -107,11 +107,12 @@ def test_sentence_pair_regression(env, tmp_path):
   proc = program(env, tmp_path / "sts", "--config.task=regression",
                  "--config.data.text_columns=sentence1,sentence2", f"--config.data.train_path={data}",
                  f"--config.data.eval_path={data}", "--config.data.max_seq_length=40",
-                 "--config.train.best_metric=eval/pearson", *LEARN[:3])
+                 "--config.train.best_metric=eval/pearson", "--config.train.steps=100",
+                 *LEARN[1:3])
   check_ok(proc)
   last = metrics(tmp_path / "sts")[-1]
   assert {"eval/pearson", "eval/spearman", "eval/loss"} <= set(last)
-  assert last["eval/pearson"] > 0.5  # 0.60 here; an untrained head gives ~0
+  assert last["eval/pearson"] > 0.5  # 0.69 here; an untrained head gives ~0
   predictions = jsonl(tmp_path / "sts" / "predictions" / "eval.jsonl")
   assert isinstance(predictions[0]["prediction"], float) and predictions[0]["label"] == 5.0
 

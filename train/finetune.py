@@ -9,6 +9,10 @@ squared error), "qa" (SQuAD v1.1: fmjax.heads.SpanHead over the tokens). Data co
 local files (config.data.train_path / eval_path, any format fmjax.data.glue reads, or SQuAD
 JSON) or, when those are empty, from the tfds catalog (config.data.tfds_name).
 
+Batches are padded by length (config.data.bucket, fmjax.data.bucketing): each to the next
+power of two >= its longest row, from config.data.min_bucket_length up to max_seq_length, one
+compiled program per bucket; tokens_per_second and mfu count those padded tokens.
+
 Evaluation runs every eval_every steps and at the end (eval/accuracy, eval/f1, eval/mcc,
 eval/pearson, eval/spearman, eval/exact_match as they apply); the best evaluation's params
 are kept in DIR/best, and the end of the run writes DIR/predictions/ for the eval file and
@@ -23,11 +27,12 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fmjax import checkpoint, evaluation, heads, trainer
 from fmjax import data as fdata
-from fmjax.data import glue, squad
+from fmjax.data import bucketing, glue, squad
 from fmjax.models import bert
 from train import common
 
@@ -36,6 +41,12 @@ SPECIAL = ("[CLS]", "[SEP]", "[MASK]")
 # Model fields a finetune may change on a pretrained encoder; the rest is its architecture.
 RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "remat_policy",
                   "dtype", "param_dtype")
+# QA start/end logits at padding positions: never an answer, and the same whatever width a
+# batch is padded to, so that bucketed batches score exactly as max_seq_length ones.
+PADDING_LOGIT = -1e9
+# tokens_per_second and MFU count the padded tokens of each bucket, averaged over (at most)
+# this many of the run's batches.
+LENGTH_SAMPLE_STEPS = 4096
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -99,6 +110,13 @@ def encode(config, tokenizer, examples):
     trainer.log.info("%d of %d examples truncated to max_seq_length=%d", truncated,
                      len(examples), d.max_seq_length)
   return arrays, None
+
+
+def min_bucket(config) -> int:
+  """The shortest batch width: config.data.min_bucket_length when bucketing, else every batch
+  is padded to max_seq_length."""
+  d = config.data
+  return d.min_bucket_length if d.bucket else d.max_seq_length
 
 
 def texts_of(config, examples):
@@ -175,7 +193,8 @@ def make_loss_fn(model, task: str):
     out = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
                       batch["input_mask"], train=train, rngs={"dropout": rng})
     if task == "qa":
-      return heads.span_loss(*out, batch["start_position"], batch["end_position"],
+      start, end = (mask_padding(x, batch["input_mask"]) for x in out)
+      return heads.span_loss(start, end, batch["start_position"], batch["end_position"],
                              batch["weight"])
     if task == "regression":
       return heads.regression_loss(out, batch["label"], batch["weight"])
@@ -188,15 +207,32 @@ def make_predict_fn(model, task: str):
     out = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
                       batch["input_mask"], train=False)
     if task == "qa":
-      return {"start_logits": out[0], "end_logits": out[1]}
+      return {"start_logits": mask_padding(out[0], batch["input_mask"]),
+              "end_logits": mask_padding(out[1], batch["input_mask"])}
     return {"logits": out}
   return predict_fn
 
 
-def collect(predict, arrays, batch_size: int) -> dict[str, np.ndarray]:
-  """predict over every example (padded batches) -> outputs for the real examples, in order."""
-  outputs = [predict(b) for b in fdata.padded_batches(
-      arrays, batch_size, process_index=jax.process_index(), process_count=jax.process_count())]
+def mask_padding(logits, input_mask):
+  """(B, L) per-token logits with PADDING_LOGIT where input_mask is 0."""
+  return jnp.where(input_mask > 0, logits, PADDING_LOGIT)
+
+
+def collect(config, predict, arrays) -> dict[str, np.ndarray]:
+  """predict over every example (bucketed batches, in order) -> outputs for the real examples,
+  in order; QA's per-token logits come back (N, max_seq_length), PADDING_LOGIT past each
+  batch's width."""
+  batch_size = config.data.eval_batch_size or config.train.batch_size
+  width = arrays["input_mask"].shape[1]
+  outputs = []
+  for batch in bucketing.eval_batches(arrays, batch_size, min_length=min_bucket(config),
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count()):
+    out = predict(batch)
+    if config.task == "qa":  # (B, L) -> (B, T)
+      pad = [(0, 0), (0, width - batch["input_mask"].shape[1])]
+      out = {k: np.pad(v, pad, constant_values=PADDING_LOGIT) for k, v in out.items()}
+    outputs.append(out)
   n = len(arrays["weight"])
   return {k: np.concatenate([o[k] for o in outputs])[:n] for k in outputs[0]}
 
@@ -280,28 +316,33 @@ def run(config, workdir: str):
   if t.warmup_fraction > 0:
     t.warmup_steps = int(t.warmup_fraction * t.steps)
 
-  train_data = fdata.ExampleBatchIterator(
-      fdata.ArraySource(train_arrays), batch_size=t.batch_size, seed=config.seed,
+  # Each batch padded to its bucket (a power of two), one compiled program per bucket.
+  train_data = bucketing.BucketedBatches(
+      train_arrays, batch_size=t.batch_size, seed=config.seed, min_length=min_bucket(config),
       process_index=jax.process_index(), process_count=jax.process_count())
-  eval_batch = d.eval_batch_size or t.batch_size
-  score_fn = lambda predict: score(config, collect(predict, eval_arrays, eval_batch),
+  lengths = train_data.lengths(min(t.steps, LENGTH_SAMPLE_STEPS))
+  widths, counts = np.unique(lengths, return_counts=True)
+  trainer.log.info("train batch widths (tokens: batches, of the first %d): %s", len(lengths),
+                   dict(zip(widths.tolist(), counts.tolist())))
+  flops_per_example = float(np.mean([bert.flops_per_token(encoder, int(n), masked_fraction=0.0)
+                                     * int(n) for n in lengths]))
+  score_fn = lambda predict: score(config, collect(config, predict, eval_arrays),
                                    eval_arrays, eval_examples, eval_spans)
-  seq = d.max_seq_length
   task = common.Task(
       model=model, model_config={**dataclasses.asdict(encoder), "task": config.task,
                                  "num_labels": num_labels},
       loss_fn=make_loss_fn(model, config.task), train_data=train_data, eval_data=None,
       example_batch=train_data.batch_at(0),
       init_args=lambda b: (b["input_ids"], b["segment_ids"], b["input_mask"]),
-      flops_per_example=bert.flops_per_token(encoder, seq, masked_fraction=0.0) * seq,
-      tokens_per_example=seq, predict_fn=make_predict_fn(model, config.task),
+      flops_per_example=flops_per_example, tokens_per_example=float(np.mean(lengths)),
+      predict_fn=make_predict_fn(model, config.task),
       score_fn=score_fn, new_params=(head,))
   state, last = common.fit(config, workdir, task)
 
   # Predictions from the best evaluation's params (the last ones without best_metric).
   params = trainer.best_params(workdir, state.params)
-  predict = lambda arrays: collect(trainer.make_predict(task.predict_fn, params), arrays,
-                                   eval_batch)
+  predict = lambda arrays: collect(config, trainer.make_predict(task.predict_fn, params),
+                                   arrays)
   label_names = _csv(d.label_names)
   outputs = predict(eval_arrays)
   final = score(config, outputs, eval_arrays, eval_examples, eval_spans)

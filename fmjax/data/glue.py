@@ -12,10 +12,12 @@ Files differ in the details, so each is a setting: a header row or not, columns 
 quotes fields CSV-style), and labels as written integers, names mapped to ids, or floats.
 Every problem is reported with its file and line.
 
-An example is encoded as google-research/bert's run_classifier.py does:
+An example is encoded by the tokenizer's batch call (`tokenizer(texts, text_pairs, ...)`),
+as transformers and google-research/bert's run_classifier.py do:
   [CLS] A [SEP]            segment 0 ...
   [CLS] A [SEP] B [SEP]    segment 0 for [CLS] A [SEP], 1 for B [SEP]
-truncating the longer of A and B one token at a time until the pair fits.
+a pair too long for max_seq_length losing tokens from the end of the longer text first
+(fmjax.data.tokenizers.truncate: Hugging Face tokenizers' longest_first).
 """
 
 from __future__ import annotations
@@ -258,42 +260,26 @@ def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
                      "tokenizer (the one pretrain_bert saved, or a Hugging Face BERT's)") from None
 
 
-def truncate_pair(a: list[int], b: list[int], max_tokens: int) -> bool:
-  """Drops tokens from the end of the longer sequence until len(a) + len(b) <= max_tokens
-  (run_classifier.py's _truncate_seq_pair), in place; returns whether anything was dropped."""
-  truncated = False
-  while len(a) + len(b) > max_tokens:
-    (a if len(a) > len(b) else b).pop()
-    truncated = True
-  return truncated
-
-
 def encode_examples(examples: Sequence[Example], tokenizer: Tokenizer,
                     max_seq_length: int) -> tuple[dict[str, np.ndarray], int]:
-  """Encodes examples as BERT inputs.
+  """Encodes examples as BERT inputs with the tokenizer's batch call, padded to max_seq_length
+  (fmjax.data.bucketing cuts batches of them shorter).
 
   Returns:
     ({"input_ids", "segment_ids", "input_mask": (N, T) int32, "label": (N,) int32 or float32
       (0 where unlabelled), "weight": (N,) float32 ones}, number of truncated examples).
   """
-  cls_id, sep_id = special_ids(tokenizer)
-  n, t = len(examples), max_seq_length
+  special_ids(tokenizer)  # finetuning wants the BERT template: say so when it is missing
   arity = len(examples[0].texts)
-  encoded = [tokenizer.encode_batch([e.texts[k] for e in examples]) for k in range(arity)]
-  input_ids = np.full((n, t), tokenizer.pad_id, np.int32)
-  segment_ids = np.zeros((n, t), np.int32)
-  input_mask = np.zeros((n, t), np.int32)
-  truncated = 0
-  for i in range(n):
-    a = list(encoded[0][i])
-    b = list(encoded[1][i]) if arity > 1 else []
-    truncated += truncate_pair(a, b, t - (3 if arity > 1 else 2))
-    ids = [cls_id, *a, sep_id] + ([*b, sep_id] if arity > 1 else [])
-    input_ids[i, :len(ids)] = ids
-    segment_ids[i, len(a) + 2:len(ids)] = 1
-    input_mask[i, :len(ids)] = 1
+  texts = [e.texts[0] for e in examples]
+  pairs = [e.texts[1] for e in examples] if arity > 1 else None
+  encoded = tokenizer(texts, pairs, max_length=max_seq_length, padding="max_length",
+                      truncation=True)
+  full = tokenizer(texts, pairs, padding=False, truncation=False)["input_ids"]
+  truncated = sum(len(ids) > max_seq_length for ids in full)
   regression = any(isinstance(e.label, float) for e in examples)
   labels = np.array([0 if e.label is None else e.label for e in examples],
                     np.float32 if regression else np.int32)
-  return {"input_ids": input_ids, "segment_ids": segment_ids, "input_mask": input_mask,
-          "label": labels, "weight": np.ones(n, np.float32)}, truncated
+  return {"input_ids": encoded["input_ids"], "segment_ids": encoded["token_type_ids"],
+          "input_mask": encoded["attention_mask"], "label": labels,
+          "weight": np.ones(len(examples), np.float32)}, truncated

@@ -5,6 +5,19 @@ appended after each document when packing a corpus) and a padding id (`pad_id`),
 itself into a directory with a `fmjax_tokenizer.json` that names its kind, so that
 `load_tokenizer(directory)` restores whichever kind a run used.
 
+Calling a tokenizer on a batch of texts (or text pairs) gives padded model inputs, as
+transformers' `tokenizer(texts, text_pairs, padding=..., truncation=True, max_length=...)`:
+
+  tok(["a good film", "dull"], max_length=128, padding="bucket")
+  -> {"input_ids", "attention_mask", "token_type_ids"}, each (B, T) int32 numpy:
+     [CLS] a good film [SEP] PAD PAD PAD / [CLS] dull [SEP] PAD ... (T = 8, the next power
+     of two >= the longest row's 5 tokens)
+
+with the special tokens of the model family (`Tokenizer.special_tokens`): BERT's
+`[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]` (token types 0 up to the first [SEP], 1 after)
+when the vocabulary has [CLS] and [SEP] (WordPiece, fmjax's BERT SentencePiece
+vocabularies); none for GPT-2's byte-level BPE, characters and bytes.
+
 Id layouts (fixed, so saved token caches stay valid):
   CharTokenizer:          0..n-1 the sorted distinct characters, n = EOS, n+1 = PAD
                           (the characters keep nanoGPT shakespeare_char's ids).
@@ -16,6 +29,7 @@ Id layouts (fixed, so saved token caches stay valid):
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -26,9 +40,41 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import sentencepiece as spm
 
+from fmjax.data.bucketing import bucket_length
+
 METADATA_FILE = "fmjax_tokenizer.json"
+PADDING = ("longest", "max_length", "bucket")
+TRUNCATION = ("longest_first", "only_first", "only_second")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+  """The ids a model family puts around its texts.
+
+  One text: `prefix A suffix`; a pair: `prefix A middle B suffix`. Token type ids are 0 up to
+  and including `middle`, `pair_type` for B and the pair's suffix. BERT: prefix ([CLS],),
+  middle ([SEP],), suffix ([SEP],), pair_type 1. GPT-2, characters, bytes: none.
+  """
+  prefix: tuple[int, ...] = ()
+  middle: tuple[int, ...] = ()
+  suffix: tuple[int, ...] = ()
+  pair_type: int = 1
+
+  def count(self, pair: bool) -> int:
+    """How many ids are added to one text (pair=False) or to a pair."""
+    return len(self.prefix) + len(self.suffix) + (len(self.middle) if pair else 0)
+
+  def wrap(self, a: Sequence[int], b: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    """(ids, token type ids) of text ids `a` (and `b`) with the special ids added."""
+    if b is None:
+      ids = [*self.prefix, *a, *self.suffix]
+      return ids, [0] * len(ids)
+    first = [*self.prefix, *a, *self.middle]
+    second = [*b, *self.suffix]
+    return first + second, [0] * len(first) + [self.pair_type] * len(second)
 
 
 class Tokenizer(abc.ABC):
@@ -74,6 +120,95 @@ class Tokenizer(abc.ABC):
     if len(ids) != len(text):
       raise NotImplementedError(f"{type(self).__name__} does not provide character offsets")
     return ids, [(i, i + 1) for i in range(len(text))]
+
+  @property
+  def special_tokens(self) -> SpecialTokens:
+    """The ids `__call__` adds: BERT's `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` when the
+    vocabulary has [CLS] and [SEP], else none (GPT-2's byte-level BPE, characters, bytes)."""
+    try:
+      cls_id, sep_id = self.token_to_id("[CLS]"), self.token_to_id("[SEP]")
+    except KeyError:
+      return SpecialTokens()
+    return SpecialTokens(prefix=(cls_id,), middle=(sep_id,), suffix=(sep_id,))
+
+  def __call__(self, texts: str | Sequence[str], text_pairs: str | Sequence[str] | None = None,
+               *, max_length: int | None = None, padding: str | bool = "longest",
+               truncation: str | bool = True, add_special_tokens: bool = True) -> dict:
+    """Tokenizes a batch of texts (or text pairs) into model inputs, as transformers'
+    `tokenizer(texts, text_pairs, padding=..., truncation=True, max_length=...)` does.
+
+    Args:
+      texts: B texts; a single string is a batch of one.
+      text_pairs: None, or B second texts (a single string with a single `texts`).
+      max_length: T's limit, special tokens included; None: no limit (and no truncation).
+      padding: "longest" (pad to the longest row), "max_length" (to max_length), "bucket"
+        (to the next power of two >= the longest row, at most max_length) or False (no
+        padding: lists of ids instead of arrays). True means "longest". Rows are padded on
+        the right with `pad_id`.
+      truncation: what to cut, from the end, when a row would exceed max_length: True or
+        "longest_first" (a pair: the longer text first; when both must be cut, each keeps
+        half the room, the longer one the odd token, as Hugging Face tokenizers), "only_first",
+        "only_second", or False (a row longer than max_length is an error).
+      add_special_tokens: add the family's special tokens (see `special_tokens`).
+
+    Returns:
+      {"input_ids", "attention_mask", "token_type_ids"}: (B, T) int32 numpy arrays
+      (attention_mask 1 on real tokens, 0 on padding; token types 0 for the first text of a
+      pair, 1 for the second), or lists of B lists with padding=False.
+
+    Raises:
+      ValueError: texts and text_pairs differ in number, an unknown padding or truncation
+        value, padding="max_length" without max_length, max_length smaller than the special
+        tokens, or a row too long without truncation.
+    """
+    texts = _as_batch(texts, "texts")
+    pairs = None if text_pairs is None else _as_batch(text_pairs, "text_pairs")
+    if pairs is not None and len(pairs) != len(texts):
+      raise ValueError(f"text_pairs has {len(pairs)} texts but texts has {len(texts)}: give "
+                       "one second text per text")
+    padding = _padding_mode(padding)
+    truncation = _truncation_mode(truncation)
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+      raise ValueError(f"max_length={max_length!r}: give a positive int, or None for no limit")
+    if padding == "max_length" and max_length is None:
+      raise ValueError("padding='max_length' needs max_length; give max_length=T, or use "
+                       "padding='longest'")
+    if truncation == "only_second" and pairs is None:
+      raise ValueError("truncation='only_second' cuts the second text of pairs, but no "
+                       "text_pairs were given; use truncation=True")
+    specials = self.special_tokens if add_special_tokens else SpecialTokens()
+    added = specials.count(pairs is not None)
+    if max_length is not None and max_length < added:
+      raise ValueError(f"max_length={max_length} is smaller than the {added} special tokens "
+                       f"each {'pair' if pairs is not None else 'text'} gets; raise max_length")
+    first = self.encode_batch(texts)
+    second = self.encode_batch(pairs) if pairs is not None else [None] * len(texts)
+    ids, types = [], []
+    for i, (a, b) in enumerate(zip(first, second)):
+      if max_length is not None and len(a) + len(b or ()) + added > max_length:
+        if truncation is None:
+          raise ValueError(f"texts[{i}] has {len(a) + len(b or ()) + added} tokens with its "
+                           f"special tokens, more than max_length={max_length}; pass "
+                           "truncation=True or raise max_length")
+        a, b = truncate(a, b, max_length - added, truncation)
+      row, row_types = specials.wrap(a, b)
+      ids.append(row)
+      types.append(row_types)
+    if padding is None:
+      return {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids],
+              "token_type_ids": types}
+    longest = max(map(len, ids), default=0)
+    width = (max_length if padding == "max_length" else
+             bucket_length(longest, maximum=max_length) if padding == "bucket" else longest)
+    out = {"input_ids": np.full((len(ids), width), self.pad_id, np.int32),
+           "attention_mask": np.zeros((len(ids), width), np.int32),
+           "token_type_ids": np.zeros((len(ids), width), np.int32)}
+    for i, (row, row_types) in enumerate(zip(ids, types)):
+      out["input_ids"][i, :len(row)] = row
+      out["attention_mask"][i, :len(row)] = 1
+      out["token_type_ids"][i, :len(row)] = row_types
+    return out
 
   @property
   def fingerprint(self) -> str:
@@ -342,6 +477,73 @@ def train_sentencepiece(
         f"{limit.group(1)} pieces from it. Use vocab_size <= {limit.group(1)}, a larger corpus, "
         "or CharTokenizer / ByteTokenizer.") from e
   return SentencePieceTokenizer(model.getvalue(), lowercase=lowercase)
+
+
+def truncate(first: Sequence[int], second: Sequence[int] | None, room: int,
+             strategy: str = "longest_first") -> tuple[list[int], list[int] | None]:
+  """Cuts ids from the ends of `first` (and `second`) so that together they fit `room`, as
+  Hugging Face tokenizers (and so transformers) do.
+
+  "longest_first": only the longer text is cut while the shorter fits in half the room;
+  otherwise each keeps half the room and the longer text the odd token (on a tie, the
+  second). "only_first" / "only_second": only that text is cut; an error when it is too
+  short to make the room. A single text (second None) is cut to `room`.
+  """
+  first = list(first)
+  if second is None:
+    return first[:room], None
+  second = list(second)
+  excess = len(first) + len(second) - room
+  if excess <= 0:
+    return first, second
+  if strategy in ("only_first", "only_second"):
+    cut = first if strategy == "only_first" else second
+    if len(cut) <= excess:
+      raise ValueError(f"truncation={strategy!r}: the {strategy[5:]} text has {len(cut)} "
+                       f"tokens, too few to drop the {excess} that exceed max_length; use "
+                       "truncation='longest_first' or raise max_length")
+    return (first[:-excess], second) if strategy == "only_first" else (first, second[:-excess])
+  short, long = sorted((len(first), len(second)))
+  keep_long = short if short > room else max(short, room - short)
+  if short + keep_long > room:
+    short, keep_long = room // 2, room // 2 + room % 2
+  if len(first) > len(second):
+    return first[:keep_long], second[:short]
+  return first[:short], second[:keep_long]
+
+
+def _as_batch(texts, name: str) -> list[str]:
+  if isinstance(texts, str):
+    return [texts]
+  if not isinstance(texts, Sequence):
+    raise ValueError(f"{name} must be a string or a list of strings, got "
+                     f"{type(texts).__name__}")
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise ValueError(f"{name}[{i}] is {type(text).__name__} {text!r}, not a string")
+  return list(texts)
+
+
+def _padding_mode(padding) -> str | None:
+  if padding is True:
+    return "longest"
+  if padding is False or padding == "do_not_pad":
+    return None
+  if padding not in PADDING:
+    raise ValueError(f"padding={padding!r}: choose one of {list(PADDING)}, True (longest) or "
+                     "False (no padding)")
+  return padding
+
+
+def _truncation_mode(truncation) -> str | None:
+  if truncation is True:
+    return "longest_first"
+  if truncation is False or truncation == "do_not_truncate":
+    return None
+  if truncation not in TRUNCATION:
+    raise ValueError(f"truncation={truncation!r}: choose one of {list(TRUNCATION)}, True "
+                     "(longest_first) or False")
+  return truncation
 
 
 def lower_same_length(text: str) -> str:

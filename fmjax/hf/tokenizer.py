@@ -6,6 +6,10 @@ tokenizer_config.json), else a byte-level BPE vocab.json + merges.txt (GPT-2). T
 tokens come from tokenizer_config.json / special_tokens_map.json: EOS is eos_token, else BERT's
 sep_token ([SEP]); PAD is pad_token, else EOS (GPT-2 has no padding token).
 
+Called on a batch (`tok(texts, text_pairs, max_length=..., padding=...)`, see
+`fmjax.data.tokenizers.Tokenizer.__call__`) it adds the special tokens of the tokenizer's own
+post-processor (BERT's [CLS] A [SEP] B [SEP]; none for GPT-2), as transformers does.
+
 Saved by `Tokenizer.save` as kind "hf" (fmjax_tokenizer.json + tokenizer.json), so that
 `fmjax.data.load_tokenizer` restores it.
 """
@@ -71,6 +75,29 @@ class HFTokenizer(fm_tokenizers.Tokenizer):
         start += 1
       offsets.append((start, end))
     return enc.ids, offsets
+
+  @property
+  def special_tokens(self) -> fm_tokenizers.SpecialTokens:
+    """The special ids of the backend's post-processor (tokenizer.json's, e.g. BERT's
+    TemplateProcessing), read by running it on two marker texts; without one (a tokenizer
+    made from vocab.txt), the vocabulary decides as in `Tokenizer.special_tokens`."""
+    if self._tok.post_processor is None:
+      return super().special_tokens
+    a, b = (self._tok.encode(text, add_special_tokens=False) for text in ("a", "b"))
+    pair = self._tok.post_process(a, b, add_special_tokens=True)
+    i = _find(pair.ids, a.ids, 0)
+    j = _find(pair.ids, b.ids, i + len(a.ids))
+    specials = fm_tokenizers.SpecialTokens(
+        prefix=tuple(pair.ids[:i]), middle=tuple(pair.ids[i + len(a.ids):j]),
+        suffix=tuple(pair.ids[j + len(b.ids):]), pair_type=pair.type_ids[j] if b.ids else 1)
+    single = self._tok.post_process(a, None, add_special_tokens=True)
+    if ((single.ids, single.type_ids) != specials.wrap(a.ids, None)
+        or (pair.ids, pair.type_ids) != specials.wrap(a.ids, b.ids)):
+      raise NotImplementedError(
+          f"this tokenizer's post-processor ({type(self._tok.post_processor).__name__}) adds "
+          "special tokens in a layout other than prefix A middle B suffix; encode with "
+          "add_special_tokens=False and add them yourself")
+    return specials
 
   def decode(self, ids: Iterable[int]) -> str:
     skip = {self.eos_id, self.pad_id}
@@ -162,6 +189,14 @@ def _wordpiece(vocab_file: pathlib.Path, config: dict) -> tokenizers.Tokenizer:
   tok.decoder = decoders.WordPiece(prefix="##")
   tok.add_special_tokens(sorted(t for t in specials.values() if t in vocab))  # split out whole
   return tok
+
+
+def _find(ids: list[int], part: list[int], start: int) -> int:
+  """The position of `part` in `ids` at or after `start` (len(ids) when absent or empty)."""
+  for i in range(start, len(ids) - len(part) + 1):
+    if part and ids[i:i + len(part)] == part:
+      return i
+  return len(ids)
 
 
 def _read_json(path: pathlib.Path) -> dict:
