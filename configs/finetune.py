@@ -62,6 +62,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   # short texts cost what their tokens cost. False: every batch padded to max_seq_length.
   d.bucket = True
   d.min_bucket_length = 16
+  # Rows of similar length share a batch: each run of group_batches batches of the shuffled
+  # order is sorted by length, then visited in random order (Hugging Face's group_by_length,
+  # tf.data's bucket_by_sequence_length), so buckets hold little padding. 0: plain shuffle.
+  d.group_batches = 32
   d.eval_batch_size = 0  # 0: train.batch_size
   # QA
   d.doc_stride, d.max_query_length, d.n_best_size, d.max_answer_length = 128, 64, 20, 30
@@ -82,12 +86,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   if variant == "tiny":
     d.train_path = "data/finetune_tiny/sentiment_train.tsv"
     d.eval_path = "data/finetune_tiny/sentiment_dev.tsv"
-    d.max_seq_length, d.vocab_size = 32, 120
+    d.max_seq_length, d.vocab_size, d.group_batches = 32, 120, 0
     t.epochs, t.learning_rate, t.batch_size = 0.0, 1e-3, 8
     t.steps, t.log_every, t.eval_every, t.save_every = 20, 5, 10, 10
   elif variant == "tiny_qa":
     d.train_path = d.eval_path = "data/finetune_tiny/qa.json"
     d.max_seq_length, d.doc_stride, d.max_query_length, d.vocab_size = 48, 16, 16, 200
+    d.group_batches = 0
     t.epochs, t.learning_rate, t.batch_size = 0.0, 1e-3, 8
     t.steps, t.log_every, t.eval_every, t.save_every = 20, 5, 10, 10
     t.best_metric = "eval/f1"

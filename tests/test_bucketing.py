@@ -28,6 +28,31 @@ def examples(lengths, width=32):
           "id": np.arange(n), "weight": np.ones(n, np.float32)}
 
 
+def test_length_groups_sort_each_group_and_keep_coverage_and_resume():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(1, 33, 120)
+  arrays = examples(lengths)
+  g, b = 4, 6  # groups of 4 batches of 6: 20 batches an epoch, 5 groups
+  grouped = bucketing.BucketedBatches(arrays, batch_size=b, seed=3, group_batches=g)
+  plain = bucketing.BucketedBatches(arrays, batch_size=b, seed=3)
+  for group in range(10):
+    batches = [grouped.indices_at(group * g + j) for j in range(g)]
+    members = np.concatenate([plain.indices_at(group * g + j) for j in range(g)])
+    # The same examples as the plain shuffle's group, re-cut so that batches hold similar lengths.
+    assert sorted(np.concatenate(batches).tolist()) == sorted(members.tolist())
+    spans = sorted((lengths[i].min(), lengths[i].max()) for i in batches)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
+  seen = np.concatenate([grouped.indices_at(s) for s in range(40)])  # two whole epochs
+  assert np.bincount(seen, minlength=120).tolist() == [2] * 120
+  assert grouped.lengths(40).sum() < plain.lengths(40).sum()
+  resumed = bucketing.BucketedBatches(arrays, batch_size=b, seed=3, group_batches=g)
+  resumed.set_state({"step": 6})  # the middle of the second group
+  for step in range(6, 15):
+    np.testing.assert_array_equal(next(resumed)["id"], grouped.batch_at(step)["id"])
+  with pytest.raises(ValueError, match="group_batches=-1"):
+    bucketing.BucketedBatches(arrays, batch_size=b, seed=3, group_batches=-1)
+
+
 def test_bucket_length_by_hand():
   assert [bucketing.bucket_length(n) for n in (0, 1, 2, 3, 5, 8, 9)] == [1, 1, 2, 4, 8, 8, 16]
   assert [bucketing.bucket_length(n, minimum=16, maximum=128) for n in (1, 16, 17, 100, 128)] \

@@ -319,7 +319,8 @@ def run(config, workdir: str):
   # Each batch padded to its bucket (a power of two), one compiled program per bucket.
   train_data = bucketing.BucketedBatches(
       train_arrays, batch_size=t.batch_size, seed=config.seed, min_length=min_bucket(config),
-      process_index=jax.process_index(), process_count=jax.process_count())
+      group_batches=d.group_batches, process_index=jax.process_index(),
+      process_count=jax.process_count())
   lengths = train_data.lengths(min(t.steps, LENGTH_SAMPLE_STEPS))
   widths, counts = np.unique(lengths, return_counts=True)
   trainer.log.info("train batch widths (tokens: batches, of the first %d): %s", len(lengths),

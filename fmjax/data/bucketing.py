@@ -16,6 +16,11 @@ the same outputs as at width T: min_length = max_length = T is the unbucketed pi
                    their seam. Batch k is a pure function of (seed, k): the iterator's state
                    is the step, and host p of P gets rows [p*b, (p+1)*b) of the global batch,
                    with L chosen from the whole global batch so every host cuts alike.
+                   With group_batches=G > 0 the shuffled order is cut into groups of G
+                   batches; each group's G*B examples are sorted by length, split into G
+                   batches and those batches visited in a seeded random order (as
+                   tf.data's bucket_by_sequence_length and Hugging Face's group_by_length do):
+                   rows of similar length share a batch, so the buckets hold little padding.
   eval_batches     evaluation and prediction: every example once, in order, B at a time; the
                    last batch is topped up with copies of row 0 whose "weight" is 0.
 
@@ -111,11 +116,14 @@ class BucketedBatches:
       values give every batch that one width (no bucketing).
     mask_key: the (N, T) array whose non-zero entries are the real tokens.
     process_index, process_count: this host's place (jax.process_index/count()).
+    group_batches: G > 0 sorts each group of G consecutive batches of the shuffled order by
+      length (module docstring); 0 keeps the shuffled order.
   """
 
   def __init__(self, arrays: dict[str, np.ndarray], *, batch_size: int, seed: int,
                min_length: int = 16, max_length: int | None = None,
-               mask_key: str = "input_mask", process_index: int = 0, process_count: int = 1):
+               mask_key: str = "input_mask", process_index: int = 0, process_count: int = 1,
+               group_batches: int = 0):
     import grain  # the finetuning data machinery, imported only when asked for
     self._cutter = _Cutter(arrays, mask_key, min_length, max_length)
     if self._cutter.n == 0:
@@ -123,7 +131,11 @@ class BucketedBatches:
     if not 0 <= seed < 2**32:
       raise ValueError(f"seed={seed}: the data seed must be in [0, 2**32)")
     self._rows = host_rows(batch_size, process_index, process_count)
-    self.batch_size, self.seed = batch_size, seed
+    if isinstance(group_batches, bool) or not isinstance(group_batches, int) or group_batches < 0:
+      raise ValueError(f"group_batches={group_batches!r}: the number of batches sorted by length "
+                       "together must be an int >= 0 (0: no grouping)")
+    self.batch_size, self.seed, self.group_batches = batch_size, seed, group_batches
+    self._group = (None, None)  # (group number, its (G, B) batches): the group being read
     # Global batch k = example indices [k*B, (k+1)*B) of the endless, per-epoch shuffled order.
     self._indices = (grain.MapDataset.range(self._cutter.n).shuffle(seed=seed).repeat()
                      .batch(batch_size, batch_fn=np.asarray))
@@ -131,7 +143,16 @@ class BucketedBatches:
 
   def indices_at(self, step: int) -> np.ndarray:
     """(B,) the examples of global batch `step`, all hosts' rows."""
-    return self._indices[step]
+    g = self.group_batches
+    if not g:
+      return self._indices[step]
+    group = step // g
+    if self._group[0] != group:
+      members = np.concatenate([self._indices[group * g + j] for j in range(g)])  # (G*B,)
+      by_length = members[np.argsort(self._cutter.lengths[members], kind="stable")]
+      order = np.random.default_rng((self.seed, group)).permutation(g)
+      self._group = (group, by_length.reshape(g, self.batch_size)[order])
+    return self._group[1][step % g]
 
   def length_at(self, step: int) -> int:
     """L, the width of global batch `step` (the same on every host)."""
