@@ -22,6 +22,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fmjax_docs_build", ROOT / "docs" / "build.py")
 build = importlib.util.module_from_spec(_spec)
@@ -213,7 +215,11 @@ def find_offenders():
       problems = _check_function(node, is_method=False)
       if problems:
         report(node, qualname, problems)
-  return offenders
+  def where(offender):
+    path, line = offender.split(" ", 1)[0].split(":")
+    return path, int(line)
+
+  return sorted(offenders, key=where)
 
 
 def test_checker_reads_google_sections():
@@ -264,11 +270,12 @@ def test_every_public_callable_has_args_and_returns():
   for o in offenders:
     by_file.setdefault(o.split(":", 1)[0], []).append(o)
   summary = ", ".join(f"{f} ({len(v)})" for f, v in sorted(by_file.items()))
-  assert not offenders, (
-      f"{len(offenders)} public callables lack docs, in {summary}. Write Google-style "
-      "sections (a line `Args:` / `Returns:` alone, then indented `name: (B, T, D) float32 ...` "
-      "lines; shape key: B batch, T length, S key length, D width, F MLP width, N heads, "
-      "K kv heads, H head dim, V vocab):\n" + "\n".join(offenders))
+  if offenders:
+    pytest.fail(
+        f"{len(offenders)} public callables lack docs, in {summary}. Write Google-style "
+        "sections (a line `Args:` / `Returns:` alone, then indented `name: (B, T, D) float32 "
+        "...` lines; shape key: B batch, T length, S key length, D width, F MLP width, "
+        "N heads, K kv heads, H head dim, V vocab):\n" + "\n".join(offenders), pytrace=False)
 
 
 def test_api_reference_builds_without_warnings(tmp_path):
