@@ -343,7 +343,7 @@ def describe(abstract_tree, rules: Rules) -> list[tuple[str, tuple, tuple, str]]
 
   Returns:
     [(path, shape, logical axes, str(mesh PartitionSpec)), ...] in leaf order, the path
-    "/"-joined, e.g. ("params/wte/embedding", (V, D), ("vocab", "embed"),
+    "/"-joined, e.g. under "fsdp_tp" ("params/wte/embedding", (V, D), ("vocab", "embed"),
     "P('tensor', 'fsdp')").
   """
   logical = logical_specs(abstract_tree)

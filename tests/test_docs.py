@@ -168,14 +168,15 @@ def _relpath(module):
 
 
 def find_offenders():
-  """Every missing docstring, Args or Returns in the public API, as "file:line name: missing ..."."""
+  """Every missing docstring, Args or Returns of the public API: "file:line name: missing ..."."""
   offenders = []
   trees = {}
 
   def tree_of(modname):
     if modname not in trees:
       module = sys.modules[modname]
-      trees[modname] = (_relpath(module), _index(ast.parse(pathlib.Path(module.__file__).read_text())))
+      source = pathlib.Path(module.__file__).read_text()
+      trees[modname] = (_relpath(module), _index(ast.parse(source)))
     return trees[modname]
 
   for modname in build.public_modules():
@@ -280,8 +281,9 @@ def test_every_public_callable_has_args_and_returns():
 
 def test_api_reference_builds_without_warnings(tmp_path):
   """`make docs` in a temporary directory: a pdoc warning about an fmjax object fails it."""
-  result = subprocess.run([sys.executable, str(ROOT / "docs" / "build.py"), "--output", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "docs" / "build.py"), "--output", str(tmp_path)],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   pages = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.html")}
   expected = {f"{m.replace('.', '/')}.html" for m in build.public_modules()} | {"index.html"}

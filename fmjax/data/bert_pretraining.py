@@ -97,7 +97,7 @@ def token_pieces(tokenizer: Tokenizer) -> list[str]:
     tokenizer: a `SentencePieceTokenizer`.
 
   Returns:
-    V piece strings, e.g. ["<pad>", ..., "▁the", ...]; piece i is id i's.
+    V piece strings (e.g. "▁the"); piece i is id i's.
 
   Raises:
     DataError: the tokenizer is not a `SentencePieceTokenizer` (other kinds have no pieces).

@@ -276,7 +276,8 @@ def padded_pairs(sources, targets, batch_size: int, length: int, *, pad_id: int,
     process_index, process_count: this host's place (jax.process_index/count()).
 
   Returns:
-    Batches of (`make_batch` dict with (b, T) arrays, real rows in the global batch, an int).
+    Batches whose element k is (`make_batch` dict of this host's (b, T) arrays, the number
+    of real rows in global batch k, an int).
   """
   import grain
   n, empty = len(sources), np.zeros((0,), np.int32)
