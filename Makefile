@@ -1,10 +1,11 @@
-# The two commands: `make demo` and `make test`. Both create .venv when it is missing.
+# The commands: `make demo`, `make test` and `make docs` (the API reference, docs/api/index.html).
+# Each creates .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/shakespeare_char
 
-.PHONY: demo test install bench clean
+.PHONY: demo test docs install bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +24,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -n 2 --durations=25
 
+# pdoc, from the docstrings; a warning about an fmjax object fails it (docs/build.py says which).
+docs: $(VENV)/.installed
+	$(PY) docs/build.py --output docs/api
+
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]' torch==2.13.0
 	$(PY) bench/train_speed.py --model gpt --size small
 
 clean:
-	rm -rf $(VENV) workdirs
+	rm -rf $(VENV) workdirs docs/api

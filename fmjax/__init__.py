@@ -7,6 +7,10 @@ Reading order: attention.py -> layers.py -> transformer.py -> models/gpt.py (the
 heavy optional dependencies load on first use: `fmjax.checkpoint` (orbax), `fmjax.data`
 (tensorflow_datasets, sentencepiece), `fmjax.hf` (safetensors, tokenizers), `fmjax.trainer`,
 and the small tools beside them. Importing fmjax installs no logging handler.
+
+The API reference is built from these docstrings by `make docs` (docs/api/index.html): each
+public callable's `Args:` and `Returns:` give shapes in one key, B batch, T length, S key
+length, D width, F MLP width, N heads, K kv heads, H head dim, V vocab.
 """
 
 import importlib

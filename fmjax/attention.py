@@ -59,7 +59,8 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
   """Multi-head, grouped-query or multi-query attention.
 
   Args:
-    q: (B, T, N, H) queries. k, v: (B, S, K, H) keys and values, N % K == 0.
+    q: (B, T, N, H) queries.
+    k, v: (B, S, K, H) keys and values, N % K == 0.
     causal, q_segment_ids, kv_segment_ids, kv_mask, q_positions, kv_positions: the mask, as in
       `make_attention_mask`; it is never materialised by `chunked` or `splash`.
     scale: logit multiplier (a Python float), default H ** -0.5.

@@ -12,6 +12,11 @@ class ArgumentError(ValueError):
   Attributes:
     function: the public fmjax function that was given the value, e.g. "make_mesh".
     argument: its parameter (or config field) that holds it, e.g. "sizes".
+
+  Args:
+    message: what was wrong, with the offending value, and what to pass instead.
+    function: sets the `function` attribute.
+    argument: sets the `argument` attribute.
   """
 
   def __init__(self, message: str, *, function: str, argument: str):

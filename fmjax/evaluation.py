@@ -22,12 +22,30 @@ import numpy as np
 
 
 def accuracy(predictions, labels) -> float:
+  """The fraction of predictions equal to their label.
+
+  Args:
+    predictions: (B,) predicted class ids (any array-like).
+    labels: (B,) true class ids.
+
+  Returns:
+    The accuracy in [0, 1] (NaN for B == 0).
+  """
   predictions, labels = np.asarray(predictions), np.asarray(labels)
   return float(np.mean(predictions == labels))
 
 
 def f1(predictions, labels, positive: int = 1) -> float:
-  """F1 of the `positive` class (GLUE's MRPC/QQP F1); 0 when it is never predicted or present."""
+  """F1 of the `positive` class (GLUE's MRPC/QQP F1); 0 when it is never predicted or present.
+
+  Args:
+    predictions: (B,) predicted class ids.
+    labels: (B,) true class ids.
+    positive: the class whose F1 is computed.
+
+  Returns:
+    2 * true positives / (predicted positives + actual positives), in [0, 1].
+  """
   p, y = np.asarray(predictions) == positive, np.asarray(labels) == positive
   tp = float(np.sum(p & y))
   denominator = float(np.sum(p) + np.sum(y))
@@ -35,7 +53,16 @@ def f1(predictions, labels, positive: int = 1) -> float:
 
 
 def matthews_corrcoef(predictions, labels) -> float:
-  """Matthews correlation for any number of classes (Gorodkin's R_K); 0 when undefined."""
+  """Matthews correlation for any number of classes (Gorodkin's R_K); 0 when undefined.
+
+  Args:
+    predictions: (B,) predicted class ids.
+    labels: (B,) true class ids.
+
+  Returns:
+    The correlation in [-1, 1] (GLUE's CoLA metric); 0 when all predictions or all labels
+    are one class.
+  """
   p, y = np.asarray(predictions), np.asarray(labels)
   classes = np.union1d(p, y)
   # confusion[i, j]: how often class i was predicted where class j was true
@@ -52,6 +79,15 @@ def matthews_corrcoef(predictions, labels) -> float:
 
 
 def pearson(predictions, labels) -> float:
+  """Pearson's correlation coefficient (STS-B), computed in float64.
+
+  Args:
+    predictions: (B,) predicted scores.
+    labels: (B,) true scores.
+
+  Returns:
+    The correlation in [-1, 1]; 0 when either side is constant.
+  """
   x = np.asarray(predictions, np.float64)
   y = np.asarray(labels, np.float64)
   x, y = x - x.mean(), y - y.mean()
@@ -76,14 +112,29 @@ def _ranks(x) -> np.ndarray:
 
 
 def spearman(predictions, labels) -> float:
-  """Spearman's rank correlation: Pearson's of the (tie-averaged) ranks."""
+  """Spearman's rank correlation: Pearson's of the (tie-averaged) ranks.
+
+  Args:
+    predictions: (B,) predicted scores.
+    labels: (B,) true scores.
+
+  Returns:
+    The rank correlation in [-1, 1]; 0 when either side is constant.
+  """
   return pearson(_ranks(predictions), _ranks(labels))
 
 
 # SQuAD v1.1 ----------------------------------------------------------------------------------
 
 def normalize_answer(text: str) -> str:
-  """Lower case, drop punctuation, the articles a/an/the and extra whitespace (official v1.1)."""
+  """Lower case, drop punctuation, the articles a/an/the and extra whitespace (official v1.1).
+
+  Args:
+    text: an answer string.
+
+  Returns:
+    The normalised string, words joined by single spaces.
+  """
   text = text.lower()
   text = "".join(ch for ch in text if ch not in set(string.punctuation))
   text = re.sub(r"\b(a|an|the)\b", " ", text)
@@ -91,6 +142,15 @@ def normalize_answer(text: str) -> str:
 
 
 def squad_f1(prediction: str, truth: str) -> float:
+  """Token-overlap F1 of one prediction against one ground-truth answer (official v1.1).
+
+  Args:
+    prediction: the predicted answer text.
+    truth: a ground-truth answer text.
+
+  Returns:
+    F1 in [0, 1] over the words of the normalised strings (`normalize_answer`).
+  """
   pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
   common = collections.Counter(pred) & collections.Counter(gold)
   same = sum(common.values())
@@ -101,6 +161,15 @@ def squad_f1(prediction: str, truth: str) -> float:
 
 
 def squad_exact_match(prediction: str, truth: str) -> float:
+  """Whether a prediction equals a ground-truth answer after `normalize_answer`.
+
+  Args:
+    prediction: the predicted answer text.
+    truth: a ground-truth answer text.
+
+  Returns:
+    1.0 or 0.0.
+  """
   return float(normalize_answer(prediction) == normalize_answer(truth))
 
 
@@ -133,7 +202,14 @@ _13A = [(re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),  # punctuation
 
 
 def tokenize_13a(line: str) -> str:
-  """mteval-v13a's tokenization, as sacrebleu's default tokenizer ("13a") does it."""
+  """mteval-v13a's tokenization, as sacrebleu's default tokenizer ("13a") does it.
+
+  Args:
+    line: one detokenized segment.
+
+  Returns:
+    The segment with punctuation split off, tokens separated by single spaces.
+  """
   line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
   if "&" in line:
     line = (line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<")
@@ -156,9 +232,14 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[
   Args:
     hypotheses: one detokenized output per segment.
     references: one reference per segment, or per segment a list of references.
+    max_order: the longest n-gram counted.
+
   Returns:
-    {"bleu": percent, "brevity_penalty", "precision_1".."precision_4" (percent),
-     "hyp_len", "ref_len"}.
+    {"bleu": percent, "brevity_penalty", "precision_1".."precision_<max_order>" (percent),
+     "hyp_len", "ref_len"}, all floats.
+
+  Raises:
+    ValueError: a different number of hypotheses and references.
   """
   if len(hypotheses) != len(references):
     raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references; "
@@ -198,7 +279,16 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[
 # By task kind --------------------------------------------------------------------------------
 
 def classification_metrics(predictions, labels, num_labels: int) -> dict[str, float]:
-  """accuracy and Matthews correlation; F1 of class 1 too when there are two classes."""
+  """accuracy and Matthews correlation; F1 of class 1 too when there are two classes.
+
+  Args:
+    predictions: (B,) predicted class ids.
+    labels: (B,) true class ids.
+    num_labels: the number of classes; 2 adds "f1".
+
+  Returns:
+    {"accuracy": ..., "mcc": ...} plus "f1" for two classes, floats.
+  """
   out = {"accuracy": accuracy(predictions, labels),
          "mcc": matthews_corrcoef(predictions, labels)}
   if num_labels == 2:
@@ -207,5 +297,14 @@ def classification_metrics(predictions, labels, num_labels: int) -> dict[str, fl
 
 
 def regression_metrics(predictions, labels) -> dict[str, float]:
+  """Pearson's and Spearman's correlations (GLUE's STS-B metrics).
+
+  Args:
+    predictions: (B,) predicted scores.
+    labels: (B,) true scores.
+
+  Returns:
+    {"pearson": ..., "spearman": ...}, floats in [-1, 1].
+  """
   return {"pearson": pearson(predictions, labels), "spearman": spearman(predictions, labels)}
 

@@ -85,6 +85,7 @@ class GenerateConfig:
 
   @property
   def greedy(self) -> bool:
+    """Whether tokens are picked by argmax (temperature 0), with no sampling."""
     return self.temperature == 0
 
 
@@ -92,9 +93,10 @@ class GenerateConfig:
 class Generated:
   """What `generate_tokens` returns.
 
-  tokens: (B, N) int32 new tokens, pad_id after each row's end.
-  lengths: (B,) int32 new tokens per row (a stop token included).
-  scores: (B,) float32 beam scores (length-penalised log-probability); None unless beams.
+  Attributes:
+    tokens: (B, N) int32 new tokens, pad_id after each row's end.
+    lengths: (B,) int32 new tokens per row (a stop token included).
+    scores: (B,) float32 beam scores (length-penalised log-probability); None unless beams.
   """
   tokens: jax.Array
   lengths: jax.Array
@@ -114,6 +116,11 @@ def select_tokens(logits, rng, *, temperature: float = 0.0, top_k: int = 0, top_
   Args:
     logits: (B, V) float.
     rng: a PRNG key (unused when greedy).
+    temperature: 0 picks the argmax; > 0 divides the logits before sampling.
+    top_k: sample among the k largest logits only (0: all V).
+    top_p: sample among the most likely tokens whose probabilities (after temperature and
+      top_k) sum to top_p; the most likely is always kept (1.0: no cut).
+
   Returns:
     (B,) int32 token ids.
   """
@@ -228,7 +235,18 @@ def beam_search(model, params, prompt, prompt_lengths, config: GenerateConfig, *
   scored too. The loop stops early once no alive beam can beat a row's W finished ones, so
   the answer equals running all N steps.
 
-  Args and returns: as generate_tokens (no rng); scores are the winners' beam scores.
+  Args:
+    model: a module with `init_cache` and a `decode` method (see the module docstring).
+    params: its parameters.
+    prompt: (B, T) int ids, left-padded, as for `generate_tokens`.
+    prompt_lengths: (B,) int, each at least 1.
+    config: a GenerateConfig (static); num_beams gives W, temperature must be 0.
+    pad_id: written after each hypothesis' end.
+    source: an encoder-decoder model's encoded inputs (B rows), as for `generate_tokens`.
+
+  Returns:
+    Generated(tokens (B, N) int32, lengths (B,) int32, scores (B,) float32): each row's best
+    hypothesis and its length-penalised beam score.
   """
   B, T = prompt.shape
   N, W = config.max_new_tokens, config.num_beams
@@ -293,12 +311,18 @@ def beam_search(model, params, prompt, prompt_lengths, config: GenerateConfig, *
 
 def generate_from_source(model, params, source, config: GenerateConfig, *, start_id: int,
                          pad_id: int = 0, rng=None) -> Generated:
-  """An encoder-decoder model's outputs for an encoded batch, each row starting from
-  `start_id` (greedy, sampled or beam search as `config` says); traceable.
+  """An encoder-decoder model's outputs for an encoded batch, each row starting from `start_id`.
+
+  Greedy, sampled or beam search as `config` says; traceable.
 
   Args:
     model, params: e.g. fmjax.models.seq2seq.Seq2Seq and its parameters.
     source: model.encode's output for B rows ({"memory": (B, S, D), "mask": (B, S)}).
+    config: a GenerateConfig (static).
+    start_id: the token each row's decoding starts from (a one-token prompt).
+    pad_id: written after a row has stopped.
+    rng: PRNG key for sampling; None: jax.random.key(0).
+
   Returns:
     Generated, as generate_tokens (the start token is not among the new tokens).
   """
@@ -313,7 +337,14 @@ def generate_from_source(model, params, source, config: GenerateConfig, *, start
 
 
 def bucket_length(n: int) -> int:
-  """The prompt bucket: the next power of two >= n, at least MIN_BUCKET."""
+  """The prompt bucket: the next power of two >= n, at least MIN_BUCKET.
+
+  Args:
+    n: the longest prompt's length in tokens.
+
+  Returns:
+    The padded prompt length T, e.g. 8 for n <= 8, 16 for n = 9.
+  """
   return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
 
 

@@ -29,7 +29,15 @@ def _cache_path():
 
 
 def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-  """Best observed fp32 matmul FLOP/s of an (n x n) @ (n x n) product on this host's CPU."""
+  """Best observed fp32 matmul FLOP/s of an (n x n) @ (n x n) product on the default device.
+
+  Args:
+    n: the matrix size.
+    repeats: timed runs after one warm-up (compile) run; the fastest counts.
+
+  Returns:
+    2 * n**3 / the best time in seconds.
+  """
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x, y: x @ y)
   f(a, a).block_until_ready()
@@ -42,7 +50,16 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
 
 
 def peak_flops_per_device(device=None) -> tuple[float, str]:
-  """(peak FLOP/s of one device, where the number comes from)."""
+  """(peak FLOP/s of one device, where the number comes from).
+
+  Args:
+    device: a jax Device; defaults to jax.devices()[0]. Accelerators are looked up in
+      PEAK_FLOPS by device kind (dense bf16); a CPU is measured once with
+      `measure_cpu_peak_flops` and cached under $XDG_CACHE_HOME/fmjax (or ~/.cache/fmjax).
+
+  Returns:
+    (FLOP/s as a float, NaN for an unknown accelerator; a sentence naming the source).
+  """
   device = device or jax.devices()[0]
   kind = device.device_kind
   if device.platform != "cpu":
@@ -79,6 +96,16 @@ class MetricsWriter:
   metrics.jsonl equals an uninterrupted one's (and TensorBoard is told to purge them too).
   Crash safe: that rewrite is atomic, and each row is one append of one line, so a kill
   leaves at most a cut-short last line, which `read_metrics` drops.
+
+  Args:
+    workdir: the run's directory (must exist): metrics.jsonl, tensorboard/ and
+      loss_curve.png go there.
+    resume_step: the step resumed from; rows of metrics.jsonl with a larger step are dropped.
+    enabled: whether this process writes; None: only process 0 does.
+
+  Attributes:
+    last: the last row kept on resume, without "step" ({} when there is none): a finished
+      run's final metrics.
   """
 
   def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool | None = None):
@@ -99,6 +126,12 @@ class MetricsWriter:
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, metrics: dict) -> None:
+    """Appends one row to metrics.jsonl and each value to TensorBoard (if enabled).
+
+    Args:
+      step: the training step the metrics belong to.
+      metrics: {name: number}, scalars (Python, numpy or jax); stored as floats.
+    """
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
@@ -109,13 +142,24 @@ class MetricsWriter:
         self._tb.add_scalar(k, v, step)
 
   def close(self) -> None:
+    """Flushes TensorBoard and draws loss_curve.png from metrics.jsonl (if enabled)."""
     if self.enabled:
       self._tb.close()
       plot_loss_curve(self.path, os.path.join(self.workdir, "loss_curve.png"))
 
 
 def read_metrics(path: str) -> list[dict]:
-  """The rows of a metrics.jsonl; a last line cut short (the writer was killed) is dropped."""
+  """The rows of a metrics.jsonl; a last line cut short (the writer was killed) is dropped.
+
+  Args:
+    path: the metrics.jsonl file; a missing file has no rows.
+
+  Returns:
+    [{"step": int, name: float, ...}, ...] in file order.
+
+  Raises:
+    ValueError: a line other than a cut-short last one is not JSON (names the line).
+  """
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -133,8 +177,14 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def write_atomically(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temporary file and a rename: readers (and a rerun
-  after a crash) see the old content or the new, never half of it."""
+  """Writes `text` to `path` through a temporary file and a rename.
+
+  Readers (and a rerun after a crash) see the old content or the new, never half of it.
+
+  Args:
+    path: the file to replace or create.
+    text: its new content.
+  """
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -142,7 +192,12 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def plot_loss_curve(metrics_path: str, png_path: str) -> None:
-  """Plots every */loss key of metrics.jsonl against step."""
+  """Plots every key of metrics.jsonl ending in "loss" against step, into a PNG.
+
+  Args:
+    metrics_path: the metrics.jsonl to read (see `read_metrics`).
+    png_path: the image to write (100 dpi, 6 x 4 inches).
+  """
   # A bare Figure renders with Agg without touching pyplot's global backend, so a notebook
   # that trains through a program still shows its own plots inline.
   from matplotlib.figure import Figure

@@ -89,7 +89,12 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
   Args:
     sizes: {"data": int, "fsdp": int, "tensor": int} (e.g. config.mesh); a missing axis has
       size 1, so `make_mesh({}, devices=jax.devices()[:1])` is a one-device mesh.
-    devices: defaults to all of jax.devices().
+    devices: the devices to arrange, in order; defaults to all of jax.devices(), ordered by
+      the physical interconnect (mesh_utils) on TPU slices.
+
+  Returns:
+    A Mesh with axes ("data", "fsdp", "tensor") of the given sizes.
+
   Raises:
     ArgumentError: (argument "sizes") unknown axes, or sizes that do not use the devices.
   """
@@ -124,20 +129,42 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
 
 
 def logical_to_mesh(logical_specs, rules: Rules):
-  """Pytree of logical PartitionSpecs -> pytree of mesh PartitionSpecs."""
+  """Pytree of logical PartitionSpecs -> pytree of mesh PartitionSpecs.
+
+  Args:
+    logical_specs: a pytree of PartitionSpecs of logical axis names, e.g. from `logical_specs`.
+    rules: a rule-set name of RULES or a rule list (see `get_rules`).
+
+  Returns:
+    The same pytree with each logical name replaced by its mesh axes (None: replicated).
+  """
   return nn.logical_to_mesh(logical_specs, get_rules(rules))
 
 
 def logical_specs(abstract_tree):
-  """Logical PartitionSpecs of a (possibly abstract) pytree of nn.LogicallyPartitioned boxes."""
+  """Logical PartitionSpecs of a (possibly abstract) pytree of nn.LogicallyPartitioned boxes.
+
+  Args:
+    abstract_tree: flax variables or an optimizer state whose leaves are
+      nn.LogicallyPartitioned (arrays or jax.ShapeDtypeStructs, e.g. from jax.eval_shape).
+
+  Returns:
+    The same pytree with a PartitionSpec of logical axis names per leaf (P() for unboxed leaves).
+  """
   return nn.get_partition_spec(abstract_tree)
 
 
 def check_divisible(abstract_tree, mesh: Mesh, rules: Rules) -> None:
   """Pre-flight check: every sharded dimension divides the product of its mesh axes.
 
-  Raises ArgumentError (argument "mesh") naming the parameter path, its shape, the mesh and
-  the rule involved, before anything is compiled or allocated.
+  Args:
+    abstract_tree: a pytree of nn.LogicallyPartitioned leaves (shapes only are read).
+    mesh: the mesh to shard over.
+    rules: a rule-set name of RULES or a rule list (see `get_rules`).
+
+  Raises:
+    ArgumentError: (argument "mesh") naming the parameter path, its shape, the mesh and the
+      axes involved, before anything is compiled or allocated.
   """
   specs = logical_to_mesh(logical_specs(abstract_tree), rules)
   shapes = nn.meta.unbox(abstract_tree)
@@ -157,7 +184,16 @@ def check_divisible(abstract_tree, mesh: Mesh, rules: Rules) -> None:
 
 
 def shardings_of(abstract_tree, mesh: Mesh, rules: Rules):
-  """NamedShardings for a pytree of boxed (logically partitioned) values."""
+  """NamedShardings for a pytree of boxed (logically partitioned) values.
+
+  Args:
+    abstract_tree: a pytree of nn.LogicallyPartitioned leaves (arrays or ShapeDtypeStructs).
+    mesh: the mesh the shardings refer to.
+    rules: a rule-set name of RULES or a rule list (see `get_rules`).
+
+  Returns:
+    The same pytree with one NamedSharding per leaf.
+  """
   return nn.logical_to_mesh_sharding(logical_specs(abstract_tree), mesh, get_rules(rules))
 
 
@@ -168,6 +204,13 @@ def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules, *args):
   built from them, scalars). jax.eval_shape finds the shapes without allocating, the rules
   turn logical names into NamedShardings, the divisibility check runs, and the jitted
   init writes each shard on its own device: full-size parameters never exist on one device.
+
+  Args:
+    init_fn: a function of `args` returning the boxed pytree, e.g.
+      `lambda rng: model.init(rng, example)`.
+    mesh: the mesh to place the values on.
+    rules: a rule-set name of RULES or a rule list (see `get_rules`).
+    *args: the arguments of init_fn (e.g. a PRNG key); passed through jax.jit.
 
   Returns:
     (tree of plain arrays, tree of NamedShardings) with the same structure.
@@ -183,13 +226,29 @@ def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules, *args):
 
 @contextlib.contextmanager
 def context(mesh: Mesh, rules: Rules):
-  """Mesh + logical rules in scope, so nn.with_logical_constraint inside models resolves."""
+  """Mesh + logical rules in scope, so nn.with_logical_constraint inside models resolves.
+
+  Args:
+    mesh: the mesh to set (jax.set_mesh) for the body of the `with` statement.
+    rules: a rule-set name of RULES or a rule list (see `get_rules`).
+
+  Yields:
+    None; on exit the previous mesh and rules are back in scope.
+  """
   with jax.set_mesh(mesh), nn.logical_axis_rules(get_rules(rules)):
     yield
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dim split over (data, fsdp); any other dims replicated."""
+  """Leading (batch) dim split over (data, fsdp); any other dims replicated.
+
+  Args:
+    mesh: a mesh with the axes of MESH_AXES.
+
+  Returns:
+    NamedSharding(mesh, P(("data", "fsdp"))), for arrays (B, ...) with B divisible by
+    `batch_shards(mesh)`.
+  """
   return NamedSharding(mesh, P(BATCH))
 
 
@@ -198,6 +257,9 @@ def batch_shards(mesh) -> int:
 
   Args:
     mesh: a Mesh (or AbstractMesh), or a {mesh axis: size} mapping (missing axes: size 1).
+
+  Returns:
+    data size * fsdp size, e.g. 4 for {"data": 2, "fsdp": 2, "tensor": 2}.
   """
   sizes = getattr(mesh, "shape", mesh)
   return math.prod(int(sizes.get(a, 1)) for a in BATCH)
@@ -208,20 +270,36 @@ def tensor_shards(mesh) -> int:
 
   Args:
     mesh: as for `batch_shards`.
+
+  Returns:
+    The "tensor" size (1 when the axis is absent).
   """
   return int(getattr(mesh, "shape", mesh).get("tensor", 1))
 
 
 def process_mesh() -> Mesh:
-  """A (processes, local) mesh: one row of devices per process, for reductions across
-  processes (e.g. "did any process get a stop signal?"); see `over_processes`."""
+  """A (processes, local) mesh: one row of devices per process, for reductions across processes.
+
+  Used e.g. to ask "did any process get a stop signal?"; see `over_processes`.
+
+  Returns:
+    A Mesh of jax.devices() with shape (jax.process_count(), local device count) and axes
+    ("processes", "local").
+  """
   devices = np.array([[d for d in jax.devices() if d.process_index == p]
                       for p in range(jax.process_count())])
   return Mesh(devices, ("processes", "local"))
 
 
 def over_processes(mesh: Mesh) -> NamedSharding:
-  """The leading dim of a `process_mesh` array split over processes: one entry each."""
+  """The leading dim of a `process_mesh` array split over processes: one entry each.
+
+  Args:
+    mesh: a `process_mesh()`.
+
+  Returns:
+    NamedSharding(mesh, P("processes")).
+  """
   return NamedSharding(mesh, P("processes"))
 
 
@@ -230,6 +308,13 @@ def shard_batch(batch, mesh: Mesh):
 
   Each process passes only the rows it read; the global batch is their concatenation in
   process order (see fmjax.data's per-host iterators).
+
+  Args:
+    batch: a pytree of host arrays (B_local, ...), B_local = global B / process count.
+    mesh: the mesh whose (data, fsdp) axes split the batch.
+
+  Returns:
+    The same pytree of jax.Arrays (B, ...), sharded by `batch_sharding(mesh)`, dtypes kept.
   """
   def put(x):
     x = np.asarray(x)
@@ -238,11 +323,29 @@ def shard_batch(batch, mesh: Mesh):
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A sharding that keeps a full copy of the array on every device of `mesh`.
+
+  Args:
+    mesh: the mesh.
+
+  Returns:
+    NamedSharding(mesh, P()).
+  """
   return NamedSharding(mesh, P())
 
 
 def describe(abstract_tree, rules: Rules) -> list[tuple[str, tuple, tuple, str]]:
-  """Rows of (param path, shape, logical axes, mesh PartitionSpec): the golden sharding table."""
+  """Rows of (param path, shape, logical axes, mesh PartitionSpec): the golden sharding table.
+
+  Args:
+    abstract_tree: a pytree of nn.LogicallyPartitioned leaves, e.g. jax.eval_shape(model.init, ...).
+    rules: a rule-set name of RULES or a rule list (see `get_rules`).
+
+  Returns:
+    [(path, shape, logical axes, str(mesh PartitionSpec)), ...] in leaf order, the path
+    "/"-joined, e.g. under "fsdp_tp" ("params/wte/embedding", (V, D), ("vocab", "embed"),
+    "P('tensor', 'fsdp')").
+  """
   logical = logical_specs(abstract_tree)
   mesh_specs = logical_to_mesh(logical, rules)
   is_spec = lambda x: isinstance(x, P)

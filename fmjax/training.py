@@ -22,6 +22,16 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 @flax.struct.dataclass
 class TrainState:
+  """What a train step carries from one step to the next (a pytree, so it can be jitted).
+
+  fmjax's own, not flax.training.train_state.TrainState: no apply_fn or tx inside, which the
+  step functions close over instead.
+
+  Attributes:
+    step: () int32, the number of optimizer updates applied (skipped non-finite steps excluded).
+    params: the model parameters (flax "params" collection), float32 by default.
+    opt_state: the optax state of the optimizer, shaped like `params` where it has moments.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
@@ -29,7 +39,22 @@ class TrainState:
 
 def learning_rate_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int,
                            decay: str = "cosine", end_factor: float = 0.1) -> optax.Schedule:
-  """Linear warmup from 0, then cosine or linear decay to end_factor * learning_rate."""
+  """Linear warmup from 0, then cosine or linear decay to end_factor * learning_rate.
+
+  Args:
+    learning_rate: the peak rate, reached at `warmup_steps`.
+    total_steps: the step at which the decay reaches its end value.
+    warmup_steps: steps of linear warmup from 0 (0: start at the peak).
+    decay: "cosine" or "linear" down to end_factor * learning_rate over the steps after
+      warmup, or "constant" (stay at the peak).
+    end_factor: the final rate as a fraction of the peak.
+
+  Returns:
+    An optax schedule, step (int) -> learning rate (float32 scalar).
+
+  Raises:
+    ValueError: an unknown `decay`.
+  """
   if decay not in ("cosine", "linear", "constant"):
     raise ValueError(f"unknown decay {decay!r}; choose 'cosine', 'linear' or 'constant'")
   warmup = optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1))
@@ -42,7 +67,14 @@ def learning_rate_schedule(*, learning_rate: float, total_steps: int, warmup_ste
 
 
 def decay_mask(params):
-  """True where weight decay applies: matrices and embeddings, not norms or biases."""
+  """True where weight decay applies: matrices and embeddings, not norms or biases.
+
+  Args:
+    params: a parameter pytree (flax "params").
+
+  Returns:
+    The same pytree of Python bools: False for a leaf with "bias" or "scale" in its path.
+  """
   def keep(path, leaf):
     names = [str(getattr(k, "key", getattr(k, "name", ""))) for k in path]
     return not any(n in ("bias", "scale") for n in names)
@@ -55,6 +87,16 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
                    grad_clip: float | None = 1.0):
   """AdamW with warmup + decay, no decay on norms/biases, global-norm clipping.
 
+  Args:
+    learning_rate: the peak learning rate.
+    total_steps: the length of the schedule in optimizer steps.
+    warmup_steps: steps of linear warmup from 0.
+    decay: "cosine", "linear" or "constant" after warmup (see `learning_rate_schedule`).
+    end_factor: the final learning rate as a fraction of the peak.
+    weight_decay: AdamW's decoupled weight decay, on the leaves of `decay_mask`.
+    b1, b2, eps: Adam's moment decay rates and epsilon.
+    grad_clip: the global gradient norm to clip to; None or 0: no clipping.
+
   Returns:
     (optax.GradientTransformation, schedule) — the schedule is logged as learning_rate.
   """
@@ -66,7 +108,19 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
 
 
 def init_fn(model: nn.Module, tx, *example_args, **example_kwargs):
-  """A function rng -> boxed TrainState, for sharding.sharded_init."""
+  """A function rng -> boxed TrainState, for sharding.sharded_init.
+
+  Args:
+    model: the flax module to initialise.
+    tx: the optax optimizer whose state is initialised from the parameters.
+    *example_args: example inputs for model.init (only their shapes and dtypes matter), e.g.
+      (1, T) int32 token ids.
+    **example_kwargs: keyword inputs for model.init.
+
+  Returns:
+    init(rng) -> TrainState with step 0, the "params" collection (leaves still boxed with
+    their logical axes) and tx's state; rng seeds both "params" and "dropout".
+  """
   def init(rng):
     params = model.init({"params": rng, "dropout": rng}, *example_args, **example_kwargs)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
@@ -86,6 +140,17 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None)
   none can be checkpointed. The host decides whether to stop or go on (fmjax.trainer.fit,
   config.train.skip_nonfinite) when it next reads the metrics; the check costs one more
   norm (the update's) and a select, and no host synchronisation.
+
+  Args:
+    loss_fn: loss_fn(params, batch, rng, train) -> (scalar loss, {name: scalar}).
+    tx: the optax optimizer.
+    accum_steps: micro-batches per update; the batch's leading dimension B must be a multiple.
+    schedule: the learning-rate schedule, logged as metrics["learning_rate"] when given.
+
+  Returns:
+    train_step(state, batch, rng) -> (new TrainState, metrics): metrics holds float32 scalars
+    "train/loss", "grad_norm", "train/<name>" for each of loss_fn's metrics, "nonfinite"
+    (int32 0/1) and, with a schedule, "learning_rate". rng is folded with the step.
   """
   grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
 
@@ -123,7 +188,15 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None)
 
 
 def make_eval_step(loss_fn: LossFn):
-  """eval_step(params, batch) -> metrics, sums weighted by the batch's example count."""
+  """eval_step(params, batch) -> metrics: loss_fn with train=False and a fixed rng.
+
+  Args:
+    loss_fn: loss_fn(params, batch, rng, train) -> (scalar loss, {name: scalar}).
+
+  Returns:
+    eval_step(params, batch) -> {"eval/loss": loss, "eval/<name>": value, ...}, the batch
+    means that loss_fn returns (fmjax.trainer.evaluate averages them over batches).
+  """
   def eval_step(params, batch):
     loss, aux = loss_fn(params, batch, jax.random.key(0), False)
     return {"eval/loss": loss, **{f"eval/{k}": v for k, v in aux.items()}}
@@ -131,7 +204,19 @@ def make_eval_step(loss_fn: LossFn):
 
 
 def jit_steps(train_step, eval_step, state_shardings, mesh):
-  """Compiles both steps once with explicit in/out shardings; the state is donated."""
+  """Compiles both steps once with explicit in/out shardings; the state is donated.
+
+  Args:
+    train_step: from `make_train_step`.
+    eval_step: from `make_eval_step`.
+    state_shardings: a TrainState of NamedShardings (e.g. from sharding.sharded_init).
+    mesh: the mesh; batches are split by sharding.batch_sharding(mesh), rngs and metrics
+      are replicated.
+
+  Returns:
+    (jitted train_step, jitted eval_step); the train step donates its state argument, so
+    the caller must use the state it returns.
+  """
   batch = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
   train = jax.jit(train_step, in_shardings=(state_shardings, batch, repl),
@@ -145,7 +230,10 @@ def cross_entropy(logits, targets, weights=None):
   """Mean token cross-entropy and accuracy over positions with weight > 0.
 
   Args:
-    logits: (..., V) float; targets: (...) int; weights: (...) float or None (all ones).
+    logits: (..., V) float, e.g. (B, T, V); computed in float32.
+    targets: (...) int, e.g. (B, T), the true ids in [0, V).
+    weights: (...) float, or None for all ones; positions with weight 0 do not count.
+
   Returns:
     (loss, accuracy, total weight) as float32 scalars.
   """

@@ -185,7 +185,14 @@ class Batches:
     self._iterator = iter(dataset.to_iter_dataset(options))
 
   def batch_at(self, step: int) -> Any:
-    """Batch number `step` (0-based), read directly: the iterator does not move."""
+    """Batch number `step` (0-based), read directly: the iterator does not move.
+
+    Args:
+      step: the batch's index k.
+
+    Returns:
+      Element k of `dataset`: this host's part of global batch k.
+    """
     return self.dataset[step]
 
   @property
@@ -194,12 +201,19 @@ class Batches:
     return int(self._iterator.get_state()["next_index"])
 
   def get_state(self) -> dict[str, int]:
-    """Returns the resumable state, JSON-able: {"step": batches produced so far}."""
+    """The resumable state, JSON-able.
+
+    Returns:
+      {"step": batches produced so far}.
+    """
     return {"step": self.step}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    """Restores `get_state()`'s result (other keys are ignored); the next batch is the one
-    that would have followed."""
+    """Restores `get_state()`'s result: the next batch is the one that would have followed.
+
+    Args:
+      state: {"step": k, ...}; other keys are ignored.
+    """
     self._iterator.set_state({"next_index": int(state["step"])})
 
   def __iter__(self) -> Iterator:
@@ -217,21 +231,24 @@ class LMBatchIterator(Batches):
   mode="sequential": the stream is cut into W = (L - 1) // T non-overlapping windows;
     epoch e visits all of them in the order `epoch_order(W, seed)` gives (a new permutation
     each epoch), and global rows run through epoch after epoch (a batch may straddle two).
+
+  Each batch is `make_batch`'s dict of int32 (b, T) "inputs", "targets", "segment_ids",
+  "positions".
+
+  Args:
+    tokens: (L,) token stream (e.g. from `load_token_stream`); read, never copied.
+    batch_size: global batch size B over all processes.
+    seq_len: T.
+    seed: the data seed, >= 0.
+    eos_id: the tokenizer's EOS id, where documents end.
+    mode: "random" or "sequential".
+    process_index, process_count: this host's place (jax.process_index/count()).
+    prefetch: as in `Batches`.
   """
 
   def __init__(self, tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int,
                eos_id: int, mode: str = "random", process_index: int = 0,
                process_count: int = 1, prefetch: int = PREFETCH):
-    """Args:
-      tokens: (L,) token stream (e.g. from `load_token_stream`); read, never copied.
-      batch_size: global batch size B over all processes.
-      seq_len: T.
-      seed: the data seed, >= 0.
-      eos_id: the tokenizer's EOS id, where documents end.
-      mode: "random" or "sequential".
-      process_index, process_count: this host's place (jax.process_index/count()).
-      prefetch: as in `Batches`.
-    """
     import grain
     if mode not in MODES:
       raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -334,7 +351,19 @@ class ExampleBatchIterator(Batches):
 
 def example_batches(source, batch_size: int, *, process_index: int = 0,
                     process_count: int = 1) -> Batches:
-  """Evaluation batches: every full global batch of `source` in order, the same each call."""
+  """Evaluation batches: every full global batch of `source` in order, the same each call.
+
+  The last len(source) % B examples are left out.
+
+  Args:
+    source: indexable (len + __getitem__) returning dicts of equal-shape numpy arrays, as for
+      `ExampleBatchIterator`.
+    batch_size: global batch size B.
+    process_index, process_count: as in `LMBatchIterator`.
+
+  Returns:
+    Batches of {key: (b, ...) array}, this host's rows of each global batch.
+  """
   import grain
   full = len(source) // batch_size * batch_size
   rows = grain.MapDataset.source(source)[:full].map(_arrays)
@@ -343,7 +372,11 @@ def example_batches(source, batch_size: int, *, process_index: int = 0,
 
 
 class ArraySource:
-  """Equal-length numpy arrays as an indexable source of examples (row i of each array)."""
+  """Equal-length numpy arrays as an indexable source of examples (row i of each array).
+
+  Args:
+    arrays: {key: (n, ...) array}, the same n for every key.
+  """
 
   def __init__(self, arrays: dict[str, np.ndarray]):
     lengths = {len(v) for v in arrays.values()}
@@ -360,9 +393,19 @@ class ArraySource:
 
 def padded_batches(arrays: dict[str, np.ndarray], batch_size: int, *, process_index: int = 0,
                    process_count: int = 1) -> Batches:
-  """Every example once, in order, in global batches of `batch_size`: the last batch is
-  padded with copies of row 0 whose "weight" is 0 (the arrays must have a "weight" column),
-  so no example is dropped and every batch has one shape."""
+  """Every example once, in order, in global batches of `batch_size`, the last one padded.
+
+  The last batch is padded with copies of row 0 whose "weight" is 0, so no example is
+  dropped and every batch has one shape.
+
+  Args:
+    arrays: {key: (n, ...) array}, with a "weight" column (n,).
+    batch_size: global batch size B.
+    process_index, process_count: as in `LMBatchIterator`.
+
+  Returns:
+    Batches of {key: (b, ...) array}, this host's rows; "weight" is float32, 0 on padding.
+  """
   import grain
   n = len(arrays["weight"])
 

@@ -93,6 +93,12 @@ def read_pretraining_documents(path_or_glob: str | os.PathLike | Sequence[str]) 
 def token_pieces(tokenizer: Tokenizer) -> list[str]:
   """Returns the piece string of every id of a SentencePiece tokenizer, in id order.
 
+  Args:
+    tokenizer: a `SentencePieceTokenizer`.
+
+  Returns:
+    V piece strings (e.g. "▁the"); piece i is id i's.
+
   Raises:
     DataError: the tokenizer is not a `SentencePieceTokenizer` (other kinds have no pieces).
   """
@@ -497,7 +503,12 @@ def mask_tokens(input_ids: Sequence[int] | np.ndarray, tokenizer: Tokenizer, rng
 
 @dataclasses.dataclass(eq=False)
 class BertPretrainingConfig(tfds.core.BuilderConfig):
-  """Feature shapes; the name is the fingerprint of documents, tokenizer and parameters."""
+  """Feature shapes; the name is the fingerprint of documents, tokenizer and parameters.
+
+  Attributes:
+    max_seq_length: T, the length of "input_ids", "input_mask" and "segment_ids".
+    max_predictions_per_seq: P, the length of the "masked_lm_*" features.
+  """
   max_seq_length: int = 128
   max_predictions_per_seq: int = 20
 
@@ -507,6 +518,16 @@ class BertPretrainingExamples(tfds.core.GeneratorBasedBuilder, skip_registration
 
   Built by `prepare_pretraining_dataset`, which passes the documents, tokenizer and
   parameters; once prepared, opening it needs only `data_dir` and the config.
+
+  Args:
+    documents: the documents, as for `create_pretraining_examples`; needed only to prepare.
+    tokenizer: the tokenizer, as for `create_pretraining_examples`; needed only to prepare.
+    create_kwargs: the other keyword arguments of `create_pretraining_examples`.
+    **kwargs: tfds builder arguments: config (a BertPretrainingConfig), data_dir,
+      file_format, ...
+
+  Raises:
+    DataError: (on preparing) a builder made without documents whose data is not prepared.
   """
 
   VERSION = tfds.core.Version("1.0.0")
@@ -545,7 +566,17 @@ class BertPretrainingExamples(tfds.core.GeneratorBasedBuilder, skip_registration
 
 
 def pretraining_fingerprint(documents, tokenizer: Tokenizer, **create_kwargs) -> str:
-  """A hex digest of the documents' text, the tokenizer and all creation parameters."""
+  """A hex digest of the documents' text, the tokenizer and all creation parameters.
+
+  Args:
+    documents: the documents, each a sequence of sentences, as for `create_pretraining_examples`.
+    tokenizer: its `fingerprint` is hashed.
+    **create_kwargs: keyword arguments of `create_pretraining_examples`; defaults are filled
+      in, so leaving out a default and passing it give the same digest.
+
+  Returns:
+    A 64-character SHA-256 hex digest.
+  """
   params = inspect.signature(create_pretraining_examples).bind(
       documents, tokenizer, **create_kwargs)
   params.apply_defaults()

@@ -36,7 +36,15 @@ def _mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
 
 
 def shape_scene(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, str]:
-  """One (image (S, S, 3) uint8, caption) pair drawn with `rng`."""
+  """One (image (S, S, 3) uint8, caption) pair drawn with `rng`.
+
+  Args:
+    rng: the generator every choice (colours, shapes, relation, sizes, noise) is drawn from.
+    image_size: S, the image side in pixels.
+
+  Returns:
+    (image (S, S, 3) uint8, caption), e.g. "a red circle above a blue square".
+  """
   s = image_size
   colours = rng.choice(len(COLOURS), 2, replace=False)
   kinds = rng.integers(0, len(SHAPES), 2)
@@ -58,15 +66,33 @@ def shape_scene(rng: np.random.Generator, image_size: int) -> tuple[np.ndarray, 
 
 
 def shapes(n: int, *, image_size: int = 32, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-  """n generated scenes: (images (n, S, S, 3) uint8, captions); scene i depends only on
-  (seed, i)."""
+  """n generated scenes; scene i depends only on (seed, i).
+
+  Args:
+    n: how many scenes.
+    image_size: S, the image side in pixels.
+    seed: the data seed; scene i is drawn with np.random.default_rng([seed, i]).
+
+  Returns:
+    (images (n, S, S, 3) uint8, n captions).
+  """
   pairs = [shape_scene(np.random.default_rng([seed, i]), image_size) for i in range(n)]
   return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
 
 def read_caption_folder(root: str, *, image_size: int) -> tuple[np.ndarray, list[str]]:
-  """root/captions.tsv ("<image file>\\t<caption>" per line) and its images, resized to
-  image_size x image_size RGB: (images (n, S, S, 3) uint8, captions)."""
+  """root/captions.tsv ("<image file>\\t<caption>" per line) and its images, in file order.
+
+  Args:
+    root: the folder holding captions.tsv; image file names are relative to it.
+    image_size: S; each image is converted to RGB and fitted to S x S (`resize_image`).
+
+  Returns:
+    (images (n, S, S, 3) uint8, n captions, stripped).
+
+  Raises:
+    DataError: no captions.tsv, a malformed line, a missing or unreadable image, or no pairs.
+  """
   index = os.path.join(root, "captions.tsv")
   if not os.path.isfile(index):
     raise DataError(f"{index}: no such file; a caption folder holds captions.tsv with lines "

@@ -35,6 +35,13 @@ _IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
 def read_idx(path: str) -> np.ndarray:
   """One IDX file (gzip-compressed or plain, told apart by content) as a numpy array.
 
+  Args:
+    path: the IDX file, e.g. train-images-idx3-ubyte.gz.
+
+  Returns:
+    The array with the header's dimensions and type (native byte order), e.g. (N, 28, 28)
+    uint8 for MNIST images, (N,) uint8 for its labels.
+
   Raises:
     DataError: naming the file, for a bad magic number, an unknown type code, or a data
       size that disagrees with the header's dimensions.
@@ -84,8 +91,15 @@ def read_idx_dataset(images_path: str, labels_path: str, *, start: int = 0,
                      stop: int = 0) -> ArraySource:
   """Images and labels from a pair of IDX files, examples [start, stop) (stop 0: to the end).
 
+  Args:
+    images_path: the IDX file of images, (N, S, S) or (N, S, S, C) uint8.
+    labels_path: the IDX file of labels, (N,) integers.
+    start: the first example kept.
+    stop: one past the last example kept; 0: to the end.
+
   Returns:
     ArraySource of {"image": (S, S, C) uint8 (C = 1 for 3-d image files), "label": int32}.
+
   Raises:
     DataError: a bad file (see read_idx), images that are not (N, S, S[, C]) uint8, labels
       that are not (N,) non-negative integers, or image and label counts that differ.
@@ -113,8 +127,15 @@ def read_idx_dataset(images_path: str, labels_path: str, *, start: int = 0,
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-  """(h, w, C) uint8 -> (size, size, C): the shorter side scaled to `size` (bilinear), then
-  the centre crop; an image already size x size is returned as it is."""
+  """(h, w, C) uint8 -> (size, size, C): the shorter side scaled to `size`, then the centre crop.
+
+  Args:
+    image: (h, w, C) uint8, C = 1 or 3.
+    size: S, the side of the output.
+
+  Returns:
+    (S, S, C) uint8, resized bilinearly (Pillow); an image already S x S is returned as it is.
+  """
   h, w = image.shape[:2]
   if (h, w) == (size, size):
     return image
@@ -130,12 +151,19 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
 
 def random_crop_flip(image: np.ndarray, rng: np.random.Generator, *, padding: int,
                      flip: bool) -> np.ndarray:
-  """The training augmentation: zero-pad by `padding` pixels on every side and crop back to
-  the image's size at a random offset, then mirror left-right with probability 1/2 if `flip`.
+  """The training augmentation: random crop of the zero-padded image, then a random mirror.
+
+  Zero-pads by `padding` pixels on every side and crops back to the image's size at a random
+  offset, then mirrors left-right with probability 1/2 if `flip`.
 
   Args:
     image: (S, S, C) uint8.
     rng: the example's generator (seed it from (seed, index, epoch) for exact resumes).
+    padding: the pad width in pixels; 0: no crop.
+    flip: whether to mirror at random.
+
+  Returns:
+    (S, S, C) uint8, contiguous.
   """
   if padding > 0:
     h, w = image.shape[:2]
@@ -251,7 +279,17 @@ class TfdsImages:
 
 
 class Subset:
-  """Examples [start, stop) of a source (stop 0: to its end)."""
+  """Examples [start, stop) of a source (stop 0: to its end).
+
+  Args:
+    source: indexable (len + __getitem__), e.g. an ImageFolder.
+    start: the first example kept.
+    stop: one past the last example kept; 0: to the end.
+    name: what to call the source in error messages.
+
+  Raises:
+    DataError: a range not within the source's examples.
+  """
 
   def __init__(self, source, start: int = 0, stop: int = 0, *, name: str = "the source"):
     self.source = source
@@ -267,8 +305,15 @@ class Subset:
 
 
 def load_arrays(source) -> dict[str, np.ndarray]:
-  """Every example of a source decoded into memory: {"image": (N, S, S, C), "label": (N,)}.
-  An ArraySource is returned as it is."""
+  """Every example of a source decoded into memory.
+
+  Args:
+    source: indexable (len + __getitem__) of {"image": (S, S, C) uint8, "label": () int32}
+      examples (any keys are stacked alike).
+
+  Returns:
+    {"image": (N, S, S, C), "label": (N,)}; for an ArraySource, its arrays themselves.
+  """
   if isinstance(source, ArraySource):
     return source.arrays
   examples = [source[i] for i in range(len(source))]

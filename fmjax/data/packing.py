@@ -27,7 +27,14 @@ _CHUNK_DOCUMENTS = 256  # documents encoded per call: lets batched tokenizers us
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-  """uint16 when all ids fit (half the disk and page cache of int32), else int32."""
+  """uint16 when all ids fit (half the disk and page cache of int32), else int32.
+
+  Args:
+    vocab_size: V, the number of token ids.
+
+  Returns:
+    np.dtype("<u2") when V <= 2**16, else np.dtype("<i4") (little-endian, as on disk).
+  """
   return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<i4")
 
 
@@ -84,7 +91,15 @@ def _open(path: str, dtype: np.dtype) -> np.ndarray:
 
 
 def token_cache_path(documents: Documents, tokenizer: Tokenizer) -> str:
-  """Where `load_token_stream` caches the stream of `documents` under `tokenizer`."""
+  """Where `load_token_stream` caches the stream of `documents` under `tokenizer`.
+
+  Args:
+    documents: an opened split (its `cache_dir` and `name` are read).
+    tokenizer: its `fingerprint` and `vocab_size` go into the file name.
+
+  Returns:
+    "<cache_dir>/fmjax_tokens.<split>.<fingerprint[:16]>.<dtype>.bin".
+  """
   split = re.sub(r"[^A-Za-z0-9_.-]+", "_", documents.name.rsplit(":", 1)[-1])
   dtype = token_dtype(tokenizer.vocab_size).name
   return os.path.join(documents.cache_dir,
@@ -96,6 +111,11 @@ def load_token_stream(tokenizer: Tokenizer, *, data_dir: str, split: str = "trai
                       text_key: str = "text", document_split: str = "file",
                       val_fraction: float = 0.0) -> np.ndarray:
   """`load_documents` (same arguments) then `pack_documents`, cached next to the tfds data.
+
+  Args:
+    tokenizer: encodes the documents; its EOS id follows each one.
+    data_dir, split, train_path, eval_path, tfds_name, text_key, document_split, val_fraction:
+      which corpus split, as for `fmjax.data.text.load_documents`.
 
   Returns:
     (L,) token ids of the split, each document followed by EOS, as a read-only memmap.

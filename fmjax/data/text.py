@@ -42,6 +42,9 @@ def resolve_files(patterns: str | Sequence[str]) -> list[str]:
 
   Returns:
     Absolute real paths, without duplicates.
+
+  Raises:
+    DataError: a pattern matches nothing, a directory or an empty file.
   """
   patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
   files = []
@@ -63,7 +66,17 @@ def resolve_files(patterns: str | Sequence[str]) -> list[str]:
 
 
 def read_text_file(path: str) -> str:
-  """Reads a UTF-8 file, raising DataError on bad bytes or whitespace-only content."""
+  """Reads a UTF-8 file, raising DataError on bad bytes or whitespace-only content.
+
+  Args:
+    path: the file.
+
+  Returns:
+    Its text.
+
+  Raises:
+    DataError: the file is not valid UTF-8 (names the byte and line) or holds only whitespace.
+  """
   with open(path, "rb") as f:
     raw = f.read()
   try:
@@ -103,8 +116,12 @@ def split_fraction(documents: Sequence[str], val_fraction: float) -> tuple[list[
   (n characters in all), as nanoGPT's `data[:int(n*0.9)]`; a document spanning the cut
   is split in two.
 
+  Args:
+    documents: the documents, in order.
+    val_fraction: the trailing fraction of the characters that validates, in (0, 1).
+
   Returns:
-    (train documents, validation documents).
+    (train documents, validation documents), lists of non-empty strings.
   """
   if not 0.0 < val_fraction < 1.0:
     raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -129,7 +146,23 @@ class LocalTextConfig(tfds.core.BuilderConfig):
   @classmethod
   def for_files(cls, train_path, eval_path=None, *, document_split="file",
                 val_fraction=0.0) -> LocalTextConfig:
-    """Resolves the paths/globs and names the config after the files' fingerprint."""
+    """Resolves the paths/globs and names the config after the files' fingerprint.
+
+    Args:
+      train_path: a path/glob or a sequence of them (see `resolve_files`): the "train" split.
+      eval_path: path/glob(s) of the "validation" split, or None.
+      document_split: "file" or "blank_line" (see `split_documents`).
+      val_fraction: without eval_path, the trailing fraction of the training characters that
+        forms "validation" (0: no validation split).
+
+    Returns:
+      A config named "<document_split>_<16 hex digits>", a hash of the files' real paths,
+      sizes and modification times and of the options.
+
+    Raises:
+      ValueError: an unknown document_split, or both eval_path and val_fraction.
+      DataError: a path that matches no usable file.
+    """
     if document_split not in DOCUMENT_SPLITS:
       raise ValueError(f"document_split must be one of {DOCUMENT_SPLITS}, got {document_split!r}")
     if eval_path is not None and val_fraction:
@@ -192,6 +225,14 @@ class Documents(collections.abc.Sequence):
   """
 
   def __init__(self, source, *, text_key: str, cache_dir: str, name: str):
+    """Wraps a data source; `load_documents` builds it.
+
+    Args:
+      source: a random-access source of records (dicts), e.g. a tfds ArrayRecord data source.
+      text_key: the record key holding the text (bytes or str).
+      cache_dir: sets the `cache_dir` attribute.
+      name: sets the `name` attribute.
+    """
     self._source, self.text_key, self.cache_dir, self.name = source, text_key, cache_dir, name
 
   def __len__(self) -> int:
@@ -260,9 +301,19 @@ def load_documents(*, data_dir: str, split: str = "train", train_path=None, eval
 
 
 def prepare_once(make_builder) -> tfds.core.DatasetBuilder:
-  """Returns make_builder()'s builder, prepared. In a multi-process run process 0 prepares
-  while the others wait and then open what it wrote (hosts that share a filesystem never
-  write the same files at once; hosts with their own disks prepare their own copy)."""
+  """Returns make_builder()'s builder, prepared (in ArrayRecord), preparing it if needed.
+
+  In a multi-process run process 0 prepares while the others wait and then open what it
+  wrote (hosts that share a filesystem never write the same files at once; hosts with their
+  own disks prepare their own copy).
+
+  Args:
+    make_builder: a function of no arguments returning a tfds DatasetBuilder; called again
+      after the wait, since a builder made before the data existed has no splits.
+
+  Returns:
+    The prepared builder.
+  """
   builder = make_builder()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

@@ -26,7 +26,17 @@ Pair = tuple[str, str]
 
 
 def read_lines(path: str) -> list[str]:
-  """The lines of a UTF-8 text file (gzip when it ends in .gz), without line ends."""
+  """The lines of a UTF-8 text file (gzip when it ends in .gz), without line ends.
+
+  Args:
+    path: the file.
+
+  Returns:
+    Its lines, "\\n" and a trailing "\\r" removed (a final newline adds no empty line).
+
+  Raises:
+    DataError: a missing, empty or non-UTF-8 file (names the line).
+  """
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file; check config.data paths (relative paths are "
                     f"taken from {os.getcwd()})")
@@ -49,7 +59,18 @@ def read_lines(path: str) -> list[str]:
 
 
 def read_parallel(source_path: str, target_path: str) -> list[Pair]:
-  """Line i of source_path translates to line i of target_path; both must have as many."""
+  """Line i of source_path translates to line i of target_path; both must have as many.
+
+  Args:
+    source_path: the source-language file (see `read_lines`).
+    target_path: the target-language file, line-aligned with it.
+
+  Returns:
+    [(source sentence, target sentence), ...] in line order.
+
+  Raises:
+    DataError: a bad file, or files with different line counts.
+  """
   sources, targets = read_lines(source_path), read_lines(target_path)
   if len(sources) != len(targets):
     raise DataError(f"{source_path} has {len(sources)} lines but {target_path} has "
@@ -62,7 +83,21 @@ def read_tfds(name: str, split: str, source_lang: str, target_lang: str,
               data_dir: str | None = None) -> list[Pair]:
   """A tfds translation dataset (e.g. "wmt14_translate/de-en", features "de" and "en").
 
-  Needs the prepared dataset (it downloads and prepares on first use online)."""
+  Needs the prepared dataset (it downloads and prepares on first use online).
+
+  Args:
+    name: the tfds name, with config, e.g. "wmt14_translate/de-en".
+    split: a tfds split string, e.g. "train", "validation[:500]".
+    source_lang: the feature holding the source text, e.g. "de".
+    target_lang: the feature holding the target text, e.g. "en".
+    data_dir: the tfds data directory; None or "": tfds' default.
+
+  Returns:
+    [(source sentence, target sentence), ...] in the split's order.
+
+  Raises:
+    KeyError: a record without one of the two features (the message lists its features).
+  """
   import tensorflow_datasets as tfds  # imported only when asked for
   source = tfds.data_source(name, split=split, data_dir=data_dir or None)
   pairs = []
@@ -82,8 +117,18 @@ def _to_str(value) -> str:
 
 def train_tokenizers(pairs: Sequence[Pair], vocab_size: int, *, shared: bool = True,
                      **options) -> tuple[Tokenizer, Tokenizer]:
-  """(source tokenizer, target tokenizer), SentencePiece learned on the training pairs; the
-  same object twice when `shared` (one vocabulary of both languages)."""
+  """(source tokenizer, target tokenizer), SentencePiece learned on the training pairs.
+
+  Args:
+    pairs: the training (source, target) sentence pairs.
+    vocab_size: V of each vocabulary.
+    shared: one vocabulary learned on both languages (the same object returned twice), or
+      one per side.
+    **options: passed to `fmjax.data.tokenizers.train_sentencepiece`.
+
+  Returns:
+    (source tokenizer, target tokenizer).
+  """
   if shared:
     tok = train_sentencepiece([t for pair in pairs for t in pair], vocab_size, **options)
     return tok, tok
@@ -93,7 +138,18 @@ def train_tokenizers(pairs: Sequence[Pair], vocab_size: int, *, shared: bool = T
 
 def encode_pairs(pairs: Sequence[Pair], source_tok: Tokenizer, target_tok: Tokenizer,
                  max_length: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-  """(source ids, target ids + EOS, number of pairs cut to max_length) per pair."""
+  """Encodes each pair: source ids, and target ids followed by the target tokenizer's EOS.
+
+  Args:
+    pairs: (source, target) sentence pairs.
+    source_tok: encodes the sources.
+    target_tok: encodes the targets; its `eos_id` ends each target.
+    max_length: ids kept per side at most (a cut target may lose its EOS).
+
+  Returns:
+    (sources, targets, cut): lists of (<= max_length,) int32 arrays, one per pair, and the
+    number of pairs that had a side cut.
+  """
   eos = target_tok.eos_id
   sources = source_tok.encode_batch([s for s, _ in pairs])
   targets = target_tok.encode_batch([t for _, t in pairs])
@@ -104,8 +160,19 @@ def encode_pairs(pairs: Sequence[Pair], source_tok: Tokenizer, target_tok: Token
 
 
 def make_batch(sources, targets, length: int, *, pad_id: int, start_id: int) -> batches.Batch:
-  """Pads pairs to `length`: {"source", "source_mask", "target_in", "target_out", "weight"}
-  (B, length) each; weight is 1.0 on real target tokens."""
+  """Pads pairs to `length`, with the decoder input shifted right behind `start_id`.
+
+  Args:
+    sources: B int arrays of source ids, each at most `length` long.
+    targets: B int arrays of target ids (EOS last), each at most `length` long.
+    length: T, the padded length of both sides.
+    pad_id: the id of padding.
+    start_id: the first decoder input of every row (EOS, as fairseq does).
+
+  Returns:
+    {"source", "target_in", "target_out"}: (B, T) int32; "source_mask": (B, T) bool, True on
+    real source tokens; "weight": (B, T) float32, 1.0 on real target tokens.
+  """
   b = len(sources)
   out = {"source": np.full((b, length), pad_id, np.int32),
          "target_in": np.full((b, length), pad_id, np.int32),
@@ -133,6 +200,24 @@ class PairBatches(batches.Batches):
   and checkpointed as `batches.Batches`; the plan itself is numpy, because grain 0.2.18 has no
   length bucketing (its packers join examples into one row instead), and every host pads to
   the longest pair of the whole global batch, which a per-host `batch` could not see.
+
+  Each batch is `make_batch`'s dict, this host's b rows, padded to a multiple of
+  `length_multiple`.
+
+  Args:
+    sources: the encoded source sentences (int arrays), e.g. from `encode_pairs`.
+    targets: the encoded targets, EOS last, aligned with `sources`.
+    batch_size: global batch size B; an epoch is len(sources) // B batches.
+    seed: the data seed.
+    pad_id: the id of padding.
+    start_id: the first decoder input of every row.
+    length_multiple: each batch's length is rounded up to a multiple of this.
+    pool: how many batches' worth of pairs are sorted by length together.
+    process_index, process_count: this host's place (jax.process_index/count()).
+    prefetch: as in `batches.Batches`.
+
+  Raises:
+    DataError: fewer pairs than one batch.
   """
 
   def __init__(self, sources, targets, *, batch_size: int, seed: int, pad_id: int,
@@ -177,8 +262,23 @@ class PairBatches(batches.Batches):
 
 def padded_pairs(sources, targets, batch_size: int, length: int, *, pad_id: int, start_id: int,
                  process_index: int = 0, process_count: int = 1) -> batches.Batches:
-  """Every pair once, in order, in batches of (batch_size, length); the last batch is filled
-  with empty rows (no source, weight 0). Yields (batch, number of real rows in it)."""
+  """Every pair once, in order, in batches of (batch_size, length), the last filled up.
+
+  The last batch is filled with empty rows (no source, weight 0), so every batch has one shape.
+
+  Args:
+    sources: the encoded source sentences, each at most `length` long.
+    targets: the encoded targets, aligned with `sources`.
+    batch_size: global batch size B.
+    length: T, the padded length of every batch.
+    pad_id: the id of padding.
+    start_id: the first decoder input of every row.
+    process_index, process_count: this host's place (jax.process_index/count()).
+
+  Returns:
+    Batches whose element k is (`make_batch` dict of this host's (b, T) arrays, the number
+    of real rows in global batch k, an int).
+  """
   import grain
   n, empty = len(sources), np.zeros((0,), np.int32)
 

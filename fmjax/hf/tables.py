@@ -31,7 +31,45 @@ from fmjax.models.gpt import GPT, GPTConfig
 from fmjax.models.vit import ViT, ViTConfig, ViTEncoder
 
 
-class Same:
+class Layout:
+  """How an HF tensor lays out one fmjax parameter; each layout below is one such rule."""
+
+  def hf_shape(self, shape):
+    """The HF tensor's shape for an fmjax parameter of `shape`.
+
+    Args:
+      shape: the fmjax parameter's shape, e.g. (D, N, H) for a query kernel.
+
+    Returns:
+      The HF shape, a tuple, e.g. (N * H, D) for the torch Linear that holds it.
+    """
+    raise NotImplementedError
+
+  def to_fmjax(self, w, shape):
+    """An HF array in fmjax's layout.
+
+    Args:
+      w: the HF numpy array, of shape `hf_shape(shape)`.
+      shape: the fmjax parameter's shape.
+
+    Returns:
+      The same values as a numpy array of `shape` (dtype kept).
+    """
+    raise NotImplementedError
+
+  def to_hf(self, x):
+    """An fmjax parameter in HF's layout (the inverse of `to_fmjax`).
+
+    Args:
+      x: the fmjax parameter, a numpy array.
+
+    Returns:
+      The same values as a numpy array of shape `hf_shape(x.shape)` (dtype kept).
+    """
+    raise NotImplementedError
+
+
+class Same(Layout):
   """Identical layout: embeddings (V, D), LayerNorm scales and offsets, (D,) biases."""
 
   def hf_shape(self, shape):
@@ -44,7 +82,7 @@ class Same:
     return x
 
 
-class Flat:
+class Flat(Layout):
   """A bias flattened in HF: (N * H,) <-> fmjax (N, H)."""
 
   def hf_shape(self, shape):
@@ -58,10 +96,15 @@ class Flat:
 
 
 @dataclasses.dataclass(frozen=True)
-class Matrix:
-  """A weight matrix; fmjax's kernel has `n_in` leading input axes, e.g. (D, N, H) has 1 and
-  the attention output (N, H, D) has 2. transpose: HF stores (out, in) (torch.nn.Linear);
-  False for GPT-2's Conv1D, which stores (in, out)."""
+class Matrix(Layout):
+  """A weight matrix: HF's 2-d (out, in) or (in, out) <-> fmjax's kernel with heads split out.
+
+  Attributes:
+    n_in: how many leading axes of fmjax's kernel are inputs, e.g. 1 for a query kernel
+      (D, N, H), 2 for the attention output (N, H, D).
+    transpose: HF stores (out, in) (torch.nn.Linear); False for GPT-2's Conv1D, which stores
+      (in, out).
+  """
   n_in: int = 1
   transpose: bool = True
 
@@ -78,9 +121,14 @@ class Matrix:
 
 
 @dataclasses.dataclass(frozen=True)
-class Unsqueezed:
-  """A tensor HF keeps with `n` leading axes of size 1: ViT's [CLS] token (1, 1, D) and
-  position embeddings (1, T, D) <-> fmjax (D,) and (T, D)."""
+class Unsqueezed(Layout):
+  """A tensor HF keeps with `n` leading axes of size 1.
+
+  ViT's [CLS] token (1, 1, D) and position embeddings (1, T, D) <-> fmjax (D,) and (T, D).
+
+  Attributes:
+    n: the number of leading size-1 axes in HF.
+  """
   n: int
 
   def hf_shape(self, shape):
@@ -93,9 +141,11 @@ class Unsqueezed:
     return x.reshape(self.hf_shape(x.shape))
 
 
-class Conv2d:
-  """A torch Conv2d weight (out, in, kh, kw) <-> fmjax's patch projection kernel
-  (kh, kw, in, out), the Dense over a flattened (row, column, channel) patch."""
+class Conv2d(Layout):
+  """A torch Conv2d weight (out, in, kh, kw) <-> fmjax's patch projection kernel (kh, kw, in, out).
+
+  fmjax's kernel is the Dense over a flattened (row, column, channel) patch.
+  """
 
   def hf_shape(self, shape):
     kh, kw, i, o = shape
@@ -114,30 +164,80 @@ CONV1D = Matrix(transpose=False)
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One HF tensor holding one fmjax parameter, or several concatenated along the last HF
-  axis (GPT-2's fused query|key|value projection)."""
+  """One HF tensor holding one fmjax parameter, or several concatenated along the last HF axis.
+
+  Several: GPT-2's fused query|key|value projection.
+
+  Attributes:
+    hf: the canonical HF tensor name, e.g. "bert.embeddings.word_embeddings.weight".
+    fm: the "/"-joined fmjax parameter path(s) it holds, in concatenation order.
+    layout: the `Layout` of each part.
+  """
   hf: str
   fm: tuple[str, ...]
   layout: Any
 
   def hf_shape(self, shapes):
+    """The HF tensor's shape for fmjax parameters of `shapes`.
+
+    Args:
+      shapes: one fmjax shape per path of `fm`.
+
+    Returns:
+      The parts' HF shapes joined along the last axis, a tuple.
+    """
     parts = [self.layout.hf_shape(s) for s in shapes]
     return parts[0][:-1] + (sum(p[-1] for p in parts),)
 
   def to_fmjax(self, w, shapes):
+    """Splits an HF array into the fmjax parameters of `fm`.
+
+    Args:
+      w: the HF numpy array, of shape `hf_shape(shapes)`.
+      shapes: one fmjax shape per path of `fm`.
+
+    Returns:
+      A list of numpy arrays, one per path, of the given shapes.
+    """
     pieces = np.split(w, np.cumsum([self.layout.hf_shape(s)[-1] for s in shapes])[:-1], axis=-1)
     return [self.layout.to_fmjax(p, s) for p, s in zip(pieces, shapes)]
 
   def to_hf(self, xs):
+    """Joins fmjax parameters into the HF tensor (the inverse of `to_fmjax`).
+
+    Args:
+      xs: numpy arrays, one per path of `fm`.
+
+    Returns:
+      The HF numpy array, their HF layouts concatenated along the last axis.
+    """
     return np.concatenate([self.layout.to_hf(x) for x in xs], axis=-1)
 
 
 def rule(hf: str, fm: str | tuple[str, ...], layout=SAME) -> Rule:
+  """A `Rule`, for writing tables tersely.
+
+  Args:
+    hf: the canonical HF tensor name; "{i}" stands for every layer index.
+    fm: an fmjax parameter path, or a tuple of them for a fused tensor.
+    layout: a `Layout` (default SAME).
+
+  Returns:
+    Rule(hf, fm as a tuple, layout).
+  """
   return Rule(hf, (fm,) if isinstance(fm, str) else tuple(fm), layout)
 
 
 def expand(rules, num_layers: int) -> list[Rule]:
-  """Per-layer rules ("{i}" in the names) repeated for every layer."""
+  """Per-layer rules ("{i}" in the names) repeated for every layer.
+
+  Args:
+    rules: `Rule`s, some with "{i}" in their names.
+    num_layers: the number of layers.
+
+  Returns:
+    The rules, each "{i}" rule replaced by num_layers rules for i = 0, 1, ... in order.
+  """
   out = []
   for r in rules:
     if "{i}" not in r.hf:
@@ -150,8 +250,13 @@ def expand(rules, num_layers: int) -> list[Rule]:
 
 @dataclasses.dataclass(frozen=True)
 class Labels:
-  """Where a classifier keeps its label count: `build(config, num_labels, **kwargs)` makes the
-  module (kwargs: what else the module takes), `count(module)` reads the count back."""
+  """Where a classifier keeps its label count.
+
+  Attributes:
+    build: build(config, num_labels, **kwargs) makes the module (kwargs: what else the module
+      takes).
+    count: count(module) reads the label count back.
+  """
   build: Callable[..., nn.Module]
   count: Callable[[nn.Module], int]
 
@@ -160,12 +265,17 @@ class Labels:
 class Variant:
   """One fmjax module and the HF class it corresponds to.
 
-  root: where the module's params sit in the canonical fmjax tree ("bert" for BertEncoder,
-    whose params load_params returns as {"bert": ...}); "" for the whole tree.
-  base_model: HF's base class, saved without the base prefix (BertModel, GPT2Model).
-  head: canonical name prefixes of its task head: loaded when the checkpoint has them,
-    initialised (seeded) when it has none of them (a classifier built on a pretrained encoder).
-  labels: for a head sized by a label count (classifiers); None otherwise.
+  Attributes:
+    hf_class: the transformers class name, e.g. "BertForSequenceClassification".
+    module: the fmjax module class.
+    rules: fmjax config -> its `Rule`s, "{i}" not yet expanded.
+      root: where the module's params sit in the canonical fmjax tree ("bert" for BertEncoder,
+      whose params load_params returns as {"bert": ...}); "" for the whole tree.
+    base_model: HF's base class, saved without the base prefix (BertModel, GPT2Model).
+    head: canonical name prefixes of its task head: loaded when the checkpoint has them,
+      initialised (seeded) when it has none of them (a classifier built on a pretrained
+      encoder).
+    labels: for a head sized by a label count (classifiers); None otherwise.
   """
   hf_class: str
   module: type[nn.Module]
@@ -176,7 +286,16 @@ class Variant:
   labels: Labels | None = None
 
   def make(self, config, num_labels: int | None = None, **kwargs) -> nn.Module:
-    """The fmjax module, given its label count when it has labels."""
+    """The fmjax module, given its label count when it has labels.
+
+    Args:
+      config: the fmjax model config, e.g. a BertConfig.
+      num_labels: the label count of a classifier; ignored when the variant has no labels.
+      **kwargs: other fields of the module (e.g. runtime settings).
+
+    Returns:
+      The (unbound) flax module.
+    """
     if self.labels is None:
       return self.module(config, **kwargs)
     return self.labels.build(config, num_labels, **kwargs)
@@ -186,13 +305,20 @@ class Variant:
 class Architecture:
   """Everything fmjax.hf knows about one HF model_type.
 
-  prefix: the base model's name prefix in canonical names ("bert.").
-  heads: name prefixes of tensors outside the base model ("cls.").
-  tied: HF name -> the HF name it is a copy of (output layers tied to the embedding); such a
-    tensor is optional in a checkpoint and, if present, must equal its source.
-  ignored: HF names that are buffers, not parameters.
-  variants: every Variant, for export (found by the fmjax module's class).
-  variant: (fmjax config, set of canonical names in the checkpoint) -> Variant to build.
+  Attributes:
+    model_type: config.json's "model_type", e.g. "bert".
+      prefix: the base model's name prefix in canonical names ("bert.").
+    heads: name prefixes of tensors outside the base model ("cls.").
+    tied: HF name -> the HF name it is a copy of (output layers tied to the embedding); such
+      a tensor is optional in a checkpoint and, if present, must equal its source.
+    ignored: HF name -> whether it is a buffer, not a parameter.
+    variants: every Variant, for export (found by the fmjax module's class).
+    config_from_hf: config.json's dict -> the fmjax config.
+    config_to_hf: the fmjax config -> config.json's architecture fields.
+    variant: (fmjax config, set of canonical names in the checkpoint) -> Variant to build.
+    modality: "text" (token ids in) or "image".
+    example_input: fmjax config -> the example input model.init needs; None: a (1, 1) batch
+      of token ids.
   """
   model_type: str
   prefix: str
@@ -208,8 +334,16 @@ class Architecture:
   example_input: Callable[[Any], Any] | None = None
 
   def canonical(self, name: str) -> str:
-    """A checkpoint name in canonical form: TF-era LayerNorm gamma/beta renamed, base-model
-    names given the base prefix."""
+    """A checkpoint name in canonical form: TF-era LayerNorm gamma/beta renamed, prefix added.
+
+    Args:
+      name: a tensor name as a checkpoint stores it, e.g. "encoder.layer.0.output.LayerNorm.gamma"
+        (a BertModel's).
+
+    Returns:
+      The canonical name, e.g. "bert.encoder.layer.0.output.LayerNorm.weight": ".gamma" ->
+      ".weight", ".beta" -> ".bias", and the base prefix added to names outside the heads.
+    """
     if name.endswith(".gamma"):
       name = name[:-len("gamma")] + "weight"
     elif name.endswith(".beta"):
@@ -225,16 +359,34 @@ def _get(hf: dict, key: str, default):
 
 
 def num_labels_of(hf: dict) -> int:
-  """A config.json's label count as transformers reads it: id2label's length, else num_labels,
-  else 2 (transformers' default, which older configs leave out)."""
+  """A config.json's label count as transformers reads it.
+
+  Args:
+    hf: the parsed config.json.
+
+  Returns:
+    id2label's length, else num_labels, else 2 (transformers' default, which older configs
+    leave out).
+  """
   labels = hf.get("id2label")
   return len(labels) if labels else int(_get(hf, "num_labels", 2))
 
 
 def labels_to_hf(num_labels: int, id2label=None) -> dict:
-  """config.json's label fields for a classifier: num_labels, id2label, label2id (names
-  "LABEL_i" unless given, a list or an {index: name} dict) and, for one label, problem_type
-  "regression" (transformers' MSE loss)."""
+  """config.json's label fields for a classifier.
+
+  Args:
+    num_labels: the classifier's label count (1: a regression head).
+    id2label: the label names, a list or an {index: name} dict covering 0..num_labels-1;
+      None: "LABEL_0", "LABEL_1", ...
+
+  Returns:
+    {"num_labels", "id2label" ({"0": name, ...}), "label2id" ({name: 0, ...})} plus, for one
+    label, "problem_type": "regression" (transformers' MSE loss).
+
+  Raises:
+    ValueError: id2label does not name exactly the labels 0..num_labels-1.
+  """
   if id2label is None:
     names = [f"LABEL_{i}" for i in range(num_labels)]
   else:
