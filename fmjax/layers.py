@@ -56,26 +56,73 @@ class Dense(nn.Module):
     return y
 
 
+def round_up(n: int, multiple: int) -> int:
+  """n rounded up to a multiple of `multiple` (a positive int), e.g. round_up(67, 128) = 128."""
+  if not isinstance(multiple, int) or multiple < 1:
+    raise ValueError(f"vocab_multiple (Embed's pad_to_multiple) must be a positive int; got "
+                     f"{multiple!r}. Use 1 for no padding, or e.g. 128, which keeps the "
+                     "vocabulary axis divisible by any tensor-parallel size up to 128")
+  return -(-n // multiple) * multiple
+
+
+def mask_padded_logits(logits, vocab_size: int):
+  """(..., Vp) logits with the padded ids vocab_size .. Vp - 1 set to -inf.
+
+  Their probability is then exactly 0 (softmax, log-softmax, sampling, top-k and argmax never
+  pick them) and their gradient exactly 0; the losses over the true vocabulary are unchanged.
+  """
+  if logits.shape[-1] == vocab_size:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+
+
 class Embed(nn.Module):
-  """Token (or position / token-type) embedding table of shape (V, D)."""
+  """Token (or position / token-type) embedding table of shape (V, D).
+
+  Padded vocabulary: with pad_to_multiple = m > 1 (a model's `vocab_multiple`, 128 by
+  default) the table has Vp = round_up(V, m) rows, so the "vocab" axis divides any
+  tensor-parallel mesh size up to m whatever the tokenizer (67 characters, GPT-2's 50257).
+  Ids are still 0 .. V - 1; the rows V .. Vp - 1 are never looked up.
+
+  `attend` returns padded-width (..., Vp) logits with the padded entries masked to -inf
+  (mask_padded_logits), not sliced to V: slicing the tensor-sharded vocabulary axis would
+  reshard the largest activation of the model (an all-gather of the logits) at every step,
+  while the mask is elementwise and keeps the axis divisible. Consumers treat Vp as the
+  vocabulary width: losses and decoding work unchanged (probability 0 on the padding);
+  compare with an unpadded reference through logits[..., :V].
+  """
   num_embeddings: int
   features: int
   axes: Axes = ("vocab", "embed")
   embedding_init: Callable = default_kernel_init
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  pad_to_multiple: int = 1
 
   def setup(self):
+    rows = round_up(self.num_embeddings, self.pad_to_multiple)
     self.embedding = self.param("embedding", partitioned(self.embedding_init, self.axes),
-                                (self.num_embeddings, self.features), self.param_dtype)
+                                (rows, self.features), self.param_dtype)
 
   def __call__(self, ids):
     """(B, T) int -> (B, T, D)."""
     return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
 
   def attend(self, x):
-    """Tied output projection: (B, T, D) -> (B, T, V) logits."""
-    return jnp.einsum("BTD,VD->BTV", x, jnp.asarray(self.embedding, self.dtype))
+    """Tied output projection: (B, T, D) -> (B, T, Vp) logits, padded ids masked to -inf."""
+    logits = jnp.einsum("BTD,VD->BTV", x, jnp.asarray(self.embedding, self.dtype))
+    return mask_padded_logits(logits, self.num_embeddings)
+
+  def attend_rows(self, x):
+    """`attend` for a few rows, as in decoding: (B, D) -> (B, Vp), padded ids masked.
+
+    Vocabulary-major product: XLA's CPU matmul streams the (Vp, D) table about twice as fast
+    this way round as BD,VD->BV when only B rows are projected; the barrier keeps XLA from
+    folding the transpose back into the slow orientation.
+    """
+    table = jnp.asarray(self.embedding, self.dtype)
+    logits = jax.lax.optimization_barrier(jnp.einsum("VD,BD->VB", table, x))
+    return mask_padded_logits(logits.T, self.num_embeddings)
 
 
 def Norm(kind: str, *, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
