@@ -76,13 +76,25 @@ def mask_padded_logits(logits, vocab_size: int):
   return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
 
 
+def zero_padding(init: Callable, size: int, axis: int = 0) -> Callable:
+  """`init` with the entries at `size` and beyond along `axis` set to zero: padded vocabulary
+  rows start at zero, and since their logits are masked they get zero gradient and stay zero
+  (AdamW's decay of 0 is 0), so a checkpoint exported without them re-imports exactly."""
+  def padded(key, shape, dtype=jnp.float32):
+    keep = (jnp.arange(shape[axis]) < size).reshape([-1 if a == axis % len(shape) else 1
+                                                     for a in range(len(shape))])
+    return jnp.where(keep, init(key, shape, dtype), jnp.zeros((), dtype))
+  return padded
+
+
 class Embed(nn.Module):
   """Token (or position / token-type) embedding table of shape (V, D).
 
   Padded vocabulary: with pad_to_multiple = m > 1 (a model's `vocab_multiple`, 128 by
   default) the table has Vp = round_up(V, m) rows, so the "vocab" axis divides any
   tensor-parallel mesh size up to m whatever the tokenizer (67 characters, GPT-2's 50257).
-  Ids are still 0 .. V - 1; the rows V .. Vp - 1 are never looked up.
+  Ids are still 0 .. V - 1; the rows V .. Vp - 1 are never looked up and start (and stay) at
+  zero (zero_padding).
 
   `attend` returns padded-width (..., Vp) logits with the padded entries masked to -inf
   (mask_padded_logits), not sliced to V: slicing the tensor-sharded vocabulary axis would
@@ -101,7 +113,9 @@ class Embed(nn.Module):
 
   def setup(self):
     rows = round_up(self.num_embeddings, self.pad_to_multiple)
-    self.embedding = self.param("embedding", partitioned(self.embedding_init, self.axes),
+    init = zero_padding(self.embedding_init, self.num_embeddings) if rows > self.num_embeddings \
+        else self.embedding_init
+    self.embedding = self.param("embedding", partitioned(init, self.axes),
                                 (rows, self.features), self.param_dtype)
 
   def __call__(self, ids):

@@ -5,7 +5,8 @@ Pinned: the padded ids get probability exactly 0 and are never chosen (argmax, s
 search, fill-mask), even when their raw scores are made huge; a padded model's logits on the
 real ids, its losses and its decoding equal those of the same weights unpadded
 (vocab_multiple=1); cross-entropy and label-smoothed sequence_loss against NumPy by hand (the
-smoothing mass over the real vocabulary only); padded rows get zero gradient; the stored
+smoothing mass over the real vocabulary only); padded rows start at zero and get zero
+gradient; the stored
 counts; gpt2_medium passes the fsdp_tp pre-flight check at tensor 2/4/8 (and fails it
 unpadded); the HF round trip; and the tiny GPT recipe under fsdp_tp on a (2, 2, 2) mesh of 8
 simulated devices == one device, losses and whole parameters.
@@ -103,13 +104,19 @@ def test_embed_table_is_padded_and_attend_masks():
                                 logits[:, 0])
   np.testing.assert_array_equal(jax.nn.softmax(logits)[..., 5:], 0.0)
   np.testing.assert_array_equal(e.apply({"params": params}, jnp.asarray([[4]])), [[[12, 13, 14]]])
-  abstract = jax.eval_shape(Embed(5, 3, pad_to_multiple=4).init, jax.random.key(0),
-                            jnp.zeros((1, 1), jnp.int32))
-  assert abstract["params"]["embedding"].value.shape == (8, 3)
+  fresh = unbox_init(Embed(5, 3, pad_to_multiple=4), jnp.zeros((1, 1), jnp.int32))["embedding"]
+  assert fresh.shape == (8, 3) and np.all(fresh[5:] == 0) and np.all(fresh[:5] != 0)
   assert mask_padded_logits(jnp.ones((2, 5)), 5).shape == (2, 5)  # nothing padded: unchanged
 
 
 # ------------------------------------------------------------------------------ the models
+
+
+def test_padded_rows_start_at_zero():
+  model = gpt.GPT(gpt.get_config("tiny", vocab_size=V, tie_embeddings=False))
+  params = unbox_init(model, jnp.zeros((1, 4), jnp.int32))
+  for table in (params["wte"]["embedding"], params["lm_head"]["kernel"].T):
+    assert table.shape == (128, 64) and np.all(table[V:] == 0) and np.all(table[:V] != 0)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -335,6 +342,8 @@ def test_tiny_gpt_fsdp_tp_on_8_devices_equals_one_device(tmp_path):
   a, b = checkpoint.load_params(str(one_dir)), checkpoint.load_params(str(tp_dir))
   flat_a, flat_b = checkpoint.flatten_params(a), checkpoint.flatten_params(b)
   assert flat_a.keys() == flat_b.keys() and flat_a["wte/embedding"].shape == (128, 64)
+  for flat in (flat_a, flat_b):  # padded rows: zero at init, zero gradient, still zero
+    assert np.all(np.asarray(flat["wte/embedding"])[V:] == 0)
   for path in flat_a:
     np.testing.assert_allclose(np.asarray(flat_b[path]), np.asarray(flat_a[path]), atol=2e-5,
                                err_msg=path)

@@ -13,7 +13,8 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fmjax.layers import Dense, Embed, Norm, mask_padded_logits, round_up
+from fmjax.layers import (Dense, Embed, Norm, default_kernel_init, mask_padded_logits, round_up,
+                          zero_padding)
 from fmjax import transformer
 from fmjax.transformer import BlockConfig, TransformerStack
 
@@ -124,6 +125,7 @@ class GPT(nn.Module):
       logits = embed.attend(x)
     else:
       logits = Dense(c.padded_vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+                     kernel_init=zero_padding(default_kernel_init, c.vocab_size, axis=1),
                      param_dtype=param_dtype, name="lm_head")(x)
       logits = mask_padded_logits(logits, c.vocab_size)
     if cache is not None:
