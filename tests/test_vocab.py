@@ -6,10 +6,9 @@ search, fill-mask), even when their raw scores are made huge; a padded model's l
 real ids, its losses and its decoding equal those of the same weights unpadded
 (vocab_multiple=1); cross-entropy and label-smoothed sequence_loss against NumPy by hand (the
 smoothing mass over the real vocabulary only); padded rows start at zero and get zero
-gradient; the stored
-counts; gpt2_medium passes the fsdp_tp pre-flight check at tensor 2/4/8 (and fails it
-unpadded); the HF round trip; and the tiny GPT recipe under fsdp_tp on a (2, 2, 2) mesh of 8
-simulated devices == one device, losses and whole parameters.
+gradient; the stored counts; gpt2_medium passes the fsdp_tp pre-flight check at tensor 2/4/8
+(and fails it unpadded); the HF round trip; and the tiny GPT recipe under fsdp_tp on a
+(2, 2, 2) mesh of 8 simulated devices == one device, losses and whole parameters.
 """
 
 import json
