@@ -5,6 +5,10 @@ Shape key: B batch, T length, D width, F MLP width, N heads, K kv heads, H head 
 Every parameter is created with *logical* axis names (see fmjax/sharding.py for the one table
 that maps them onto mesh axes), so no model ever names a mesh axis. The wrapping with
 `nn.with_logical_partitioning` happens here, once, instead of at every call site.
+
+Vocabularies are padded here too, once: `Embed(..., pad_to_multiple=m)` stores round_up(V, m)
+rows and masks the padded logits to -inf, so any tokenizer shards over a tensor axis of any
+size dividing m (see Embed for why the logits stay padded rather than sliced).
 """
 
 from typing import Any, Callable, Sequence
@@ -61,7 +65,7 @@ def round_up(n: int, multiple: int) -> int:
   if not isinstance(multiple, int) or multiple < 1:
     raise ValueError(f"vocab_multiple (Embed's pad_to_multiple) must be a positive int; got "
                      f"{multiple!r}. Use 1 for no padding, or e.g. 128, which keeps the "
-                     "vocabulary axis divisible by any tensor-parallel size up to 128")
+                     "vocabulary axis divisible by any tensor-parallel size dividing 128")
   return -(-n // multiple) * multiple
 
 
@@ -91,8 +95,8 @@ class Embed(nn.Module):
   """Token (or position / token-type) embedding table of shape (V, D).
 
   Padded vocabulary: with pad_to_multiple = m > 1 (a model's `vocab_multiple`, 128 by
-  default) the table has Vp = round_up(V, m) rows, so the "vocab" axis divides any
-  tensor-parallel mesh size up to m whatever the tokenizer (67 characters, GPT-2's 50257).
+  default) the table has Vp = round_up(V, m) rows, so the "vocab" axis splits over any
+  tensor-parallel size that divides m whatever the tokenizer (67 characters, GPT-2's 50257).
   Ids are still 0 .. V - 1; the rows V .. Vp - 1 are never looked up and start (and stay) at
   zero (zero_padding).
 
