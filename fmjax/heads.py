@@ -91,7 +91,7 @@ def span_loss(start_logits, end_logits, start_positions, end_positions, weights=
 def sequence_loss(logits, targets, weights, label_smoothing: float = 0.0):
   """Label-smoothed cross-entropy per target token (Szegedy et al. 2016; Vaswani et al. use
   eps = 0.1): the target gets 1 - eps of the probability mass, eps is spread evenly over the
-  vocabulary.
+  vocabulary: the real ids only, not the padded ones a model masks to -inf (layers.Embed).
 
   Args: logits (B, T, V); targets (B, T) int; weights (B, T) float, 0 on padding.
   Returns: (loss, {"loss", "nll" (unsmoothed), "accuracy" (argmax == target)}), means over
@@ -99,7 +99,9 @@ def sequence_loss(logits, targets, weights, label_smoothing: float = 0.0):
   """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (B, T)
-  smoothed = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=-1)
+  real = logits != -jnp.inf  # (B, T, V) False on padded vocabulary ids
+  uniform = jnp.where(real, logp, 0.0).sum(-1) / real.sum(-1)  # mean log-prob over real ids
+  smoothed = (1.0 - label_smoothing) * nll - label_smoothing * uniform
   weights = weights.astype(jnp.float32)
   mean = lambda x: (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)
   loss = mean(smoothed)

@@ -5,6 +5,10 @@ Shape key: B batch, T length, D width, F MLP width, N heads, K kv heads, H head 
 Every parameter is created with *logical* axis names (see fmjax/sharding.py for the one table
 that maps them onto mesh axes), so no model ever names a mesh axis. The wrapping with
 `nn.with_logical_partitioning` happens here, once, instead of at every call site.
+
+Vocabularies are padded here too, once: `Embed(..., pad_to_multiple=m)` stores round_up(V, m)
+rows and masks the padded logits to -inf, so any tokenizer shards over a tensor axis of any
+size dividing m (see Embed for why the logits stay padded rather than sliced).
 """
 
 from typing import Any, Callable, Sequence
@@ -56,26 +60,87 @@ class Dense(nn.Module):
     return y
 
 
+def round_up(n: int, multiple: int) -> int:
+  """n rounded up to a multiple of `multiple` (a positive int), e.g. round_up(67, 128) = 128."""
+  if not isinstance(multiple, int) or multiple < 1:
+    raise ValueError(f"vocab_multiple (Embed's pad_to_multiple) must be a positive int; got "
+                     f"{multiple!r}. Use 1 for no padding, or e.g. 128, which keeps the "
+                     "vocabulary axis divisible by any tensor-parallel size dividing 128")
+  return -(-n // multiple) * multiple
+
+
+def mask_padded_logits(logits, vocab_size: int):
+  """(..., Vp) logits with the padded ids vocab_size .. Vp - 1 set to -inf.
+
+  Their probability is then exactly 0 (softmax, log-softmax, sampling, top-k and argmax never
+  pick them) and their gradient exactly 0; the losses over the true vocabulary are unchanged.
+  """
+  if logits.shape[-1] == vocab_size:
+    return logits
+  return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+
+
+def zero_padding(init: Callable, size: int, axis: int = 0) -> Callable:
+  """`init` with the entries at `size` and beyond along `axis` set to zero: padded vocabulary
+  rows start at zero, and since their logits are masked they get zero gradient and stay zero
+  (AdamW's decay of 0 is 0), so a checkpoint exported without them re-imports exactly."""
+  def padded(key, shape, dtype=jnp.float32):
+    keep = (jnp.arange(shape[axis]) < size).reshape([-1 if a == axis % len(shape) else 1
+                                                     for a in range(len(shape))])
+    return jnp.where(keep, init(key, shape, dtype), jnp.zeros((), dtype))
+  return padded
+
+
 class Embed(nn.Module):
-  """Token (or position / token-type) embedding table of shape (V, D)."""
+  """Token (or position / token-type) embedding table of shape (V, D).
+
+  Padded vocabulary: with pad_to_multiple = m > 1 (a model's `vocab_multiple`, 128 by
+  default) the table has Vp = round_up(V, m) rows, so the "vocab" axis splits over any
+  tensor-parallel size that divides m whatever the tokenizer (67 characters, GPT-2's 50257).
+  Ids are still 0 .. V - 1; the rows V .. Vp - 1 are never looked up and start (and stay) at
+  zero (zero_padding).
+
+  `attend` returns padded-width (..., Vp) logits with the padded entries masked to -inf
+  (mask_padded_logits), not sliced to V: slicing the tensor-sharded vocabulary axis would
+  reshard the largest activation of the model (an all-gather of the logits) at every step,
+  while the mask is elementwise and keeps the axis divisible. Consumers treat Vp as the
+  vocabulary width: losses and decoding work unchanged (probability 0 on the padding);
+  compare with an unpadded reference through logits[..., :V].
+  """
   num_embeddings: int
   features: int
   axes: Axes = ("vocab", "embed")
   embedding_init: Callable = default_kernel_init
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  pad_to_multiple: int = 1
 
   def setup(self):
-    self.embedding = self.param("embedding", partitioned(self.embedding_init, self.axes),
-                                (self.num_embeddings, self.features), self.param_dtype)
+    rows = round_up(self.num_embeddings, self.pad_to_multiple)
+    init = zero_padding(self.embedding_init, self.num_embeddings) if rows > self.num_embeddings \
+        else self.embedding_init
+    self.embedding = self.param("embedding", partitioned(init, self.axes),
+                                (rows, self.features), self.param_dtype)
 
   def __call__(self, ids):
     """(B, T) int -> (B, T, D)."""
     return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
 
   def attend(self, x):
-    """Tied output projection: (B, T, D) -> (B, T, V) logits."""
-    return jnp.einsum("BTD,VD->BTV", x, jnp.asarray(self.embedding, self.dtype))
+    """Tied output projection: (B, T, D) -> (B, T, Vp) logits, padded ids masked to -inf."""
+    logits = jnp.einsum("BTD,VD->BTV", x, jnp.asarray(self.embedding, self.dtype))
+    return mask_padded_logits(logits, self.num_embeddings)
+
+  def attend_rows(self, x):
+    """`attend` for a few rows, as in decoding: (B, D) -> (B, Vp), padded ids masked.
+
+    Vocabulary-major product: XLA's CPU matmul streams the (Vp, D) table about twice as fast
+    this way round as BD,VD->BV when only B rows are projected; the barrier keeps XLA from
+    folding the transpose back into the slow orientation.
+    """
+    table = jnp.asarray(self.embedding, self.dtype)
+    logits = jax.lax.optimization_barrier(jnp.einsum("VD,BD->VB", table, x))
+    return mask_padded_logits(logits.T, self.num_embeddings)
 
 
 def Norm(kind: str, *, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None):

@@ -41,7 +41,13 @@ def bert_inputs(ref):
 
 
 def max_diff(a, b):
-  return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+  """Largest |a - b|; a vocabulary-wide `a` may be padded past b's vocabulary (vocab_multiple),
+  and those padded logits must be -inf."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  if a.ndim == b.ndim == 3 and a.shape[-1] > b.shape[-1]:
+    assert np.all(a[..., b.shape[-1]:] == -np.inf)
+    a = a[..., :b.shape[-1]]
+  return float(np.max(np.abs(a - b)))
 
 
 def flat(tree):
@@ -106,12 +112,14 @@ def test_masked_lm_matches_transformers():
   ref = reference(MLM_DIR)
   apply = jax.jit(model.apply)
   logits = apply(variables, *bert_inputs(ref))
-  assert logits.shape == (2, 12, 200) and max_diff(logits, ref["logits"]) <= ATOL
+  # The vocabulary is padded to 256 rows (vocab_multiple 128), the padded ids masked to -inf.
+  assert logits.shape == (2, 12, 256) and np.all(np.asarray(logits)[..., 200:] == -np.inf)
+  assert max_diff(logits[..., :200], ref["logits"]) <= ATOL
   # Only some positions: the same rows, gathered before the D x V projection.
   positions = np.array([[1, 4, 4], [0, 7, 2]], np.int32)
   some = apply(variables, *bert_inputs(ref), positions)
   expected = np.take_along_axis(ref["logits"], positions[..., None], axis=1)
-  assert some.shape == (2, 3, 200) and max_diff(some, expected) <= ATOL
+  assert some.shape == (2, 3, 256) and max_diff(some[..., :200], expected) <= ATOL
 
 
 @pytest.mark.parametrize("directory,task", [(CLS_DIR, "classification"),
@@ -143,7 +151,9 @@ def test_causal_lm_matches_transformers():
   model, variables = load_quietly(GPT2_DIR, task="causal_lm")
   assert type(model) is GPT
   ref = reference(GPT2_DIR)
-  assert max_diff(jax.jit(model.apply)(variables, ref["input_ids"]), ref["logits"]) <= ATOL
+  logits = jax.jit(model.apply)(variables, ref["input_ids"])
+  vocab = model.config.vocab_size  # the logits are padded to vocab_multiple, masked beyond it
+  assert max_diff(logits[..., :vocab], ref["logits"]) <= ATOL
 
 
 def test_image_classification_matches_transformers_and_inits_a_missing_head(tmp_path, caplog):

@@ -23,7 +23,7 @@ def abstract_params(config, t=8):
 
 
 def test_gpt2_small_parameter_count():
-  c = gpt.get_config("gpt2_small")
+  c = gpt.get_config("gpt2_small", vocab_multiple=1)  # the unpadded vocabulary, as HF stores it
   assert gpt.num_params(c) == 124_439_808  # GPT-2 124M, tied embeddings (as HF counts it)
   assert count(abstract_params(c)) == 124_439_808
 
@@ -40,7 +40,7 @@ def test_parameter_count_closed_form(preset, overrides):
 
 
 def test_gpt2_medium_is_350m():
-  assert gpt.num_params(gpt.get_config("gpt2_medium")) == 354_823_168
+  assert gpt.num_params(gpt.get_config("gpt2_medium", vocab_multiple=1)) == 354_823_168
 
 
 def _init(c, t=12, seed=0):

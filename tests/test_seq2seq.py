@@ -107,7 +107,7 @@ def test_parameter_count_formula(overrides):
   model, params = tiny(**overrides)
   assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == seq2seq.num_params(model.config)
   assert ("source_embed" in params) == bool(overrides)
-  base = seq2seq.get_config("base", vocab_size=37000)
+  base = seq2seq.get_config("base", vocab_size=37000, vocab_multiple=1)
   assert (base.encoder_layers, base.decoder_layers, base.embed_dim, base.num_heads,
           base.mlp_dim) == (6, 6, 512, 8, 2048)
   assert seq2seq.num_params(base) == 63_084_544  # the paper's base model: about 65M

@@ -93,7 +93,8 @@ def test_separate_vocabularies_give_two_embeddings(tmp_path):
                                              jax.numpy.ones((1, 4), bool),
                                              jax.numpy.ones((1, 3), int)))["params"]
   shapes = nn.meta.unbox(shapes)
-  assert shapes["source_embed"]["embedding"].shape == (source.vocab_size, c.embed_dim)
+  rows = -(-source.vocab_size // c.vocab_multiple) * c.vocab_multiple  # padded (layers.Embed)
+  assert shapes["source_embed"]["embedding"].shape == (rows, c.embed_dim)
   again = translate.build_tokenizers(config, str(tmp_path), pairs)  # resuming: the saved ones
   assert again[0].fingerprint == source.fingerprint and again[1].fingerprint == target.fingerprint
 

@@ -72,7 +72,7 @@ def run(config, workdir: str):
       config, model_config, gpt.GPT, (np.zeros((1, d.seq_len), np.int32),), memory.Shape(
           num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
           mlp_dim=model_config.mlp_dim, num_heads=model_config.num_heads,
-          vocab_size=model_config.vocab_size, seq_len=d.seq_len, batch_size=t.batch_size,
+          vocab_size=model_config.padded_vocab_size, seq_len=d.seq_len, batch_size=t.batch_size,
           compute_bytes=np.dtype(model_config.dtype).itemsize,
           attention_impl=model_config.attention_impl))
   model = gpt.GPT(model_config)

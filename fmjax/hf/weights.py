@@ -183,6 +183,8 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *
   if extra:
     raise ValueError(f"variables have parameters {variant.module.__name__} does not define: "
                      f"{[p[len(prefix):] for p in extra[:5]]}; pass the variables of this model")
+  unpadded = _param_shapes(arch, variant, _unpadded(model))
+  flat = {path: _fit(x, unpadded[path]) for path, x in flat.items()}
   tensors = {}
   for r in expand(variant.rules(config), config.num_layers):
     name = r.hf[len(arch.prefix):] if variant.base_model else r.hf
@@ -222,7 +224,7 @@ def _load(directory, overrides, *, task=None, num_labels=None,
   labels = _num_labels(variant, num_labels, hf_config)
   model = variant.make(config, labels)
   config = model.config  # a ViT's num_classes follows num_labels
-  shapes = _param_shapes(arch, variant, model)
+  shapes = _param_shapes(arch, variant, _unpadded(model))  # the checkpoint's vocabulary
   dtype = jnp.dtype(config.param_dtype)
   rules = expand(variant.rules(config), config.num_layers)
   head = [r for r in rules if variant.head and r.hf.startswith(variant.head)]
@@ -278,6 +280,8 @@ def _load(directory, overrides, *, task=None, num_labels=None,
   elif unused:
     warnings.warn(f"fmjax.hf ignores {len(unused)} tensors of {checkpoint.describe()} that a "
                   f"{variant.hf_class} does not have: {unused[:8]}", stacklevel=3)
+  padded = _param_shapes(arch, variant, model)
+  flat = {path: _fit(x, padded[path]) for path, x in flat.items()}
   if config.scan_layers:
     flat = _stack_layers(flat)
   return model, variant, unflatten_params(flat)
@@ -427,6 +431,20 @@ def _param_shapes(arch: Architecture, variant: Variant,
   prefix = variant.root + "/" if variant.root else ""
   return {prefix + p: tuple(x.shape)
           for p, x in _flatten(nn.meta.unbox(abstract["params"])).items()}
+
+
+def _unpadded(model: nn.Module) -> nn.Module:
+  """The model with its vocabulary unpadded (vocab_multiple=1): the shapes in HF checkpoints."""
+  config = model.config
+  return (model.clone(config=dataclasses.replace(config, vocab_multiple=1))
+          if hasattr(config, "vocab_multiple") else model)
+
+
+def _fit(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """x cut or zero-padded at the end of each axis to `shape`: the vocabulary rows between a
+  checkpoint's true vocabulary and fmjax's tables padded to vocab_multiple (layers.Embed)."""
+  x = x[tuple(slice(0, n) for n in shape)]
+  return np.pad(x, [(0, n - m) for n, m in zip(shape, x.shape)]) if x.shape != shape else x
 
 
 def _summary(config) -> str:

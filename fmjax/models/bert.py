@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fmjax import heads
-from fmjax.layers import ACTIVATIONS, Dense, Embed, Norm, partitioned
+from fmjax.layers import ACTIVATIONS, Dense, Embed, Norm, partitioned, round_up
 from fmjax.training import cross_entropy
 from fmjax.transformer import BlockConfig, TransformerStack
 
@@ -30,6 +30,7 @@ from fmjax.transformer import BlockConfig, TransformerStack
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   vocab_size: int = 30522  # WordPiece, uncased
+  vocab_multiple: int = 128  # table rows padded to a multiple (tensor parallelism); see Embed
   max_len: int = 512
   type_vocab_size: int = 2  # sentence A / sentence B
   num_layers: int = 12
@@ -44,6 +45,11 @@ class BertConfig:
   dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
   param_dtype: str = "float32"  # parameters and optimizer state
   norm_eps: float = 1e-12  # as the TensorFlow reference; 1e-5 would not match checkpoints
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Vp, the rows of the embedding and LM head: vocab_size rounded up to vocab_multiple."""
+    return round_up(self.vocab_size, self.vocab_multiple)
 
   @property
   def head_dim(self) -> int:
@@ -85,7 +91,8 @@ class BertEncoder(nn.Module):
     c = self.config
     dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     embed = lambda n, axes: Embed(n, c.embed_dim, axes=axes, dtype=dtype, param_dtype=param_dtype)
-    self.word_embeddings = embed(c.vocab_size, ("vocab", "embed"))
+    self.word_embeddings = Embed(c.vocab_size, c.embed_dim, dtype=dtype, param_dtype=param_dtype,
+                                 pad_to_multiple=c.vocab_multiple)
     self.position_embeddings = embed(c.max_len, (None, "embed"))
     self.token_type_embeddings = embed(c.type_vocab_size, (None, "embed"))
     self.ln_embed = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -130,13 +137,15 @@ class BertEncoder(nn.Module):
     return self.blocks(x, kv_mask=kv_mask, train=train)  # bidirectional: every real key is visible
 
   def attend(self, x):
-    """Tied output projection through the word embedding: (B, P, D) -> (B, P, V)."""
+    """Tied output projection through the word embedding: (B, P, D) -> (B, P, Vp), Vp the
+    vocabulary padded to vocab_multiple, the padded ids masked to -inf (layers.Embed)."""
     return self.word_embeddings.attend(x)
 
 
 def masked_lm_head(module: nn.Module, bert: BertEncoder, seq, masked_lm_positions=None):
-  """MLM logits (B, P, V) float32 at the masked positions (B, P) of seq (B, T, D); all T when
-  None. Its parameters ("mlm_dense", "mlm_ln", "mlm_bias") belong to `module`, the model that
+  """MLM logits (B, P, Vp) float32 at the masked positions (B, P) of seq (B, T, D); all T when
+  None. Vp is the vocabulary padded to vocab_multiple, the padded ids masked to -inf. Its
+  parameters ("mlm_dense", "mlm_ln", "mlm_bias") belong to `module`, the model that
   calls it from its compact __call__; the output projection is bert's word embedding (tied)."""
   c = bert.config
   dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -149,7 +158,7 @@ def masked_lm_head(module: nn.Module, bert: BertEncoder, seq, masked_lm_position
   h = ACTIVATIONS["gelu"](h)
   h = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype, name="mlm_ln")(h)
   bias = module.param("mlm_bias", partitioned(nn.initializers.zeros, ("vocab",)),
-                      (c.vocab_size,), param_dtype)
+                      (c.padded_vocab_size,), param_dtype)
   return bert.attend(h).astype(jnp.float32) + bias.astype(jnp.float32)
 
 
@@ -168,7 +177,7 @@ class BertForPreTraining(nn.Module):
         predictions point anywhere, e.g. 0, and get weight 0 in the loss); default all T.
       train: enables dropout.
     Returns:
-      {"mlm_logits": (B, P, V) float32, "nsp_logits": (B, 2) float32,
+      {"mlm_logits": (B, P, Vp) float32 (padded ids -inf), "nsp_logits": (B, 2) float32,
        "sequence_output": (B, T, D), "pooled_output": (B, D)}.
     """
     c = self.config
@@ -176,7 +185,7 @@ class BertForPreTraining(nn.Module):
     bert = BertEncoder(c, name="bert")
     seq, pooled = bert(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                        train=train)
-    mlm_logits = masked_lm_head(self, bert, seq, masked_lm_positions)  # (B, P, V)
+    mlm_logits = masked_lm_head(self, bert, seq, masked_lm_positions)  # (B, P, Vp)
     nsp_logits = Dense(2, ("embed", None), dtype=dtype, param_dtype=param_dtype,
                        name="nsp_dense")(pooled)  # (B, 2): 0 = IsNext, 1 = NotNext
     return {"mlm_logits": mlm_logits, "nsp_logits": nsp_logits.astype(jnp.float32),
@@ -252,8 +261,9 @@ def pretraining_loss(outputs, batch):
 
 
 def num_params(c: BertConfig, with_heads: bool = False) -> int:
-  """Closed-form parameter count: the encoder with pooler, plus the pretraining heads."""
-  d, f, v, l = c.embed_dim, c.mlp_dim, c.vocab_size, c.num_layers
+  """Closed-form count of the stored parameters: the encoder with pooler, plus the pretraining
+  heads; the vocabulary padded to vocab_multiple (1: the unpadded count Hugging Face reports)."""
+  d, f, v, l = c.embed_dim, c.mlp_dim, c.padded_vocab_size, c.num_layers
   embeddings = (v + c.max_len + c.type_vocab_size) * d + 2 * d
   attn = 4 * (d * d + d)  # query, key, value, out (all N * H = D wide) with biases
   mlp = d * f + f + f * d + d
@@ -269,7 +279,8 @@ def flops_per_token(c: BertConfig, seq_len: int, masked_fraction: float = 0.15) 
 
   6 * (encoder matmul params + the MLM head's D x D and D x V matmuls on the masked_fraction of
   tokens it runs on) + 12 * L * T * D for attention. The per-sequence pooler and NSP are ignored.
+  V is the padded vocabulary (vocab_multiple): it is computed.
   """
-  d, f, v, l = c.embed_dim, c.mlp_dim, c.vocab_size, c.num_layers
+  d, f, v, l = c.embed_dim, c.mlp_dim, c.padded_vocab_size, c.num_layers
   matmul = l * (4 * d * d + 2 * d * f) + masked_fraction * (d * d + d * v)
   return 6.0 * matmul + 12.0 * l * seq_len * d

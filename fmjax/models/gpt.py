@@ -11,10 +11,10 @@ Decoding (fmjax/generate.py) runs the same modules over a KV cache: `init_cache`
 
 import dataclasses
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from fmjax.layers import Dense, Embed, Norm
+from fmjax.layers import (Dense, Embed, Norm, default_kernel_init, mask_padded_logits, round_up,
+                          zero_padding)
 from fmjax import transformer
 from fmjax.transformer import BlockConfig, TransformerStack
 
@@ -22,6 +22,7 @@ from fmjax.transformer import BlockConfig, TransformerStack
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
   vocab_size: int = 50257
+  vocab_multiple: int = 128  # table rows padded to a multiple (tensor parallelism); see Embed
   max_len: int = 1024
   num_layers: int = 12
   num_heads: int = 12
@@ -40,6 +41,11 @@ class GPTConfig:
   remat_policy: str = "none"
   dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
   param_dtype: str = "float32"  # parameters and optimizer state
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Vp, the rows of the embedding and LM head: vocab_size rounded up to vocab_multiple."""
+    return round_up(self.vocab_size, self.vocab_multiple)
 
   @property
   def head_dim(self) -> int:
@@ -88,14 +94,15 @@ class GPT(nn.Module):
       train: enables dropout.
       cache, cache_index, kv_mask: incremental decoding, see `decode`.
     Returns:
-      (B, T, V) float32 logits; with a cache, `decode`'s (logits (B, V), cache).
+      (B, T, Vp) float32 logits, Vp = vocab_size padded to vocab_multiple, the padded ids
+      masked to -inf (layers.Embed); with a cache, `decode`'s (logits (B, Vp), cache).
     """
     c = self.config
     dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     embed = Embed(c.vocab_size, c.embed_dim, dtype=dtype, param_dtype=param_dtype,
-                  name="wte")
+                  pad_to_multiple=c.vocab_multiple, name="wte")
     x = embed(tokens)  # (B, T, D)
     if c.position == "learned":
       x = x + Embed(c.max_len, c.embed_dim, axes=(None, "embed"), dtype=dtype,
@@ -113,17 +120,14 @@ class GPT(nn.Module):
       x = stack(x, segment_ids=segment_ids, positions=positions, train=train)
     x = Norm(c.norm, epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, name="ln_f")(x)
     if c.tie_embeddings and cache is not None:
-      # Vocabulary-major product: XLA's CPU matmul streams the (V, D) table about twice as
-      # fast this way round as BTD,VD->BTV when only a few rows (B tokens) are projected; the
-      # barrier keeps XLA from folding the transpose back into the slow orientation.
-      table = jnp.asarray(embed.embedding, dtype)
-      logits = jax.lax.optimization_barrier(jnp.einsum("VD,BD->VB", table, x[:, 0]))
-      logits = logits.T[:, None]  # (B, 1, V)
+      logits = embed.attend_rows(x[:, 0])[:, None]  # (B, 1, Vp)
     elif c.tie_embeddings:
       logits = embed.attend(x)
     else:
-      logits = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+      logits = Dense(c.padded_vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+                     kernel_init=zero_padding(default_kernel_init, c.vocab_size, axis=1),
                      param_dtype=param_dtype, name="lm_head")(x)
+      logits = mask_padded_logits(logits, c.vocab_size)
     if cache is not None:
       return logits[:, 0].astype(jnp.float32), cache
     return logits.astype(jnp.float32)
@@ -139,7 +143,7 @@ class GPT(nn.Module):
         its padding); must stay below max_len with learned positions.
       kv_mask: (B, S) bool, False for slots that hold padding.
     Returns:
-      (logits (B, V) float32 at the last of the T tokens, updated cache).
+      (logits (B, Vp) float32 at the last of the T tokens, updated cache).
     """
     return self(tokens, positions=positions, cache=cache, cache_index=index, kv_mask=kv_mask)
 
@@ -151,8 +155,10 @@ class GPT(nn.Module):
 
 
 def num_params(c: GPTConfig) -> int:
-  """Closed-form parameter count (biases and LayerNorms included when configured)."""
-  d, f, v, l = c.embed_dim, c.mlp_dim, c.vocab_size, c.num_layers
+  """Closed-form count of the stored parameters (biases and LayerNorms included when
+  configured; the vocabulary rows padded to vocab_multiple, vocab_multiple=1 for the count
+  without padding that Hugging Face reports)."""
+  d, f, v, l = c.embed_dim, c.mlp_dim, c.padded_vocab_size, c.num_layers
   kv = (c.num_kv_heads or c.num_heads) * c.head_dim
   b = 1 if c.use_bias else 0
   norm = 2 * d if c.norm == "layer" else d
@@ -169,8 +175,9 @@ def flops_per_token(c: GPTConfig, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
 
   6 * (non-embedding matmul params + the tied output projection) + 12 * L * T * D for attention.
+  The output projection counts the padded vocabulary (vocab_multiple): it is computed.
   """
-  d, f, v, l = c.embed_dim, c.mlp_dim, c.vocab_size, c.num_layers
+  d, f, v, l = c.embed_dim, c.mlp_dim, c.padded_vocab_size, c.num_layers
   kv = (c.num_kv_heads or c.num_heads) * c.head_dim
   matmul = l * (2 * d * d + 2 * d * kv + (3 if c.gated_mlp else 2) * d * f) + d * v
   return 6.0 * matmul + 12.0 * l * seq_len * d

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.layers import Embed, Norm
+from fmjax.layers import Embed, Norm, round_up
 from fmjax.models import vit
 from fmjax.transformer import BlockConfig, DecoderBlock, TransformerStack, init_decoder_cache
 
@@ -33,6 +33,7 @@ from fmjax.transformer import BlockConfig, DecoderBlock, TransformerStack, init_
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqConfig:
   vocab_size: int = 32000  # V of the target side (and of the source when shared)
+  vocab_multiple: int = 128  # table rows padded to a multiple (tensor parallelism); see Embed
   source_vocab_size: int = 0  # 0: one vocabulary and embedding for source, target and output
   encoder_layers: int = 6
   decoder_layers: int = 6
@@ -46,6 +47,11 @@ class Seq2SeqConfig:
   attention_impl: str = "auto"
   dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
   param_dtype: str = "float32"
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Vp, the rows of the embedding and LM head: vocab_size rounded up to vocab_multiple."""
+    return round_up(self.vocab_size, self.vocab_multiple)
 
   @property
   def head_dim(self) -> int:
@@ -97,7 +103,8 @@ def _arange(ids):
 
 def _table(c: Seq2SeqConfig, vocab: int) -> Embed:
   return Embed(vocab, c.embed_dim, embedding_init=nn.initializers.normal(c.embed_dim ** -0.5),
-               dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+               dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+               pad_to_multiple=c.vocab_multiple)
 
 
 class TextDecoder(nn.Module):
@@ -111,7 +118,8 @@ class TextDecoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, memory, memory_mask, *, positions=None, train: bool = False,
                cache=None, cache_index=None, kv_mask=None):
-    """(B, T) target ids -> (B, T, V) float32 logits, or (logits, cache) with a cache."""
+    """(B, T) target ids -> (B, T, Vp) float32 logits (Vp: vocab_size padded to
+    vocab_multiple, the padded ids -inf, see layers.Embed), or (logits, cache) with a cache."""
     c = self.config
     positions = _arange(tokens) if positions is None else positions
     x = nn.Dropout(c.dropout_rate)(_embed_tokens(self.embed, tokens, positions, c.embed_dim),
@@ -146,7 +154,7 @@ class _Decodes:
       index, positions, kv_mask: as GPT.decode (target slots).
       source: `encode`'s output, on the first call only: fills the cross-attention cache.
     Returns:
-      (logits (B, V) float32 of the last token, cache).
+      (logits (B, Vp) float32 of the last token, cache).
     """
     memory = None if source is None else source["memory"]
     mask = cache["source_mask"][:, 0, :, 0]  # (B, S)
@@ -220,20 +228,24 @@ class ImageCaptioner(_Decodes, nn.Module):
 
 
 def num_params(c: Seq2SeqConfig) -> int:
-  """Closed-form parameter count of Seq2Seq (biases and LayerNorms included)."""
+  """Closed-form count of Seq2Seq's stored parameters (biases and LayerNorms included; each
+  vocabulary padded to vocab_multiple)."""
   d, f = c.embed_dim, c.mlp_dim
+  vocab = c.padded_vocab_size + (
+      round_up(c.source_vocab_size, c.vocab_multiple) if c.source_vocab_size else 0)
   attn = 4 * d * d + 4 * d
   mlp = 2 * d * f + f + d
   encoder = c.encoder_layers * (attn + mlp + 4 * d) + 2 * d
   decoder = c.decoder_layers * (2 * attn + mlp + 6 * d) + 2 * d
-  return encoder + decoder + (c.vocab_size + c.source_vocab_size) * d
+  return encoder + decoder + vocab * d
 
 
 def flops_per_example(c: Seq2SeqConfig, source_len: int, target_len: int) -> float:
-  """Training FLOPs of one (source, target) pair, 6 x matmul parameters x tokens + attention."""
+  """Training FLOPs of one (source, target) pair, 6 x matmul parameters x tokens + attention
+  (the output projection over the padded vocabulary, as computed)."""
   d, f = c.embed_dim, c.mlp_dim
   enc = c.encoder_layers * (4 * d * d + 2 * d * f) * source_len
-  dec = (c.decoder_layers * (4 * d * d + 2 * d * f) + d * c.vocab_size) * target_len
+  dec = (c.decoder_layers * (4 * d * d + 2 * d * f) + d * c.padded_vocab_size) * target_len
   cross = c.decoder_layers * 2 * d * d * (target_len + source_len)
   attention = 2 * d * (c.encoder_layers * source_len ** 2 + c.decoder_layers * (
       target_len ** 2 + 2 * target_len * source_len))
