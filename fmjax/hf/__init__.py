@@ -13,7 +13,7 @@ checks, sharded placement), tokenizer.py.
 
 from fmjax.hf.tables import ARCHITECTURES
 from fmjax.hf.tokenizer import HFTokenizer, load_tokenizer
-from fmjax.hf.weights import RUNTIME_FIELDS, from_pretrained, load_params, save_pretrained
+from fmjax.hf.weights import from_pretrained, load_params, save_pretrained
 
-__all__ = ["ARCHITECTURES", "HFTokenizer", "RUNTIME_FIELDS", "from_pretrained", "load_params",
+__all__ = ["ARCHITECTURES", "HFTokenizer", "from_pretrained", "load_params",
            "load_tokenizer", "save_pretrained"]

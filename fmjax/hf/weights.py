@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import warnings
 from typing import Any
 
@@ -24,8 +23,9 @@ import safetensors
 import safetensors.numpy
 
 from fmjax import sharding
-from fmjax.checkpoint import unflatten_params
+from fmjax.checkpoint import stack_layers, unflatten_params, unstack_layers
 from fmjax.hf.tables import ARCHITECTURES, Architecture, Variant, expand
+from fmjax.runtime import Runtime
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -33,20 +33,16 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
-# Fields of BertConfig / GPTConfig / ViTConfig that only change how the model runs, not its weights.
-RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "scan_layers",
-                  "remat_policy", "dtype", "param_dtype")
 
-
-def load_params(directory: str | os.PathLike, **overrides) -> tuple[Any, dict]:
+def load_params(directory: str | os.PathLike, runtime: Runtime | None = None) -> tuple[Any, dict]:
   """Reads a Hugging Face BERT, GPT-2 or ViT directory into fmjax's config and parameter names.
 
   Args:
     directory: holds config.json and model.safetensors (or a sharded model.safetensors.index.json;
       pytorch_model.bin is read only when torch is installed).
-    **overrides: runtime fields of the fmjax config (RUNTIME_FIELDS), e.g. scan_layers=True
-      (parameters then stacked on a leading layer axis, as nn.scan wants) or
-      param_dtype="bfloat16" (weights cast to it; default float32).
+    runtime: how the model will run (default Runtime()): its scan_layers stacks the layers on
+      a leading axis, as nn.scan wants; its param_dtype is the dtype the weights are cast to.
+      The architecture always comes from config.json.
 
   Returns:
     (config, params): a BertConfig, GPTConfig or ViTConfig and a nested dict of numpy arrays
@@ -58,12 +54,13 @@ def load_params(directory: str | os.PathLike, **overrides) -> tuple[Any, dict]:
     FileNotFoundError: no such directory, no config.json or no weights file.
     ValueError: unsupported model_type or config, a missing tensor or a shape mismatch.
   """
-  config, variant, params = _load(directory, overrides)
+  config, variant, params = _load(directory, runtime or Runtime())
   return config, params
 
 
 def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
-                    rules=None, dtype=None, **overrides) -> tuple[nn.Module, dict]:
+                    rules=None, dtype=None,
+                    runtime: Runtime | None = None) -> tuple[nn.Module, dict]:
   """Builds the fmjax model of a Hugging Face BERT, GPT-2 or ViT directory and loads its weights.
 
   A checkpoint with BERT's pretraining heads (cls.predictions.*, cls.seq_relationship.*) gives
@@ -78,16 +75,19 @@ def from_pretrained(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | N
     directory: a Hugging Face model directory (see load_params).
     mesh: if given, each weight is placed directly into its NamedSharding on this mesh.
     rules: logical-axis rules (a name of fmjax.sharding.RULES or a rule list); default "fsdp".
-    dtype: parameter and compute dtype, e.g. "bfloat16"; default float32.
-    **overrides: other runtime config fields (see load_params), e.g. attention_impl="xla".
+    dtype: parameter and compute dtype, e.g. "bfloat16"; default the runtime's.
+    runtime: how the model runs (fmjax.runtime.Runtime, default Runtime()), e.g.
+      Runtime(attention_impl="xla", scan_layers=True); `dtype` overrides its dtypes.
 
   Returns:
     (model, variables) with variables = {"params": tree of jax.Arrays}.
   """
+  runtime = runtime or Runtime()
   if dtype is not None:
-    overrides = {"dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(dtype).name, **overrides}
-  config, variant, params = _load(directory, overrides)
-  model = variant.module(config)
+    runtime = dataclasses.replace(runtime, dtype=jnp.dtype(dtype).name,
+                                  param_dtype=jnp.dtype(dtype).name)
+  config, variant, params = _load(directory, runtime)
+  model = variant.module(config, runtime=runtime)
   tree = params[variant.root] if variant.root else params
   if mesh is None:
     return model, {"params": jax.tree_util.tree_map(jnp.asarray, tree)}
@@ -122,8 +122,8 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -
   hf_config = arch.config_to_hf(config)  # raises first if the config has no HF equivalent
   params = nn.meta.unbox(variables.get("params", variables))
   flat = {path: _to_host(x) for path, x in _flatten(params).items()}
-  if config.scan_layers:
-    flat = _unstack_layers(flat)
+  if model.runtime.scan_layers:
+    flat = unstack_layers(flat)
   prefix = variant.root + "/" if variant.root else ""
   flat = {prefix + p: x for p, x in flat.items()}
   shapes = _param_shapes(arch, variant, config)
@@ -148,11 +148,11 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike) -
   directory.mkdir(parents=True, exist_ok=True)
   safetensors.numpy.save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
   hf_config = {"architectures": [variant.hf_class], "model_type": arch.model_type, **hf_config,
-               "dtype": jnp.dtype(config.param_dtype).name}
+               "dtype": jnp.dtype(model.runtime.param_dtype).name}
   (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-def _load(directory, overrides) -> tuple[Any, Variant, dict]:
+def _load(directory, runtime: Runtime) -> tuple[Any, Variant, dict]:
   """(config, variant, params) for load_params and from_pretrained."""
   directory = pathlib.Path(directory)
   if not directory.is_dir():
@@ -166,12 +166,11 @@ def _load(directory, overrides) -> tuple[Any, Variant, dict]:
                      f"supports {by('text')} (text) and {by('image')} (images)")
   arch = ARCHITECTURES[model_type]
   config = arch.config_from_hf(hf_config)
-  config = _override(config, overrides)
   checkpoint = _Checkpoint(directory)
   names = {arch.canonical(n): n for n in checkpoint.names}
   variant = arch.variant(config, set(names))
   shapes = _param_shapes(arch, variant, config)
-  dtype = jnp.dtype(config.param_dtype)
+  dtype = runtime.params_dtype
   flat, used = {}, set()
   for r in expand(variant.rules(config), config.num_layers):
     if r.hf not in names:
@@ -205,8 +204,8 @@ def _load(directory, overrides) -> tuple[Any, Variant, dict]:
   if unused:
     warnings.warn(f"fmjax.hf ignores {len(unused)} tensors of {checkpoint.describe()} that a "
                   f"{variant.hf_class} does not have: {unused[:8]}", stacklevel=3)
-  if config.scan_layers:
-    flat = _stack_layers(flat)
+  if runtime.scan_layers:
+    flat = stack_layers(flat)
   return config, variant, unflatten_params(flat)
 
 
@@ -219,15 +218,6 @@ def _read_config(directory: pathlib.Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); re-save the model") from None
-
-
-def _override(config, overrides):
-  bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
-  if bad:
-    raise ValueError(f"cannot override {bad}: the architecture comes from {CONFIG_FILE}; only "
-                     f"runtime fields {list(RUNTIME_FIELDS)} can be overridden")
-  fields = {f.name for f in dataclasses.fields(config)}
-  return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
 
 
 class _Checkpoint:
@@ -304,7 +294,6 @@ def _dummy_input(arch: Architecture, config):
 
 def _param_shapes(arch: Architecture, variant: Variant, config) -> dict[str, tuple[int, ...]]:
   """"/"-path -> shape of the module's params, unscanned, under the variant's root."""
-  config = dataclasses.replace(config, scan_layers=False)
   abstract = jax.eval_shape(variant.module(config).init, jax.random.key(0),
                             _dummy_input(arch, config))
   prefix = variant.root + "/" if variant.root else ""
@@ -328,35 +317,6 @@ def _to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
-
-
-_LAYER = re.compile(r"^(.*?blocks/)layer_(\d+)/(.*)$")
-
-
-def _stack_layers(flat: dict) -> dict:
-  """"blocks/layer_{i}/p" for every i -> "blocks/layers/p" stacked on a leading axis (nn.scan)."""
-  out, stacked = {}, {}
-  for path, x in flat.items():
-    m = _LAYER.match(path)
-    if m is None:
-      out[path] = x
-    else:
-      stacked.setdefault(f"{m[1]}layers/{m[3]}", {})[int(m[2])] = x
-  for path, layers in stacked.items():
-    out[path] = np.stack([layers[i] for i in range(len(layers))])
-  return out
-
-
-def _unstack_layers(flat: dict) -> dict:
-  """Inverse of _stack_layers."""
-  out = {}
-  for path, x in flat.items():
-    m = re.match(r"^(.*?blocks/)layers/(.*)$", path)
-    if m is None:
-      out[path] = x
-    else:
-      out.update({f"{m[1]}layer_{i}/{m[2]}": x[i] for i in range(x.shape[0])})
-  return out
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -19,14 +19,17 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fmjax import heads
+from fmjax import heads, transformer
 from fmjax.layers import ACTIVATIONS, Dense, Embed, Norm, partitioned
+from fmjax.runtime import Runtime
 from fmjax.training import cross_entropy
 from fmjax.transformer import BlockConfig, TransformerStack
 
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
+  """The architecture; how it runs is a Runtime (BERT trains with dropout_rate and
+  attention_dropout_rate 0.1: Runtime(dropout_rate=0.1, attention_dropout_rate=0.1))."""
   vocab_size: int = 30522  # WordPiece, uncased
   max_len: int = 512
   type_vocab_size: int = 2  # sentence A / sentence B
@@ -34,26 +37,21 @@ class BertConfig:
   num_heads: int = 12
   embed_dim: int = 768
   mlp_dim: int = 3072
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.1
-  attention_impl: str = "auto"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
-  param_dtype: str = "float32"  # parameters and optimizer state
   norm_eps: float = 1e-12  # as the TensorFlow reference; 1e-5 would not match checkpoints
+
+  def __post_init__(self):
+    transformer.check_config(self, positive=("vocab_size", "max_len", "type_vocab_size",
+                                             "num_layers", "num_heads", "embed_dim", "mlp_dim"))
 
   @property
   def head_dim(self) -> int:
     return self.embed_dim // self.num_heads
 
-  def block(self) -> BlockConfig:
+  def block(self, runtime: Runtime) -> BlockConfig:
     return BlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, causal=False,
         pre_ln=False, norm="layer", norm_eps=self.norm_eps, mlp_activation="gelu",
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        attention_impl=self.attention_impl, dtype=jnp.dtype(self.dtype),
-        param_dtype=jnp.dtype(self.param_dtype))
+        **runtime.block_fields())
 
 
 PRESETS = {
@@ -69,7 +67,7 @@ PRESETS = {
 
 
 def get_config(name: str, **overrides) -> BertConfig:
-  """A preset by name with field overrides, e.g. get_config("tiny", dropout_rate=0.0)."""
+  """A preset by name with field overrides, e.g. get_config("tiny", vocab_size=8000)."""
   if name not in PRESETS:
     raise ValueError(f"unknown BERT preset {name!r}; choose from {sorted(PRESETS)}")
   return dataclasses.replace(PRESETS[name], **overrides)
@@ -78,18 +76,19 @@ def get_config(name: str, **overrides) -> BertConfig:
 class BertEncoder(nn.Module):
   """The BERT encoder: embeddings, post-LN stack and pooler (Hugging Face's `BertModel`)."""
   config: BertConfig
+  runtime: Runtime = Runtime()
 
   def setup(self):
-    c = self.config
-    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    c, rt = self.config, self.runtime
+    dtype, param_dtype = rt.compute_dtype, rt.params_dtype
     embed = lambda n, axes: Embed(n, c.embed_dim, axes=axes, dtype=dtype, param_dtype=param_dtype)
     self.word_embeddings = embed(c.vocab_size, ("vocab", "embed"))
     self.position_embeddings = embed(c.max_len, (None, "embed"))
     self.token_type_embeddings = embed(c.type_vocab_size, (None, "embed"))
     self.ln_embed = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
-    self.dropout = nn.Dropout(c.dropout_rate)
-    self.blocks = TransformerStack(c.block(), c.num_layers, scan=c.scan_layers,
-                                   remat_policy=c.remat_policy)
+    self.dropout = nn.Dropout(rt.dropout_rate)
+    self.blocks = TransformerStack(c.block(rt), c.num_layers, scan=rt.scan_layers,
+                                   remat_policy=rt.remat_policy)
     self.pooler = Dense(c.embed_dim, ("embed", None), dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, input_ids, *, token_type_ids=None, attention_mask=None, train: bool = False):
@@ -129,6 +128,7 @@ class BertEncoder(nn.Module):
 class BertForPreTraining(nn.Module):
   """The encoder (submodule "bert") with the masked-LM and next-sentence heads."""
   config: BertConfig
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
@@ -144,9 +144,9 @@ class BertForPreTraining(nn.Module):
       {"mlm_logits": (B, P, V) float32, "nsp_logits": (B, 2) float32,
        "sequence_output": (B, T, D), "pooled_output": (B, D)}.
     """
-    c = self.config
-    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    bert = BertEncoder(c, name="bert")
+    c, rt = self.config, self.runtime
+    dtype, param_dtype = rt.compute_dtype, rt.params_dtype
+    bert = BertEncoder(c, rt, name="bert")
     seq, pooled = bert(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                        train=train)
     if masked_lm_positions is None:
@@ -171,31 +171,33 @@ class BertForSequenceClassification(nn.Module):
   [CLS] output: single sentences (SST-2) and sentence pairs (RTE, MNLI, STS-B)."""
   config: BertConfig
   num_labels: int
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
                train: bool = False):
     """(B, T) inputs as in BertEncoder -> (B, num_labels) float32 logits (scores)."""
-    c = self.config
-    _, pooled = BertEncoder(c, name="bert")(input_ids, token_type_ids=token_type_ids,
-                                             attention_mask=attention_mask, train=train)
-    return heads.ClassificationHead(self.num_labels, c.dropout_rate, dtype=jnp.dtype(c.dtype),
-                                    param_dtype=jnp.dtype(c.param_dtype),
+    rt = self.runtime
+    _, pooled = BertEncoder(self.config, rt, name="bert")(
+        input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, train=train)
+    return heads.ClassificationHead(self.num_labels, rt.dropout_rate, dtype=rt.compute_dtype,
+                                    param_dtype=rt.params_dtype,
                                     name="classifier")(pooled, train=train)
 
 
 class BertForQuestionAnswering(nn.Module):
   """The encoder with a span head over its token outputs (SQuAD-style extractive QA)."""
   config: BertConfig
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
                train: bool = False):
     """(B, T) inputs as in BertEncoder -> (start_logits, end_logits), (B, T) float32 each."""
-    c = self.config
-    seq, _ = BertEncoder(c, name="bert")(input_ids, token_type_ids=token_type_ids,
-                                          attention_mask=attention_mask, train=train)
-    return heads.SpanHead(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+    rt = self.runtime
+    seq, _ = BertEncoder(self.config, rt, name="bert")(
+        input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, train=train)
+    return heads.SpanHead(dtype=rt.compute_dtype, param_dtype=rt.params_dtype,
                           name="qa_outputs")(seq)
 
 
