@@ -357,7 +357,8 @@ def _restore_other_layout(ckpt, step, task, tx, rng, mesh, rules, target, saved_
 
 def resolved_config(config, schedule: Schedule, runtime, source, model_config):
   """A copy of the run config with what the run resolved filled in (for config.json): the
-  schedule, the runtime, the source of the first weights and the architecture built."""
+  schedule, the runtime, the source of the first weights and, in config.model, the fields
+  of the architecture built."""
   resolved = copy.deepcopy(config)
   with resolved.unlocked():
     t = resolved.train
@@ -367,8 +368,10 @@ def resolved_config(config, schedule: Schedule, runtime, source, model_config):
       resolved.runtime = ml_collections.ConfigDict(dataclasses.asdict(runtime))
     if source is not None:
       resolved.init_from = source.spec
-    if dataclasses.is_dataclass(model_config) and "model" in resolved:
-      resolved.model = ml_collections.ConfigDict(dataclasses.asdict(model_config))
+    built = checkpoint.model_signature(model_config)
+    for key in resolved.model.keys() if "model" in resolved else ():
+      if key in built:  # e.g. vocab_size -1 -> the tokenizer's; init_from's architecture
+        resolved.model[key] = built[key]
   return resolved
 
 

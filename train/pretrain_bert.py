@@ -119,9 +119,9 @@ def run(config, workdir: str):
     documents, eval_documents = documents[:cut], documents[cut:]
   else:
     eval_documents = documents  # overfitting runs (sample): evaluate on the training instances
-  source = common.sources.parse(config.init_from)
-  tokenizer = build_tokenizer(config, workdir, documents, source)
-  model_config = (source.architecture(bert.BertConfig)
+  weights = common.sources.parse(config.init_from)
+  tokenizer = build_tokenizer(config, workdir, documents, weights)
+  model_config = (weights.architecture(bert.BertConfig)
                   or common.model_config(bert.BertConfig, config.model, tokenizer))
   model = bert.BertForPreTraining(model_config, common.runtime(config))
   schedule = common.resolve_schedule(t)
@@ -153,7 +153,7 @@ def run(config, workdir: str):
                              b["masked_lm_positions"]),
         flops_per_example=bert.flops_per_token(model_config, length) * length,
         tokens_per_example=length)
-    state, last = common.fit(config, workdir, task, schedule=schedule, source=source,
+    state, last = common.fit(config, workdir, task, schedule=schedule, source=weights,
                              until=until)
   common.report(workdir, last)
   return state, tokenizer, model, last
