@@ -137,8 +137,8 @@ def resolve_schedule(t, num_examples: int | None = None, *,
   if steps < 0 or epochs < 0:
     raise ValueError(f"config.train.steps={t.steps} and epochs={epochs:g} must not be negative")
   if steps > 0 and epochs > 0:
-    log.info("config.train.steps=%d is set: config.train.epochs=%g is ignored (set steps=0 to "
-             "train by epochs)", steps, epochs)
+    log.warning("config.train.steps=%d is set: config.train.epochs=%g is ignored (set "
+                "steps=0 to train by epochs)", steps, epochs)
   elif steps == 0 and epochs > 0:
     if num_examples is None:
       raise ValueError("config.train.epochs is set but this program trains by steps: set "
