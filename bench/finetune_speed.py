@@ -165,7 +165,7 @@ def run_fmjax(args, directory: str) -> dict:
   d.train_path = os.path.join(args.data_dir, "train.tsv")
   d.eval_path = os.path.join(args.data_dir, "test.tsv")
   d.max_seq_length, d.bucket, d.group_batches = args.seq_len, True, args.group_batches
-  config.model.dropout_rate = config.model.attention_dropout_rate = 0.1
+  config.runtime.dropout_rate = config.runtime.attention_dropout_rate = 0.1
   t.epochs, t.steps, t.batch_size, t.learning_rate = 0.0, args.steps, args.batch, args.lr
   t.warmup_fraction, t.eval_every, t.log_every = 0.1, args.eval_every, args.eval_every
   t.save_every, t.best_metric = args.steps + 1, ""  # one checkpoint, at the end

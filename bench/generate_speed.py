@@ -60,6 +60,7 @@ import numpy as np  # noqa: E402
 
 from fmjax import generate, metrics  # noqa: E402
 from fmjax.models import gpt  # noqa: E402
+from fmjax.runtime import Runtime  # noqa: E402
 
 
 def forward_flops_per_token(c: gpt.GPTConfig, context: float) -> float:
@@ -69,7 +70,7 @@ def forward_flops_per_token(c: gpt.GPTConfig, context: float) -> float:
 
 
 def fmjax_generate(c: gpt.GPTConfig, prompts: np.ndarray, new_tokens: int):
-  model = gpt.GPT(c)
+  model = gpt.GPT(c, Runtime(attention_impl="xla"))
   params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32)))["params"])(
       jax.random.key(0))
   rows = prompts.tolist()
@@ -135,7 +136,7 @@ def interleaved(runs: dict, *, rounds: int, warmup: int = 1, settle: float = 1.0
 def main(argv=None):
   args = parse_args(argv)
 
-  c = gpt.get_config("gpt2_small", attention_impl="xla")
+  c = gpt.get_config("gpt2_small")
   prompts = np.random.RandomState(0).randint(0, c.vocab_size, (args.batch, args.prompt_len))
   runs = {"fmjax": fmjax_generate(c, prompts, args.new_tokens)}
   if not args.no_reference and has_reference():

@@ -34,8 +34,9 @@ def fmjax_step(impl: str, seq_len: int, steps: int) -> dict:
   import numpy as np
   from fmjax import metrics, training
   from fmjax.models import gpt
-  c = gpt.GPTConfig(max_len=seq_len, attention_impl=impl, **MODEL)
-  model = gpt.GPT(c)
+  from fmjax.runtime import Runtime
+  c = gpt.GPTConfig(max_len=seq_len, **MODEL)
+  model = gpt.GPT(c, Runtime(attention_impl=impl))
   tx, schedule = training.make_optimizer(learning_rate=1e-3, total_steps=10, warmup_steps=1)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, seq_len + 1)), jnp.int32)
   state = training.init_fn(model, tx, tokens[:, :-1])(jax.random.key(0))

@@ -31,6 +31,7 @@ from configs import gpt as gpt_configs  # noqa: E402
 from fmjax import data as fdata  # noqa: E402
 from fmjax import heads, sharding, training  # noqa: E402
 from fmjax.models import gpt  # noqa: E402
+from fmjax.runtime import Runtime  # noqa: E402
 
 TEXT = os.path.join(ROOT, "data", "tiny_shakespeare.txt")
 
@@ -54,7 +55,7 @@ class FmjaxRun:
     mc = dict(cfg.model)
     mc["vocab_size"] = tok.vocab_size
     self.model_config = gpt.GPTConfig(**mc)
-    self.model = gpt.GPT(self.model_config)
+    self.model = gpt.GPT(self.model_config, Runtime(**cfg.runtime))
     t, d = cfg.train, cfg.data
     self.seq_len, self.batch = d.seq_len, t.batch_size
     self.it = fdata.LMBatchIterator(train, batch_size=t.batch_size, seq_len=d.seq_len,

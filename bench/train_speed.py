@@ -34,9 +34,8 @@ SIZES = {  # name -> (model config, batch, seq_len)
     },
     "bert": {
         "small": (bert.BertConfig(vocab_size=8192, max_len=512, num_layers=4, num_heads=4,
-                                  embed_dim=256, mlp_dim=1024, dropout_rate=0.0,
-                                  attention_dropout_rate=0.0), 16, 128),
-        "base": (bert.get_config("base", dropout_rate=0.0, attention_dropout_rate=0.0), 8, 128),
+                                  embed_dim=256, mlp_dim=1024), 16, 128),
+        "base": (bert.get_config("base"), 8, 128),  # no dropout: the default Runtime
     },
 }
 PREDICTIONS = 20  # masked positions per BERT example (max_predictions_per_seq at 128 tokens)

@@ -32,6 +32,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
                      "or base")
   config.model = model_config(bert.get_config(preset))
   config.model.vocab_size = -1  # -1: the tokenizer's vocabulary size
+  config.runtime.dropout_rate = config.runtime.attention_dropout_rate = 0.1  # BERT's
 
   d = config.data = ml_collections.ConfigDict()
   d.train_path = SAMPLE  # one sentence per line, a blank line between documents
@@ -63,7 +64,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     t.log_every, t.eval_every, t.save_every, t.eval_batches = 5, 10, 10, 2
   elif variant == "sample":
     d.vocab_size, d.dupe_factor = 400, 5
-    config.model.dropout_rate = config.model.attention_dropout_rate = 0.0  # memorise
+    config.runtime.dropout_rate = config.runtime.attention_dropout_rate = 0.0  # memorise
     t.steps, t.batch_size, t.learning_rate, t.warmup_steps = 300, 16, 1e-3, 30
     t.log_every, t.eval_every, t.save_every, t.eval_batches = 25, 100, 100, 100
   elif variant == "wikitext":
@@ -82,8 +83,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   else:  # base
     d.train_path, d.vocab_size = "", 30522
     d.phase1_fraction = 0.9
-    config.model.scan_layers, config.model.remat_policy = True, "dots_no_batch"
-    config.model.dtype = "bfloat16"
+    config.runtime.update(scan_layers=True, remat_policy="dots_no_batch", dtype="bfloat16")
     t.steps, t.batch_size = 1_000_000, 256
     t.log_every, t.eval_every, t.save_every = 100, 5000, 5000
   return config

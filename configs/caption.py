@@ -30,7 +30,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
   config = base_config()
   # The text decoder (its encoder fields are unused: the encoder is config.vit).
-  config.model = model_config(seq2seq.get_config("tiny", encoder_layers=0, dropout_rate=0.0))
+  config.model = model_config(seq2seq.get_config("tiny", encoder_layers=0))
   config.model.vocab_size = -1  # -1: the tokenizer's
   config.vit = model_config(vit.get_config("tiny", image_size=32, patch_size=8, num_channels=3,
                                            num_classes=0, pool="gap", num_heads=4,

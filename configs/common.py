@@ -1,11 +1,18 @@
-"""Pieces every run config shares: the train, mesh and sharding blocks, and model presets as ConfigDicts.
+"""Pieces every run config shares: the train, mesh, sharding and runtime blocks, and model
+presets as ConfigDicts.
 
-Each program's config file (gpt.py, ...) starts from `base_config()` and fills in its model and data.
+Each program's config file (gpt.py, ...) starts from `base_config()` and fills in its model
+(`config.model`: the architecture, a preset's fields) and data. How the model runs is
+`config.runtime` (the fields of fmjax.runtime.Runtime: attention_impl, scan_layers,
+remat_policy, dtype, param_dtype, dropout_rate, attention_dropout_rate); changing it keeps
+a workdir's checkpoints resumable.
 """
 
 import dataclasses
 
 import ml_collections
+
+from fmjax.runtime import Runtime
 
 
 def model_config(preset) -> ml_collections.ConfigDict:
@@ -21,9 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Mesh sizes; one may be -1 ("the rest of the devices").
   config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   config.sharding = "fsdp"  # a rule set of fmjax/sharding.py: dp | fsdp | fsdp_tp
+  # How the model runs (fmjax.runtime.Runtime), e.g. --config.runtime.dtype=bfloat16
+  # --config.runtime.attention_impl=chunked --config.runtime.remat_policy=dots.
+  config.runtime = ml_collections.ConfigDict(dataclasses.asdict(Runtime()))
 
   t = config.train = ml_collections.ConfigDict()
-  t.steps = 1000
+  t.steps = 1000  # an explicit number of steps wins over train.epochs (where a recipe has it)
   t.batch_size = 32  # global batch (all hosts)
   t.accum_steps = 1  # gradient accumulation: micro-batches per optimizer step
   t.learning_rate = 1e-3

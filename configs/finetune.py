@@ -18,7 +18,9 @@ Variants (tasks; with train_path/eval_path empty they read the tfds catalog data
   squad     extractive QA, SQuAD v1.1 (tfds squad; local SQuAD JSON), exact match and F1.
   xquad     squad on ../shared/data/xquad/xquad.en.json, the last 25% of articles held out.
 BERT's finetuning optimizer: AdamW (wd 0.01, eps 1e-6), 10% warmup, linear decay to 0,
-a few epochs at 2e-5..5e-5 for pretrained encoders (config.train.epochs sets the steps).
+a few epochs at 2e-5..5e-5 for pretrained encoders, dropout 0.1 (config.runtime). Variants
+train by config.train.epochs (with train.steps=0); an explicit --config.train.steps=N wins
+(the log says epochs is ignored).
 """
 
 import ml_collections
@@ -36,9 +38,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   config.task = "qa" if variant in ("tiny_qa", "squad", "xquad") else (
       "regression" if variant == "stsb" else "classification")
   # The encoder when config.init_from is empty (random init). With init_from, its own
-  # architecture is used and only dropout, attention_impl, remat_policy and dtypes apply.
+  # architecture is used; config.runtime (dropout, attention_impl, remat, dtypes) applies.
   config.model = model_config(bert.get_config("tiny" if variant.startswith("tiny") else "mini"))
   config.model.vocab_size = -1
+  config.runtime.dropout_rate = config.runtime.attention_dropout_rate = 0.1  # BERT's
 
   d = config.data = ml_collections.ConfigDict()
   d.train_path = ""  # local file(s) or glob; empty: tfds_name
@@ -78,7 +81,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   t = config.train
   t.decay, t.end_factor, t.weight_decay, t.b1, t.b2, t.eps = "linear", 0.0, 0.01, 0.9, 0.999, 1e-6
   t.learning_rate, t.batch_size, t.grad_clip = 5e-5, 32, 1.0
-  t.epochs = 3.0  # >0: train.steps = epochs x train examples / batch_size
+  t.steps = 0  # 0: from epochs; > 0 wins over epochs
+  t.epochs = 3.0  # with steps 0: steps = epochs x train examples / batch_size
   t.warmup_fraction = 0.1  # >0: warmup_steps = fraction x steps
   t.log_every, t.eval_every, t.save_every = 50, 500, 500
   t.best_metric = "eval/accuracy"

@@ -62,9 +62,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     d.train_path, d.tfds_name, d.text_key = "", "c4/en", "text"
     d.tokenizer, d.vocab_size, d.seq_len, d.mode = "sentencepiece", 50257, 1024, "sequential"
     config.model.vocab_size = 50257
-    config.model.scan_layers = True
-    config.model.remat_policy = "dots_no_batch"
-    config.model.dtype = "bfloat16"
+    config.runtime.update(scan_layers=True, remat_policy="dots_no_batch", dtype="bfloat16")
     t.steps, t.batch_size, t.learning_rate, t.warmup_steps = 600_000, 512, 6e-4, 2000
     t.log_every, t.eval_every, t.save_every = 100, 2000, 2000
     s.prompt = "The"

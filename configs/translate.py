@@ -77,12 +77,14 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     t.steps, t.batch_size, t.warmup_steps, t.learning_rate = 300, 32, 30, 3e-3
     t.log_every, t.eval_every, t.save_every = 50, 150, 150
   elif variant == "multi30k":
+    config.runtime.dropout_rate = 0.1
     for split, name in (("train", "train"), ("eval", "val"), ("test", "test_2016_flickr")):
       d[f"{split}_source"] = MULTI30K.format(name, "de")
       d[f"{split}_target"] = MULTI30K.format(name, "en")
     t.steps, t.batch_size = 2800, 64
     t.log_every, t.eval_every, t.save_every = 100, 500, 500
   else:  # wmt14
+    config.runtime.dropout_rate = 0.1  # the paper's P_drop
     d.tfds_name, d.vocab_size, d.max_length = "wmt14_translate/de-en", 37000, 128
     e.batch_size = 64
     t.steps, t.batch_size, t.warmup_steps, t.learning_rate = 100_000, 512, 4000, 7e-4

@@ -56,7 +56,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   t = config.train
   t.decay, t.end_factor, t.b1, t.b2, t.weight_decay = "cosine", 0.0, 0.9, 0.999, 0.05
   t.learning_rate, t.batch_size, t.grad_clip = 1e-3, 128, 1.0
-  t.epochs = 0.0  # >0: train.steps = epochs x train examples / batch_size
+  t.epochs = 0.0  # with train.steps=0: steps = epochs x train examples / batch_size
   t.warmup_fraction = 0.05  # >0: warmup_steps = fraction x steps
   t.label_smoothing = 0.0
   t.mixup_alpha = 0.0  # >0: mixup with Beta(alpha, alpha) weights
@@ -75,20 +75,21 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   elif variant == "mnist":
     config.model.update(num_layers=6, num_heads=4, embed_dim=64, mlp_dim=128)
     d.train_stop, d.eval_start = 8000, 8000
-    t.epochs, t.batch_size, t.learning_rate, t.warmup_fraction = 30.0, 128, 2e-3, 0.05
+    t.steps, t.epochs, t.batch_size, t.learning_rate, t.warmup_fraction = 0, 30.0, 128, 2e-3, 0.05
     t.label_smoothing = 0.1
     t.log_every, t.eval_every, t.save_every = 50, 250, 250
   elif variant == "cifar10":
     config.model = model_config(vit.get_config("ti16", image_size=32, patch_size=4,
                                                num_classes=10))
     d.tfds_name = "cifar10"
-    t.epochs, t.batch_size, t.learning_rate, t.warmup_fraction = 200.0, 512, 1e-3, 0.05
+    t.steps, t.epochs, t.batch_size, t.learning_rate, t.warmup_fraction = 0, 200.0, 512, 1e-3, 0.05
     t.label_smoothing, t.mixup_alpha = 0.1, 0.2
     t.log_every, t.eval_every, t.save_every = 100, 2000, 2000
   elif variant == "imagenet2012":
-    config.model = model_config(vit.get_config("b16", dropout_rate=0.1))
+    config.model = model_config(vit.get_config("b16"))
+    config.runtime.dropout_rate = 0.1
     d.tfds_name, d.eval_split, d.in_memory, d.crop_padding = "imagenet2012", "validation", False, 16
-    t.epochs, t.batch_size, t.learning_rate, t.weight_decay = 300.0, 4096, 3e-3, 0.3
+    t.steps, t.epochs, t.batch_size, t.learning_rate, t.weight_decay = 0, 300.0, 4096, 3e-3, 0.3
     t.warmup_fraction, t.warmup_steps = 0.0, 10_000
     t.log_every, t.eval_every, t.save_every = 100, 5000, 5000
   return config

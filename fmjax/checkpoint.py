@@ -2,10 +2,13 @@
 
 A checkpoint step holds two items:
   state: TrainState (params, optimizer state, step), written shard by shard from every process
-  meta:  JSON — the model's configuration, the data iterator's position and the rng seed
+  meta:  JSON — the model's architecture, the runtime it ran under (fmjax.runtime), the data
+         iterator's position and the rng seed
 
-Restoring reads `meta` first and compares the model configuration with the running one,
-so a workdir that holds another model's checkpoint is refused before anything is touched.
+Restoring reads `meta` first and compares the architecture with the running one, so a
+workdir that holds another model's checkpoint is refused before anything is touched. The
+runtime may differ (another attention kernel, remat policy, dtype or dropout); a change of
+scan_layers changes the parameter layout, which `stack_layers` / `unstack_layers` convert.
 
 Crash safety: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when
 complete, so a process killed mid-save leaves only a temporary directory, which is never
@@ -18,13 +21,17 @@ that are still good.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import threading
 import time
 from typing import Any, NoReturn
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from fmjax import runtime as fruntime
 
 
 class CheckpointMismatchError(ValueError):
@@ -61,9 +68,16 @@ def _restore(manager, step: int, what: str, **items):
 
 
 def model_signature(model_config) -> dict:
-  """JSON-able description of a model config (dataclass), used to recognise its checkpoints."""
+  """JSON-able description of a model's architecture (a config dataclass or a dict of them),
+  used to recognise its checkpoints. Runtime fields do not belong in it."""
   fields = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else dict(model_config)
   return json.loads(json.dumps(fields, default=str))
+
+
+def saved_scan_layers(meta: dict) -> bool:
+  """Whether a checkpoint's params are stacked for nn.scan: its runtime's scan_layers (meta
+  written before the runtime split kept it among the model fields)."""
+  return bool(meta.get("runtime", meta.get("model", {})).get("scan_layers", False))
 
 
 class Checkpointer:
@@ -106,7 +120,8 @@ class Checkpointer:
     if not isinstance(meta, dict):
       raise CheckpointReadError(f"checkpoint {os.path.join(self.directory, str(step))}: its "
                                 f"meta is {type(meta).__name__}, not a JSON object: damaged")
-    saved = meta.get("model", {})
+    # Checkpoints from before the runtime split list runtime fields with the model: ignored.
+    saved = {k: v for k, v in meta.get("model", {}).items() if k not in fruntime.FIELDS}
     diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
              for k, v in signature.items() if saved.get(k) != v]
     diffs += [f"{k}: checkpoint {saved[k]!r} vs config (absent)" for k in saved if k not in signature]
@@ -199,6 +214,61 @@ def unflatten_params(flat: dict[str, Any]) -> dict:
       node = node.setdefault(key, {})
     node[leaf] = x
   return nested
+
+
+_LAYER = re.compile(r"^(.*?blocks/)layer_(\d+)/(.*)$")
+_STACKED = re.compile(r"^(.*?blocks/)layers/(.*)$")
+
+
+def is_stacked(path: str) -> bool:
+  """Whether a parameter path is in nn.scan's layout ("...blocks/layers/...")."""
+  return _STACKED.match(path) is not None
+
+
+def layer_paths(path: str, num_layers: int) -> list[str] | None:
+  """A stacked path's per-layer paths in the Python-loop layout; None for another path."""
+  m = _STACKED.match(path)
+  return None if m is None else [f"{m[1]}layer_{i}/{m[2]}" for i in range(num_layers)]
+
+
+def stack_layers(flat: dict, stack=np.stack) -> dict:
+  """Flat params (any tree whose paths hold them, e.g. optimizer state) of a Python-loop
+  stack -> nn.scan's layout: "...blocks/layer_{i}/p" for every i -> "...blocks/layers/p", the
+  layers stacked on a leading axis by `stack` (np.stack; jnp.stack for device arrays)."""
+  out, stacked = {}, {}
+  for path, x in flat.items():
+    m = _LAYER.match(path)
+    if m is None:
+      out[path] = x
+    else:
+      stacked.setdefault(f"{m[1]}layers/{m[3]}", {})[int(m[2])] = x
+  for path, layers in stacked.items():
+    out[path] = stack([layers[i] for i in range(len(layers))])
+  return out
+
+
+def unstack_layers(flat: dict) -> dict:
+  """Inverse of stack_layers: "...blocks/layers/p" (L, ...) -> "...blocks/layer_{i}/p"."""
+  out = {}
+  for path, x in flat.items():
+    m = _STACKED.match(path)
+    if m is None:
+      out[path] = x
+    else:
+      out.update({f"{m[1]}layer_{i}/{m[2]}": x[i] for i in range(x.shape[0])})
+  return out
+
+
+def convert_layout(flat: dict, scanned: bool, stack=np.stack) -> dict:
+  """Flat params (or any tree holding them by path, e.g. a TrainState) in nn.scan's layout
+  (`scanned`) or the Python loop's, whichever layout they are in."""
+  has_stacked = any(_STACKED.match(p) for p in flat)
+  has_layers = any(_LAYER.match(p) for p in flat)
+  if scanned and has_layers:
+    return stack_layers(flat, stack)
+  if not scanned and has_stacked:
+    return unstack_layers(flat)
+  return flat
 
 
 def read_latest(workdir: str) -> tuple[int, dict, dict]:

@@ -20,7 +20,7 @@ scores and probabilities of the `xla` kernel (0 for `chunked`, which keeps O(T) 
                                   plus one layer rebuilt in full (12 D + 3 F + 3 A)
   full                            D per layer (its input), plus one layer rebuilt in full
 (Remat only changes memory under nn.scan: with a Python loop XLA keeps every activation
-whatever the policy, so the plan assumes config.model.scan_layers for remat policies.)
+whatever the policy, so the plan assumes Runtime.scan_layers for remat policies.)
 Activations are split over the batch axes (data x fsdp) and their head/MLP parts over
 `tensor`. `plan` returns the fitting (policy, accumulation steps) of least relative step
 time, modelled as the recomputation factor (none 1, dots_no_batch 1.15, full 1.33: one more
@@ -128,6 +128,16 @@ def activation_bytes(s: Shape, policy: str, accum_steps: int, mesh_shape: dict) 
   return int(tokens * layers * s.compute_bytes + logits)
 
 
+def mesh_shape_of(shardings) -> dict:
+  """{axis: size} of the mesh the NamedShardings of a tree are laid out on."""
+  meshes = {tuple(s.mesh.shape.items()) for s in jax.tree_util.tree_leaves(shardings)
+            if hasattr(s, "mesh")}
+  if len(meshes) != 1:
+    raise ValueError(f"param_shardings must be NamedShardings on one mesh (found "
+                     f"{len(meshes)} meshes); pass sharding.shardings_of(...)'s params")
+  return dict(meshes.pop())
+
+
 def device_memory_bytes() -> int:
   """What the first local device reports (TPU/GPU), else this host's RAM per local device."""
   stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
@@ -138,9 +148,10 @@ def device_memory_bytes() -> int:
 
 
 def estimate(abstract_params, param_shardings, s: Shape, *, remat_policy: str,
-             accum_steps: int, mesh_shape: dict, budget: int | None = None,
-             optimizer_copies: int = 2) -> Plan:
-  """The per-device bytes of one training step with this remat policy and accumulation."""
+             accum_steps: int, budget: int | None = None, optimizer_copies: int = 2) -> Plan:
+  """The per-device bytes of one training step with this remat policy and accumulation; the
+  mesh (the batch and tensor splits of the activations) is the one of `param_shardings`."""
+  mesh_shape = mesh_shape_of(param_shardings)
   params = sharded_bytes(abstract_params, param_shardings)
   return Plan(remat_policy, accum_steps, params=params, optimizer=optimizer_copies * params,
               gradients=params,
@@ -148,13 +159,14 @@ def estimate(abstract_params, param_shardings, s: Shape, *, remat_policy: str,
               budget=device_memory_bytes() if budget is None else budget)
 
 
-def plan(abstract_params, param_shardings, s: Shape, *, mesh_shape: dict,
-         budget: int | None = None, max_accum_steps: int = 64) -> Plan:
+def plan(abstract_params, param_shardings, s: Shape, *, budget: int | None = None,
+         max_accum_steps: int = 64) -> Plan:
   """The cheapest (remat policy, accumulation steps) that fits `budget` bytes per device.
 
   Raises:
     MemoryError: naming the smallest plan, when nothing fits.
   """
+  mesh_shape = mesh_shape_of(param_shardings)
   per_device = s.batch_size // batch_shards(mesh_shape)
   accums = [a for a in range(1, min(per_device, max_accum_steps) + 1) if per_device % a == 0]
   candidates = sorted(((factor * (1 + 0.1 * math.log2(a)), policy, a)
@@ -162,13 +174,13 @@ def plan(abstract_params, param_shardings, s: Shape, *, mesh_shape: dict,
   smallest = None
   for _, policy, accum in candidates:
     p = estimate(abstract_params, param_shardings, s, remat_policy=policy, accum_steps=accum,
-                 mesh_shape=mesh_shape, budget=budget)
+                 budget=budget)
     if p.fits:
       return p
     if smallest is None or p.total < smallest.total:
       smallest = p
   raise MemoryError(
       f"nothing fits: the smallest plan needs {human(smallest.total)} per device "
-      f"({smallest.describe()}). Shard the parameters over more devices "
-      "(--config.mesh.fsdp), lower config.train.batch_size or data.seq_len, use "
-      "model.attention_impl=chunked or a bfloat16 compute dtype")
+      f"({smallest.describe()}). Shard the parameters over more devices (a larger fsdp "
+      "mesh axis), a smaller batch or sequence, Runtime(attention_impl='chunked') or a "
+      "bfloat16 compute dtype")

@@ -7,9 +7,13 @@ does the rest, identically for every task:
       batch -> train_step -> [log: metrics.jsonl, TensorBoard, tqdm] -> [eval] -> [save]
 
 Run config keys read here (see configs/*.py): seed, mesh.{data,fsdp,tensor}, sharding,
-train.{steps, batch_size, learning_rate, warmup_steps, decay, end_factor, weight_decay,
-b1, b2, eps, grad_clip, accum_steps, log_every, eval_every, save_every, keep_checkpoints,
-skip_nonfinite}.
+train.{batch_size, learning_rate, decay, end_factor, weight_decay, b1, b2, eps, grad_clip,
+log_every, eval_every, save_every, keep_checkpoints, skip_nonfinite}. What a program resolves
+comes as typed values, never written back into the config: the `Schedule` (steps, warmup,
+accumulation; `resolve_schedule` reads train.{steps, epochs, warmup_steps, warmup_fraction,
+accum_steps}), the `fmjax.sources.Source` of the first weights, and the model's
+`fmjax.runtime.Runtime` (a field of the model). WORKDIR/config.json records the run config
+with these resolved values filled in.
 
 Reliability (what a run does when things go wrong):
   SIGTERM (a Cloud TPU VM's preemption notice) or SIGINT (Ctrl-C): the current step
@@ -28,6 +32,7 @@ Reliability (what a run does when things go wrong):
       train.skip_nonfinite it goes on and logs the count as `skipped_steps`.
 """
 
+import copy
 import dataclasses
 import json
 import logging
@@ -40,10 +45,12 @@ from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tqdm
 
-from fmjax import checkpoint, metrics, sharding, training
+from fmjax import checkpoint, metrics, sharding, sources, training
 
 log = logging.getLogger("fmjax")
 _write_atomically = metrics.write_atomically  # BestTracker.update's `metrics` is a dict
@@ -55,7 +62,9 @@ class Task:
 
   Attributes:
     model: the Flax module; `init_args(batch)` gives the positional args for model.init.
-    model_config: its config dataclass (stored with checkpoints to recognise them).
+      Its `runtime` field (fmjax models have one) is recorded with the checkpoints.
+    model_config: its architecture, a config dataclass (or a dict of them), stored with
+      checkpoints to recognise them; runtime choices do not belong in it.
     loss_fn: (params, batch, rng, train) -> (loss, metrics dict).
     train_data: iterator of host-local numpy batches with get_state()/set_state().
     eval_data: () -> iterable of host-local numpy batches, or None.
@@ -67,8 +76,8 @@ class Task:
     score_fn: optional (predict) -> {"eval/...": value}, where predict(host batch) returns
       predict_fn's outputs for the whole global batch as numpy: task metrics that need every
       prediction at once (accuracy, F1, Spearman, SQuAD exact match).
-    new_params: path prefixes (e.g. "classifier") that config.init_from need not supply:
-      the task's new head, initialised fresh.
+    new_params: path prefixes (e.g. "classifier") that the source of the first weights need
+      not supply: the task's new head, initialised fresh.
     notes: lines to log once the run has passed its checks (e.g. the memory plan).
   """
   model: Any
@@ -87,11 +96,72 @@ class Task:
   notes: tuple[str, ...] = ()  # lines logged once the run has passed its checks (memory plan)
 
 
-def optimizer_from_config(t):
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """How long a run trains, as resolved by its program (see `resolve_schedule`).
+
+  Attributes:
+    steps: optimizer steps in all (the learning-rate schedule spans them).
+    warmup_steps: linear warmup steps at the start.
+    accum_steps: micro-batches whose gradients make one step (gradient accumulation).
+  """
+  steps: int
+  warmup_steps: int = 0
+  accum_steps: int = 1
+
+  def __post_init__(self):
+    for name, low in (("steps", 1), ("warmup_steps", 0), ("accum_steps", 1)):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Schedule.{name}={value!r}: must be an integer >= {low}")
+
+
+def resolve_schedule(t, num_examples: int | None = None, *,
+                     accum_steps: int | None = None) -> Schedule:
+  """The Schedule of run config `t` (config.train).
+
+  An explicit train.steps > 0 wins; train.epochs (when the config has it) counts only with
+  steps = 0, as steps = ceil(epochs * num_examples / batch_size); a config setting both logs
+  that epochs is ignored. warmup_steps = warmup_fraction * steps when train.warmup_fraction
+  > 0, else train.warmup_steps.
+
+  Args:
+    t: the run config's train block.
+    num_examples: training examples per epoch (programs that train by epochs).
+    accum_steps: the accumulation chosen by the memory planner; default train.accum_steps.
+  Raises:
+    ValueError: neither steps nor epochs set, or epochs without num_examples.
+  """
+  epochs = float(t.get("epochs", 0.0))
+  steps = int(t.steps)
+  if steps < 0 or epochs < 0:
+    raise ValueError(f"config.train.steps={t.steps} and epochs={epochs:g} must not be negative")
+  if steps > 0 and epochs > 0:
+    log.warning("config.train.steps=%d is set: config.train.epochs=%g is ignored (set "
+                "steps=0 to train by epochs)", steps, epochs)
+  elif steps == 0 and epochs > 0:
+    if num_examples is None:
+      raise ValueError("config.train.epochs is set but this program trains by steps: set "
+                       "config.train.steps instead")
+    steps = max(1, math.ceil(epochs * num_examples / t.batch_size))
+    log.info("config.train.epochs=%g: %d steps of %d over %d examples", epochs, steps,
+             t.batch_size, num_examples)
+  elif steps == 0:
+    raise ValueError("config.train.steps=0 and config.train.epochs=0: set one of them (steps "
+                     "wins when both are set)")
+  fraction = float(t.get("warmup_fraction", 0.0))
+  warmup = int(fraction * steps) if fraction > 0 else int(t.warmup_steps)
+  return Schedule(steps=steps, warmup_steps=warmup,
+                  accum_steps=int(t.accum_steps if accum_steps is None else accum_steps))
+
+
+def optimizer_from_config(t, schedule: Schedule | None = None):
+  """AdamW of config.train `t`, its schedule spanning `schedule` (default: resolved from t)."""
+  schedule = schedule or resolve_schedule(t)
   return training.make_optimizer(
-      learning_rate=t.learning_rate, total_steps=t.steps, warmup_steps=t.warmup_steps,
-      decay=t.decay, end_factor=t.end_factor, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
-      eps=t.eps, grad_clip=t.grad_clip)
+      learning_rate=t.learning_rate, total_steps=schedule.steps,
+      warmup_steps=schedule.warmup_steps, decay=t.decay, end_factor=t.end_factor,
+      weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps, grad_clip=t.grad_clip)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -111,16 +181,24 @@ class NonFiniteError(ValueError):
   """A train step's loss, gradients or update were NaN or inf (and skip_nonfinite is off)."""
 
 
-def fit(config, workdir: str, task: Task, *, until: int | None = None):
-  """Trains `task` to config.train.steps, resuming from workdir/checkpoints if present.
+def fit(config, workdir: str, task: Task, *, schedule: Schedule | None = None,
+        source: sources.Source | None = None, until: int | None = None):
+  """Trains `task` for `schedule.steps`, resuming from workdir/checkpoints if present.
 
-  `until` stops earlier (the schedule still spans config.train.steps): a multi-phase
-  recipe calls fit once per phase with that phase's data, e.g. BERT's 128 then 512 tokens.
+  Args:
+    config: the run config (seed, mesh, sharding, optimizer and logging keys of train).
+    workdir: checkpoints, metrics and config.json go here.
+    task: the model, its loss and its data.
+    schedule: steps, warmup and accumulation; default `resolve_schedule(config.train)`.
+    source: the starting parameters when there is no checkpoint yet (the optimizer state
+      and step start fresh); default `fmjax.sources.parse(config.init_from)`.
+    until: stop earlier (the schedule still spans schedule.steps): a multi-phase recipe
+      calls fit once per phase with that phase's data, e.g. BERT's 128 then 512 tokens.
 
-  Without a checkpoint, config.init_from supplies the starting parameters (see
-  `initial_params`); the optimizer state and step start fresh. With config.train.best_metric
-  set (e.g. "eval/accuracy"), the params of the best evaluation so far are kept in
-  workdir/best (see `best_params`).
+  A checkpoint written under another runtime (attention kernel, remat, dtypes, dropout,
+  scan_layers: its stacked layout is converted) resumes; another architecture is refused.
+  With config.train.best_metric set (e.g. "eval/accuracy"), the params of the best
+  evaluation so far are kept in workdir/best (see `best_params`).
 
   Returns:
     (final TrainState, list of the last logged metrics).
@@ -130,22 +208,25 @@ def fit(config, workdir: str, task: Task, *, until: int | None = None):
     checkpoint.CheckpointWriteError: a save failed (e.g. disk full).
   """
   with StopSignals() as stop:  # from the start: a signal during setup stops after step one
-    return _fit(config, workdir, task, until, stop)
+    return _fit(config, workdir, task, schedule or resolve_schedule(config.train), source,
+                until, stop)
 
 
-def _fit(config, workdir: str, task: Task, until: int | None, stop: "StopSignals"):
+def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | None,
+         stop: "StopSignals"):
   t = config.train
+  runtime = getattr(task.model, "runtime", None)
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.get_rules(config.sharding)
-  check_batch_size(t.batch_size, t.accum_steps, mesh)
-  tx, schedule = optimizer_from_config(t)
+  check_batch_size(t.batch_size, plan.accum_steps, mesh)
+  tx, schedule = optimizer_from_config(t, plan)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every,
                                  keep=t.keep_checkpoints)
   signature = checkpoint.model_signature(task.model_config)
   start = ckpt.latest_step()
-  end = t.steps if until is None else until
+  end = plan.steps if until is None else until
   if start is not None:  # refuse another model's checkpoint before touching anything
-    ckpt.check_compatible(signature, start)
+    saved_meta = ckpt.check_compatible(signature, start)
 
   init = training.init_fn(task.model, tx, *task.init_args(task.example_batch))
   rng = jax.random.key(config.seed)
@@ -155,18 +236,23 @@ def _fit(config, workdir: str, task: Task, until: int | None, stop: "StopSignals
   nonfinite = NonFiniteGuard(t.get("skip_nonfinite", False), t.log_every)
   if start is not None:
     target = checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), shardings)
-    state, meta = ckpt.restore(target, start)
+    saved_scan = checkpoint.saved_scan_layers(saved_meta)
+    if runtime is not None and saved_scan != runtime.scan_layers:
+      state, meta = _restore_other_layout(ckpt, start, task, tx, rng, mesh, rules, target,
+                                          dataclasses.replace(runtime, scan_layers=saved_scan))
+    else:
+      state, meta = ckpt.restore(target, start)
     task.train_data.set_state(meta["data"])
     nonfinite.skipped = meta.get("skipped_steps", 0)
     log.info("resumed from %s step %d", ckpt.directory, start)
   else:
     state, _ = sharding.sharded_init(init, mesh, rules, rng)
-    if config.init_from:
-      state = state.replace(params=initial_params(config.init_from, state.params,
-                                                  shardings.params, task.new_params))
+    source = sources.parse(config.get("init_from", "")) if source is None else source
+    if source:
+      state = state.replace(params=source.load(state.params, shardings.params, task.new_params))
     start = 0
 
-  train_step = training.make_train_step(task.loss_fn, tx, accum_steps=t.accum_steps,
+  train_step = training.make_train_step(task.loss_fn, tx, accum_steps=plan.accum_steps,
                                         schedule=schedule)
   eval_step = training.make_eval_step(task.loss_fn)
   with sharding.context(mesh, rules):
@@ -187,11 +273,13 @@ def _fit(config, workdir: str, task: Task, until: int | None, stop: "StopSignals
 
   ckpt.remove_unfinished()  # a save that a killed run left half-written (only now: as above)
   if jax.process_index() == 0:  # recorded only now: a run refused above changes nothing
+    resolved = resolved_config(config, plan, runtime, source, task.model_config)
     metrics.write_atomically(os.path.join(workdir, "config.json"),
-                             config.to_json_best_effort(indent=2))
+                             resolved.to_json_best_effort(indent=2))
   writer = metrics.MetricsWriter(workdir, resume_step=start)
-  meta = lambda: {"model": signature, "data": task.train_data.get_state(), "seed": config.seed,
-                  **nonfinite.logged(), **task.extra_meta}
+  ran = {"runtime": dataclasses.asdict(runtime)} if runtime is not None else {}
+  meta = lambda: {"model": signature, **ran, "data": task.train_data.get_state(),
+                  "seed": config.seed, **nonfinite.logged(), **task.extra_meta}
   bar = tqdm.tqdm(total=end, initial=start, desc="train", dynamic_ncols=True,
                   disable=jax.process_index() != 0)
   last, window_start, window_steps = writer.last, time.perf_counter(), 0
@@ -247,6 +335,44 @@ def _fit(config, workdir: str, task: Task, until: int | None, stop: "StopSignals
   for close in closers:
     close()
   return state, last
+
+
+def _restore_other_layout(ckpt, step, task, tx, rng, mesh, rules, target, saved_runtime):
+  """(state, meta) of a checkpoint written with the other scan_layers: restored in its own
+  (stacked or per-layer) layout, then converted into `target`'s layout and shardings."""
+  saved_model = task.model.clone(runtime=saved_runtime)
+  abstract = jax.eval_shape(training.init_fn(saved_model, tx, *task.init_args(task.example_batch)),
+                            rng)
+  saved, meta = ckpt.restore(checkpoint.abstract_with_shardings(
+      nn.meta.unbox(abstract), sharding.shardings_of(abstract, mesh, rules)), step)
+  flat = checkpoint.convert_layout(checkpoint.flatten_params(saved),
+                                   not saved_runtime.scan_layers, stack=jnp.stack)
+  log.info("checkpoint step %d was written with scan_layers=%s: its layers were %s", step,
+           saved_runtime.scan_layers, "unstacked" if saved_runtime.scan_layers else "stacked")
+  state = jax.tree_util.tree_map_with_path(
+      lambda path, t: jax.device_put(flat[checkpoint.path_str(path)].astype(t.dtype),
+                                     t.sharding), target)
+  return state, meta
+
+
+def resolved_config(config, schedule: Schedule, runtime, source, model_config):
+  """A copy of the run config with what the run resolved filled in (for config.json): the
+  schedule, the runtime, the source of the first weights and, in config.model, the fields
+  of the architecture built."""
+  resolved = copy.deepcopy(config)
+  with resolved.unlocked():
+    t = resolved.train
+    t.steps, t.warmup_steps, t.accum_steps = (schedule.steps, schedule.warmup_steps,
+                                              schedule.accum_steps)
+    if runtime is not None:
+      resolved.runtime = ml_collections.ConfigDict(dataclasses.asdict(runtime))
+    if source is not None:
+      resolved.init_from = source.spec
+    built = checkpoint.model_signature(model_config)
+    for key in resolved.model.keys() if "model" in resolved else ():
+      if key in built:  # e.g. vocab_size -1 -> the tokenizer's; init_from's architecture
+        resolved.model[key] = built[key]
+  return resolved
 
 
 def check_batch_size(batch_size: int, accum_steps: int, mesh) -> None:
@@ -473,63 +599,6 @@ def best_params(workdir: str, params):
   restored = ckpt.restore(target)[0]
   ckpt.close()
   return restored
-
-
-def initial_params(init_from: str, params, param_shardings, new_params=()):
-  """The params a run starts from: `init_from`'s wherever a path matches, fresh elsewhere.
-
-  Args:
-    init_from: a workdir (its latest checkpoint), or "hf:DIRECTORY" (a Hugging Face model,
-      through fmjax.hf).
-    params: freshly initialised (sharded) params of the model being trained.
-    param_shardings: their shardings.
-    new_params: path prefixes the source may lack (a new task head); every other parameter
-      must be in the source with the same shape. Source parameters this model does not have
-      (e.g. pretraining heads) are left out.
-  Returns:
-    The params tree, loaded leaves placed straight into their shardings.
-  """
-  ours = checkpoint.flatten_params(params)
-  shardings = checkpoint.flatten_params(param_shardings)
-  if init_from.startswith("hf:"):
-    from fmjax import hf  # only when asked for
-    source = init_from[3:]
-    scanned = any("/layers/" in f"/{path}" for path in ours)  # nn.scan stacks the layers
-    _, arrays = hf.load_params(source, **({"scan_layers": True} if scanned else {}))
-    theirs = checkpoint.flatten_params(arrays)
-  else:
-    source = init_from
-    step, _, theirs = checkpoint.read_latest(init_from)
-  is_new = lambda path: any(path == p or path.startswith(p + "/") for p in new_params)
-  missing, matched = [], []
-  for path, x in ours.items():
-    if path not in theirs:
-      if not is_new(path):
-        missing.append(path)
-      continue
-    if tuple(theirs[path].shape) != tuple(x.shape):
-      hint = (" (a task head: its size follows num_labels; use a checkpoint finetuned with the "
-              "same labels, or the pretrained encoder's workdir)" if is_new(path) else "")
-      raise checkpoint.CheckpointMismatchError(
-          f"config.init_from={init_from!r}: parameter {path} has shape "
-          f"{tuple(theirs[path].shape)} there but {tuple(x.shape)} in this model{hint}")
-    matched.append(path)
-  if missing:
-    raise checkpoint.CheckpointMismatchError(
-        f"config.init_from={init_from!r} lacks {len(missing)} parameter(s) this model needs, "
-        f"e.g. {missing[:3]}: it holds another architecture (compare its config.json)")
-  if init_from.startswith("hf:"):
-    loaded = {p: jax.device_put(np.asarray(theirs[p], ours[p].dtype), shardings[p]) for p in matched}
-  else:
-    loaded = checkpoint.restore_params(source, step, {
-        p: jax.ShapeDtypeStruct(ours[p].shape, ours[p].dtype, sharding=shardings[p])
-        for p in matched})
-  unused = sorted(set(theirs) - set(ours))
-  log.info("initialised %d parameter arrays from %s; fresh: %s; not used: %s", len(matched),
-           source, sorted(set(ours) - set(matched)) or "none",
-           (unused[:6] + ["..."] if len(unused) > 6 else unused) or "none")
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: loaded.get(checkpoint.path_str(path), x), params)
 
 
 def evaluate(p_eval, params, batches, mesh) -> dict:

@@ -18,6 +18,41 @@ from fmjax import attention
 from fmjax.layers import MLP, Dense, Norm, apply_rope
 
 Dtype = Any
+NORMS = ("layer", "rms")  # the kinds of fmjax.layers.Norm
+
+
+def check_config(config, *, positive: tuple[str, ...] = (), choices: dict | None = None) -> None:
+  """The checks every model config's __post_init__ shares: the `positive` integer fields,
+  the enum fields of `choices` ({field: allowed values}), and heads that split the width
+  (embed_dim by num_heads, num_heads by num_kv_heads when set).
+
+  Raises:
+    ValueError: one line naming the config class, the field, its value and what to do.
+  """
+  name = type(config).__name__
+  for field in positive:
+    value = getattr(config, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{name}.{field}={value!r}: must be a positive integer")
+  for field, allowed in (choices or {}).items():
+    value = getattr(config, field)
+    if value not in allowed:
+      raise ValueError(f"{name}.{field}={value!r} is not one of {list(allowed)}; choose one "
+                       "of them")
+  d, n = getattr(config, "embed_dim", None), getattr(config, "num_heads", None)
+  if d is not None and n is not None and d % n:
+    raise ValueError(f"{name}.embed_dim={d} is not divisible by num_heads={n}: each head "
+                     f"would get {d / n:g} dimensions; choose num_heads dividing embed_dim "
+                     f"(e.g. {_divisor_near(d, n)})")
+  k = getattr(config, "num_kv_heads", None)
+  if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0 or n % k):
+    raise ValueError(f"{name}.num_kv_heads={k!r} does not divide num_heads={n}: each kv head "
+                     "serves a whole group of query heads; use a divisor of num_heads, or None "
+                     "for one kv head per query head")
+
+
+def _divisor_near(d: int, n: int) -> int:
+  return min((m for m in range(1, d + 1) if d % m == 0), key=lambda m: (abs(m - n), m))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,14 +16,15 @@ import optax  # noqa: E402
 
 from fmjax import sharding, training  # noqa: E402
 from fmjax.models import gpt  # noqa: E402
+from fmjax.runtime import Runtime  # noqa: E402
 
 CASES = [("none", {"data": 1}, 1), ("dp", {"data": 8}, 8), ("fsdp", {"data": 2, "fsdp": 4}, 8),
          ("fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2}, 8)]
 
 
 def run(rules_name, mesh_sizes, n_devices, accum=1, adamw=False):
-  c = gpt.get_config("tiny", attention_impl="xla", num_kv_heads=2)
-  model = gpt.GPT(c)
+  c = gpt.get_config("tiny", num_kv_heads=2)
+  model = gpt.GPT(c, Runtime(attention_impl="xla"))
   rng = np.random.RandomState(0)
   batches = [{"inputs": rng.randint(0, c.vocab_size, (8, 16)).astype(np.int32),
               "targets": rng.randint(0, c.vocab_size, (8, 16)).astype(np.int32)} for _ in range(2)]

@@ -10,15 +10,19 @@ import pytest
 from scipy.special import erf
 
 from fmjax.models import bert
+from fmjax.runtime import Runtime
+
+XLA = Runtime(attention_impl="xla")
 
 
 def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def abstract_params(config, with_heads, t=8):
+def abstract_params(config, with_heads, t=8, runtime=Runtime()):
   ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
-  model = bert.BertForPreTraining(config) if with_heads else bert.BertEncoder(config)
+  model = (bert.BertForPreTraining(config, runtime) if with_heads
+           else bert.BertEncoder(config, runtime))
   return nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), ids)["params"])
 
 
@@ -41,8 +45,8 @@ def test_parameter_count_closed_form(preset):
   # Scanned stacks for the heads variant: same count, and much faster to trace when deep.
   c = bert.get_config(preset)
   assert count(abstract_params(c, with_heads=False)) == bert.num_params(c)
-  c = dataclasses.replace(c, scan_layers=True)
-  assert count(abstract_params(c, with_heads=True)) == bert.num_params(c, with_heads=True)
+  assert count(abstract_params(c, with_heads=True, runtime=Runtime(scan_layers=True))) == \
+      bert.num_params(c, with_heads=True)
 
 
 def test_flops_per_token_base():
@@ -52,8 +56,8 @@ def test_flops_per_token_base():
 
 
 def test_presets_and_errors():
-  assert bert.get_config("tiny", dropout_rate=0.0).dropout_rate == 0.0
-  assert bert.get_config("large").block().pre_ln is False
+  assert bert.get_config("tiny", vocab_size=8000).vocab_size == 8000
+  assert bert.get_config("large").block(Runtime()).pre_ln is False
   with pytest.raises(ValueError, match="unknown BERT preset 'huge'.*choose from"):
     bert.get_config("huge")
   c = bert.get_config("tiny", max_len=4)
@@ -63,8 +67,7 @@ def test_presets_and_errors():
 
 # A config small enough for a NumPy reference: D=8, N=2 heads of H=4, F=16.
 SMALL = bert.BertConfig(vocab_size=11, max_len=16, num_layers=2, num_heads=2, embed_dim=8,
-                        mlp_dim=16, dropout_rate=0.0, attention_dropout_rate=0.0,
-                        attention_impl="xla")
+                        mlp_dim=16)
 
 
 def _init(model, *args, seed=0):
@@ -117,7 +120,7 @@ def _small_inputs():
 
 def test_encoder_matches_numpy_reference():
   ids, types, mask = _small_inputs()
-  m = bert.BertEncoder(SMALL)
+  m = bert.BertEncoder(SMALL, XLA)
   p = _init(m, ids)
   (seq, pooled), state = m.apply({"params": p}, ids, token_type_ids=types, attention_mask=mask,
                                  capture_intermediates=True, mutable=["intermediates"])
@@ -129,8 +132,8 @@ def test_encoder_matches_numpy_reference():
 
 
 def test_padding_invariance():
-  c = bert.get_config("tiny", attention_impl="xla")
-  m = bert.BertEncoder(c)
+  c = bert.get_config("tiny")
+  m = bert.BertEncoder(c, XLA)
   rng = np.random.RandomState(0)
   ids, types = rng.randint(1, c.vocab_size, (2, 7)), (np.arange(7) >= 4).astype(int)[None].repeat(2, 0)
   p = _init(m, ids)
@@ -148,7 +151,7 @@ def test_padding_invariance():
 
 def test_token_types_change_the_output():
   ids, types, _ = _small_inputs()
-  m = bert.BertEncoder(SMALL)
+  m = bert.BertEncoder(SMALL, XLA)
   p = _init(m, ids)
   seq_a, pooled_a = m.apply({"params": p}, ids)  # default: all sentence A
   np.testing.assert_array_equal(seq_a, m.apply({"params": p}, ids, token_type_ids=0 * types)[0])
@@ -160,7 +163,7 @@ def test_token_types_change_the_output():
 def test_mlm_logits_at_gathered_positions_and_nsp():
   ids, types, mask = _small_inputs()
   positions = np.array([[3, 0, 3], [5, 1, 2]])  # repeats, any order, a padding position
-  m = bert.BertForPreTraining(SMALL)
+  m = bert.BertForPreTraining(SMALL, XLA)
   p = _init(m, ids, types, mask, positions)
   out = m.apply({"params": p}, ids, types, mask, positions)
   v = SMALL.vocab_size  # 11, padded to vocab_multiple 128 with the padded ids masked
@@ -207,10 +210,10 @@ def _stack_loop_params(params, n):
 def test_scan_equals_loop():
   ids, types, mask = _small_inputs()
   positions = np.array([[1, 2], [0, 3]])
-  m = bert.BertForPreTraining(SMALL)
+  m = bert.BertForPreTraining(SMALL, XLA)
   p = _init(m, ids, types, mask, positions)
   ref = m.apply({"params": p}, ids, types, mask, positions)
-  scanned = bert.BertForPreTraining(dataclasses.replace(SMALL, scan_layers=True))
+  scanned = bert.BertForPreTraining(SMALL, dataclasses.replace(XLA, scan_layers=True))
   out = scanned.apply({"params": _stack_loop_params(p, SMALL.num_layers)}, ids, types, mask,
                       positions)
   for k in ref:
@@ -219,11 +222,11 @@ def test_scan_equals_loop():
 
 def test_dropout_only_in_training():
   ids, types, mask = _small_inputs()
-  c = dataclasses.replace(SMALL, dropout_rate=0.3, attention_dropout_rate=0.3)
-  m = bert.BertEncoder(c)
+  m = bert.BertEncoder(SMALL, Runtime(dropout_rate=0.3, attention_dropout_rate=0.3,
+                                      attention_impl="xla"))
   p = _init(m, ids)
   a, _ = m.apply({"params": p}, ids, attention_mask=mask)
-  np.testing.assert_array_equal(a, bert.BertEncoder(SMALL).apply({"params": p}, ids,
+  np.testing.assert_array_equal(a, bert.BertEncoder(SMALL, XLA).apply({"params": p}, ids,
                                                                  attention_mask=mask)[0])
   t, _ = m.apply({"params": p}, ids, attention_mask=mask, train=True,
                  rngs={"dropout": jax.random.key(1)})

@@ -176,7 +176,7 @@ def test_bad_arguments_are_named():
 
 def program(env, workdir, *overrides, config="configs/finetune.py:tiny"):
   cmd = [sys.executable, "-m", "train.finetune", f"--config={config}", f"--workdir={workdir}",
-         "--config.model.dropout_rate=0.0", "--config.model.attention_dropout_rate=0.0",
+         "--config.runtime.dropout_rate=0.0", "--config.runtime.attention_dropout_rate=0.0",
          "--config.train.log_every=4", "--config.train.eval_every=8", *overrides]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]

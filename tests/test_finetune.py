@@ -38,7 +38,7 @@ def jsonl(path):
 
 
 LEARN = ("--config.train.steps=60", "--config.train.learning_rate=2e-3",
-         "--config.model.dropout_rate=0.0", "--config.train.log_every=10",
+         "--config.runtime.dropout_rate=0.0", "--config.train.log_every=10",
          "--config.train.eval_every=20")
 
 

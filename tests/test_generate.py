@@ -29,17 +29,18 @@ import pytest  # noqa: E402
 
 from fmjax import generate, sharding  # noqa: E402
 from fmjax.models import bert, gpt  # noqa: E402
+from fmjax.runtime import Runtime  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HF_GPT2 = REPO / "tests" / "golden" / "hf" / "gpt2"
 
 
-def tiny_gpt(scale=0.3, **overrides):
+def tiny_gpt(scale=0.3, scan_layers=False, **overrides):
   """The tiny GPT with weights redrawn at `scale`: the default init (std 0.02) gives nearly
   uniform next-token distributions, so greedy would repeat one token; these make every
   choice depend on the context. 1-D parameters (norms, biases) keep their init."""
-  c = gpt.get_config("tiny", attention_impl="xla", **overrides)
-  model = gpt.GPT(c)
+  c = gpt.get_config("tiny", **overrides)
+  model = gpt.GPT(c, Runtime(attention_impl="xla", scan_layers=scan_layers))
 
   @jax.jit
   def init():
@@ -108,7 +109,8 @@ def test_cache_layout_mirrors_the_stack():
   cache = gpt.GPT(c).init_cache(batch=3, length=20)
   assert sorted(cache) == ["layer_0", "layer_1"]
   assert cache["layer_0"]["k"].shape == (3, 2, 20, 16)  # (B, K, S, H): no transposes per step
-  scanned = gpt.GPT(gpt.get_config("tiny", scan_layers=True)).init_cache(batch=3, length=20)
+  scanned = gpt.GPT(gpt.get_config("tiny"), Runtime(scan_layers=True)).init_cache(batch=3,
+                                                                                 length=20)
   assert scanned["layers"]["v"].shape == (2, 3, 4, 20, 16)  # (L, B, K, S, H)
 
 
@@ -374,7 +376,7 @@ def test_greedy_tokens_equal_transformers_generate():
   ref = np.load(HF_GPT2 / "reference.npz")
   if "greedy_prompt" not in ref:
     pytest.skip("the golden has no greedy_prompt / greedy_tokens")
-  model, variables = hf.from_pretrained(HF_GPT2, attention_impl="xla")
+  model, variables = hf.from_pretrained(HF_GPT2, runtime=Runtime(attention_impl="xla"))
   prompt, expected = ref["greedy_prompt"], ref["greedy_tokens"]
   n = expected.shape[1] - prompt.shape[1]
   out = generate.generate(model, variables["params"], prompt.tolist(), max_new_tokens=n)
@@ -385,7 +387,7 @@ def test_greedy_tokens_equal_transformers_generate():
 
 
 def test_fill_mask_top_k_equals_softmax_by_hand():
-  c = bert.get_config("tiny", dropout_rate=0.0, attention_dropout_rate=0.0)
+  c = bert.get_config("tiny")
   model = bert.BertForPreTraining(c)
   ids = np.asarray([[2, 10, 4, 11, 12, 4, 3, 0], [2, 20, 21, 4, 3, 0, 0, 0]], np.int32)
   mask_id = 4

@@ -5,7 +5,6 @@ The goldens in tests/golden/hf/ are written by tests/golden/make_hf_goldens.py w
 transformers; these tests need neither (except the last one, skipped without them).
 """
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -24,6 +23,7 @@ from fmjax import hf
 from fmjax.data import tokenizers as fm_tokenizers
 from fmjax.models.bert import BertEncoder, BertForPreTraining
 from fmjax.models.gpt import GPT, GPTConfig
+from fmjax.runtime import Runtime
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "hf"
 BERT_DIR, GPT2_DIR = GOLDEN / "bert", GOLDEN / "gpt2"
@@ -162,9 +162,11 @@ def test_load_params_has_init_paths(which, tmp_path):
 
 def test_load_params_scanned_and_bfloat16():
   config, plain = hf.load_params(GPT2_DIR)
-  config_s, scanned = hf.load_params(GPT2_DIR, scan_layers=True, param_dtype="bfloat16")
-  assert config_s == dataclasses.replace(config, scan_layers=True, param_dtype="bfloat16")
-  init = jax.eval_shape(GPT(config_s).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  runtime = Runtime(scan_layers=True, param_dtype="bfloat16")
+  config_s, scanned = hf.load_params(GPT2_DIR, runtime)
+  assert config_s == config  # the architecture; the layout and dtype are the runtime's
+  init = jax.eval_shape(GPT(config_s, runtime).init, jax.random.key(0),
+                        jnp.zeros((1, 1), jnp.int32))
   assert ({k: x.shape for k, x in flat(scanned).items()}
           == {k: x.shape for k, x in flat(nn.meta.unbox(init["params"])).items()})
   q = scanned["blocks"]["layers"]["attn"]["query"]["kernel"]
@@ -223,12 +225,14 @@ def test_unused_tensors_are_named_in_a_warning(tmp_path):
 
 
 def test_export_scanned_bfloat16_round_trip(tmp_path):
-  model, variables = hf.from_pretrained(GPT2_DIR, dtype="bfloat16", scan_layers=True)
-  assert model.config.dtype == model.config.param_dtype == "bfloat16"
+  model, variables = hf.from_pretrained(GPT2_DIR, dtype="bfloat16",
+                                        runtime=Runtime(scan_layers=True))
+  assert model.runtime == Runtime(scan_layers=True, dtype="bfloat16", param_dtype="bfloat16")
   hf.save_pretrained(model, variables, tmp_path)
   assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
   assert read_tensors(tmp_path)["transformer.h.0.attn.c_attn.weight"].dtype == jnp.bfloat16
-  model2, variables2 = hf.from_pretrained(tmp_path, dtype="bfloat16", scan_layers=True)
+  model2, variables2 = hf.from_pretrained(tmp_path, dtype="bfloat16",
+                                          runtime=Runtime(scan_layers=True))
   assert model2 == model
   assert_trees_equal(variables2, variables)
 
@@ -409,8 +413,6 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
   (d / "model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match=r"missing has no model.safetensors"):
     hf.load_params(d)
-  with pytest.raises(ValueError, match=r"cannot override \['vocab_size'\].*only runtime fields"):
-    hf.load_params(GPT2_DIR, vocab_size=10)
   tensors = read_tensors(GPT2_DIR)
   tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + 1
   d = write_model_dir(tmp_path / "untied", json.loads((GPT2_DIR / "config.json").read_text()),
@@ -517,7 +519,7 @@ def test_transformers_loads_fmjax_exports(tmp_path):
   assert max_diff(pooled, theirs.pooler_output) <= ATOL
   # Fresh fmjax GPT (scanned) -> HF GPT2LMHeadModel.
   gpt = GPT(GPTConfig(vocab_size=300, max_len=64, num_layers=2, num_heads=2, embed_dim=32,
-                      mlp_dim=128, scan_layers=True))
+                      mlp_dim=128), Runtime(scan_layers=True))
   variables = _random_params(gpt)
   hf.save_pretrained(gpt, variables, tmp_path / "gpt2")
   ids = reference(GPT2_DIR)["input_ids"]

@@ -3,10 +3,12 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from fmjax import memory, sharding, training
 from fmjax.models import gpt
+from fmjax.runtime import Runtime
 
 MiB = 1024 ** 2
 TOLERANCE = 0.2  # the estimate is within 20% of XLA's total for these shapes
@@ -14,8 +16,8 @@ TOLERANCE = 0.2  # the estimate is within 20% of XLA's total for these shapes
 
 def gpt_case(policy="none", impl="xla", b=8, t=256, scan=True, layers=4, d=256, v=512):
   c = gpt.GPTConfig(vocab_size=v, max_len=t, num_layers=layers, num_heads=4, embed_dim=d,
-                    mlp_dim=4 * d, remat_policy=policy, attention_impl=impl, scan_layers=scan)
-  model = gpt.GPT(c)
+                    mlp_dim=4 * d)
+  model = gpt.GPT(c, Runtime(remat_policy=policy, attention_impl=impl, scan_layers=scan))
   tx, schedule = training.make_optimizer(learning_rate=1e-3, total_steps=10, warmup_steps=1)
   init = training.init_fn(model, tx, jnp.zeros((b, t), jnp.int32))
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -54,8 +56,7 @@ def test_estimate_is_within_tolerance_of_xla(kwargs):
   case = gpt_case(**kwargs)
   *_, unboxed, shardings, shape = case
   plan = memory.estimate(unboxed.params, shardings.params, shape,
-                         remat_policy=kwargs["policy"], accum_steps=1, mesh_shape={},
-                         budget=1 << 40)
+                         remat_policy=kwargs["policy"], accum_steps=1, budget=1 << 40)
   actual = xla_bytes(case)
   assert abs(plan.total / actual - 1) < TOLERANCE, (plan.describe(), actual / MiB)
 
@@ -70,9 +71,8 @@ def test_plan_picks_the_cheapest_fit_and_refuses_clearly():
   *_, unboxed, shardings, shape = gpt_case()
   est = lambda policy, accum: memory.estimate(unboxed.params, shardings.params, shape,
                                               remat_policy=policy, accum_steps=accum,
-                                              mesh_shape={}, budget=0).total
-  p = lambda budget: memory.plan(unboxed.params, shardings.params, shape, mesh_shape={},
-                                 budget=budget)
+                                              budget=0).total
+  p = lambda budget: memory.plan(unboxed.params, shardings.params, shape, budget=budget)
   assert (p(est("none", 1)).remat_policy, p(est("none", 1)).accum_steps) == ("none", 1)
   # a little less than "none" needs: dots_no_batch (1.15) beats accumulating 2 (1.10)? No:
   # 1 + 0.1 log2(2) = 1.10 < 1.15, so the planner accumulates first when that fits.
@@ -85,3 +85,24 @@ def test_plan_picks_the_cheapest_fit_and_refuses_clearly():
   assert p(smallest).total == smallest
   with pytest.raises(MemoryError, match=r"nothing fits: the smallest plan needs .* MiB per device"):
     p(smallest - 1)
+
+
+def test_the_mesh_comes_from_the_shardings(monkeypatch):
+  """Activations split over the batch axes (data x fsdp) and `tensor` of the params' mesh:
+  the same parameters laid out on a (2, 2, 2) mesh plan 8 times fewer activation bytes than on
+  one device (at a batch that divides), with no mesh passed separately."""
+  *_, unboxed, shardings, shape = gpt_case(layers=2, b=8)
+  devices = np.array(jax.devices()[:1] * 8).reshape(2, 2, 2)
+  mesh = jax.sharding.Mesh(devices, ("data", "fsdp", "tensor"))
+  spread = jax.tree_util.tree_map(
+      lambda s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), shardings.params)
+  assert memory.mesh_shape_of(spread) == {"data": 2, "fsdp": 2, "tensor": 2}
+  est = lambda s: memory.estimate(unboxed.params, s, shape, remat_policy="none", accum_steps=1,
+                                  budget=0)
+  one, eight = est(shardings.params), est(spread)
+  assert one.activations == memory.activation_bytes(shape, "none", 1, {})
+  assert eight.activations == memory.activation_bytes(
+      shape, "none", 1, {"data": 2, "fsdp": 2, "tensor": 2})
+  assert 7.9 < one.activations / eight.activations <= 8.0
+  with pytest.raises(ValueError, match="NamedShardings on one mesh"):
+    memory.mesh_shape_of([None])

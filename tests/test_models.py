@@ -10,16 +10,20 @@ import pytest
 
 from fmjax.layers import MLP, Norm, apply_rope
 from fmjax.models import gpt
+from fmjax.runtime import Runtime
 from fmjax.transformer import Block, BlockConfig, TransformerStack
+
+XLA = Runtime(attention_impl="xla")
 
 
 def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def abstract_params(config, t=8):
+def abstract_params(config, t=8, runtime=Runtime()):
   tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
-  return nn.meta.unbox(jax.eval_shape(gpt.GPT(config).init, jax.random.key(0), tokens)["params"])
+  return nn.meta.unbox(jax.eval_shape(gpt.GPT(config, runtime).init, jax.random.key(0),
+                                      tokens)["params"])
 
 
 def test_gpt2_small_parameter_count():
@@ -28,30 +32,31 @@ def test_gpt2_small_parameter_count():
   assert count(abstract_params(c)) == 124_439_808
 
 
-@pytest.mark.parametrize("preset,overrides", [
-    ("gpt2_medium", {}),
-    ("tiny", {"position": "rope", "norm": "rms", "gated_mlp": True, "mlp_activation": "silu"}),
-    ("tiny", {"num_kv_heads": 1, "tie_embeddings": False, "use_bias": False}),
-    ("tiny", {"num_kv_heads": 2, "scan_layers": True}),
+@pytest.mark.parametrize("preset,overrides,runtime", [
+    ("gpt2_medium", {}, Runtime()),
+    ("tiny", {"position": "rope", "norm": "rms", "gated_mlp": True, "mlp_activation": "silu"},
+     Runtime()),
+    ("tiny", {"num_kv_heads": 1, "tie_embeddings": False, "use_bias": False}, Runtime()),
+    ("tiny", {"num_kv_heads": 2}, Runtime(scan_layers=True)),
 ])
-def test_parameter_count_closed_form(preset, overrides):
+def test_parameter_count_closed_form(preset, overrides, runtime):
   c = gpt.get_config(preset, **overrides)
-  assert count(abstract_params(c)) == gpt.num_params(c)
+  assert count(abstract_params(c, runtime=runtime)) == gpt.num_params(c)
 
 
 def test_gpt2_medium_is_350m():
   assert gpt.num_params(gpt.get_config("gpt2_medium", vocab_multiple=1)) == 354_823_168
 
 
-def _init(c, t=12, seed=0):
-  m = gpt.GPT(c)
+def _init(c, t=12, seed=0, runtime=XLA):
+  m = gpt.GPT(c, runtime)
   tokens = jax.random.randint(jax.random.key(seed), (2, t), 0, c.vocab_size)
   return m, nn.meta.unbox(m.init(jax.random.key(1), tokens)["params"]), tokens
 
 
 @pytest.mark.parametrize("position", ["learned", "rope"])
 def test_gpt_is_causal(position):
-  c = gpt.get_config("tiny", position=position, attention_impl="xla")
+  c = gpt.get_config("tiny", position=position)
   m, params, tokens = _init(c)
   base = m.apply({"params": params}, tokens)
   for t in (3, 7):
@@ -63,7 +68,7 @@ def test_gpt_is_causal(position):
 
 def test_packed_segments_equal_separate_sequences():
   """Two documents packed in one row (segment ids, restarted positions) = run separately."""
-  c = gpt.get_config("tiny", attention_impl="xla")
+  c = gpt.get_config("tiny")
   m, params, _ = _init(c)
   a = jnp.array([[5, 6, 7, 8, 9]])
   b = jnp.array([[10, 11, 12]])
@@ -83,16 +88,16 @@ def _stack_loop_params(params, n):
 
 
 def test_scan_equals_loop_and_remat_keeps_gradients():
-  c = gpt.get_config("tiny", attention_impl="xla")
+  c = gpt.get_config("tiny")
   m, params, tokens = _init(c)
   loss = lambda model, p: model.apply({"params": p}, tokens).mean()
   ref, ref_grad = jax.value_and_grad(loss, argnums=1)(m, params)
-  scanned = gpt.GPT(dataclasses.replace(c, scan_layers=True))
+  scanned = gpt.GPT(c, dataclasses.replace(XLA, scan_layers=True))
   sp = _stack_loop_params(params, c.num_layers)
   np.testing.assert_allclose(loss(scanned, sp), ref, rtol=1e-6)
   for policy in ("full", "dots", "dots_no_batch"):
     for scan in (False, True):
-      mm = gpt.GPT(dataclasses.replace(c, scan_layers=scan, remat_policy=policy))
+      mm = gpt.GPT(c, dataclasses.replace(XLA, scan_layers=scan, remat_policy=policy))
       p = sp if scan else params
       val, grad = jax.value_and_grad(loss, argnums=1)(mm, p)
       np.testing.assert_allclose(val, ref, rtol=1e-6)
@@ -101,7 +106,7 @@ def test_scan_equals_loop_and_remat_keeps_gradients():
 
 
 def test_tied_logits_use_the_embedding_matrix():
-  c = gpt.get_config("tiny", attention_impl="xla")
+  c = gpt.get_config("tiny")
   m, params, tokens = _init(c)
   logits, state = m.apply({"params": params}, tokens, capture_intermediates=True,
                           mutable=["intermediates"])
@@ -195,8 +200,8 @@ def test_block_matches_naive_reference(pre_ln, causal):
 
 
 def test_dropout_only_in_training():
-  c = gpt.get_config("tiny", dropout_rate=0.5, attention_impl="xla")
-  m, params, tokens = _init(c)
+  c = gpt.get_config("tiny")
+  m, params, tokens = _init(c, runtime=Runtime(dropout_rate=0.5, attention_impl="xla"))
   a = m.apply({"params": params}, tokens, train=False)
   b = m.apply({"params": params}, tokens, train=False)
   np.testing.assert_array_equal(a, b)
@@ -207,11 +212,11 @@ def test_dropout_only_in_training():
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  c = gpt.get_config("tiny", dtype="bfloat16", attention_impl="xla")
-  m, params, tokens = _init(c)
+  c = gpt.get_config("tiny")
+  m, params, tokens = _init(c, runtime=Runtime(dtype="bfloat16", attention_impl="xla"))
   assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {jnp.dtype("float32")}
   out16 = m.apply({"params": params}, tokens)
-  out32 = gpt.GPT(dataclasses.replace(c, dtype="float32")).apply({"params": params}, tokens)
+  out32 = gpt.GPT(c, XLA).apply({"params": params}, tokens)
   assert out16.dtype == jnp.float32
   np.testing.assert_allclose(out16, out32, atol=0.1)
 

@@ -522,8 +522,8 @@ def test_bad_input_before_any_jax_work(case, finished, monkeypatch, tmp_path):
     config = finetune_configs.get_config("tiny")
     config.init_from = str(finished)
     run, workdir = finetune.run, tmp_path / "finetune"
-    expected = (f"config.init_from='{finished}' holds a checkpoint of a model that is not "
-                "BERT (missing [")
+    expected = (f"init_from='{finished}' holds a checkpoint of a model that is not a "
+                "BertConfig (missing [")
   else:
     from train import pretrain_gpt
     run, workdir = pretrain_gpt.run, finished

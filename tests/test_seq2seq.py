@@ -21,6 +21,7 @@ from fmjax import attention, evaluation, generate, heads
 from fmjax.data import captions, translation
 from fmjax.data.text import DataError
 from fmjax.models import seq2seq, vit
+from fmjax.runtime import Runtime
 from fmjax.transformer import BlockConfig, MultiHeadAttention
 
 
@@ -34,8 +35,8 @@ def scaled(params, scale=0.3, seed=2):
 
 
 def tiny(**overrides):
-  c = seq2seq.get_config("tiny", attention_impl="xla", **overrides)
-  model = seq2seq.Seq2Seq(c)
+  c = seq2seq.get_config("tiny", **overrides)
+  model = seq2seq.Seq2Seq(c, Runtime(attention_impl="xla"))
   src, tgt = jnp.zeros((1, 6), jnp.int32), jnp.zeros((1, 5), jnp.int32)
   params = nn.meta.unbox(model.init(jax.random.key(0), src, src > 0, tgt))["params"]
   return model, scaled(params)
@@ -139,10 +140,10 @@ def test_cached_decoding_equals_full_decoding():
 
 
 def test_captioner_cached_decoding_equals_full_decoding():
-  c = seq2seq.get_config("tiny", attention_impl="xla")
+  c = seq2seq.get_config("tiny")
   v = vit.get_config("tiny", image_size=16, patch_size=4, num_channels=3, num_classes=0,
-                     pool="gap", embed_dim=64, num_heads=4, attention_impl="xla")
-  model = seq2seq.ImageCaptioner(c, v)
+                     pool="gap", embed_dim=64, num_heads=4)
+  model = seq2seq.ImageCaptioner(c, v, Runtime(attention_impl="xla"))
   images = np.asarray(jax.random.normal(jax.random.key(3), (2, 16, 16, 3)))
   params = scaled(nn.meta.unbox(model.init(jax.random.key(0), images, TARGET_IN))["params"])
   full = model.apply({"params": params}, images, TARGET_IN)

@@ -8,6 +8,7 @@ import pytest
 
 from fmjax import sharding, training
 from fmjax.models import gpt
+from fmjax.runtime import Runtime
 
 
 def test_schedule_warmup_then_cosine_and_linear():
@@ -24,8 +25,8 @@ def test_schedule_warmup_then_cosine_and_linear():
 
 
 def _tiny():
-  c = gpt.get_config("tiny", attention_impl="xla")
-  model = gpt.GPT(c)
+  c = gpt.get_config("tiny")
+  model = gpt.GPT(c, Runtime(attention_impl="xla"))
   rng = np.random.RandomState(0)
   batch = {"inputs": rng.randint(0, c.vocab_size, (8, 16)).astype(np.int32),
            "targets": rng.randint(0, c.vocab_size, (8, 16)).astype(np.int32)}

@@ -24,6 +24,7 @@ from fmjax import hf
 from fmjax.data import DataError, images
 from fmjax.data.batches import ExampleBatchIterator
 from fmjax.models import vit
+from fmjax.runtime import Runtime
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VIT_DIR = REPO / "tests" / "golden" / "hf" / "vit"
@@ -74,7 +75,7 @@ def test_wrong_image_shape_is_refused_with_the_expected_one():
     vit.ViT(c).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
   with pytest.raises(ValueError, match="image_size=30 is not a multiple of patch_size=7"):
     vit.get_config("tiny", image_size=30)
-  with pytest.raises(ValueError, match=r"pool='mean'; choose one of \('cls', 'gap'\)"):
+  with pytest.raises(ValueError, match=r"ViTConfig.pool='mean' is not one of \['cls', 'gap'\]"):
     vit.get_config("tiny", pool="mean")
 
 
@@ -187,7 +188,7 @@ def test_hf_vit_model_directory_loads_as_encoder_and_ignores_its_pooler(tmp_path
   assert isinstance(model, vit.ViTEncoder)
   assert np.abs(np.asarray(apply(model, variables["params"], ref["images"]))
                 - ref["last_hidden_state"]).max() <= ATOL
-  _, params = hf.load_params(tmp_path, scan_layers=True)  # stacked for nn.scan
+  _, params = hf.load_params(tmp_path, Runtime(scan_layers=True))  # stacked for nn.scan
   assert params["encoder"]["blocks"]["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 2, 16)
 
 

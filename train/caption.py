@@ -88,10 +88,13 @@ def run(config, workdir: str):
   d, t = config.data, config.train
   train_images, train_texts = load_split(config, "train")
   eval_images, eval_texts = load_split(config, "eval")
+  if config.init_from:  # the tokenizer is learned per run: another run's ids would not match
+    raise ValueError(f"config.init_from={config.init_from!r}: caption trains from fresh "
+                     "weights; leave config.init_from empty")
   tok = build_tokenizer(config, workdir, train_texts)
   decoder = common.model_config(seq2seq.Seq2SeqConfig, config.model, tok)
-  encoder = vit.ViTConfig(**dict(config.vit))
-  model = seq2seq.ImageCaptioner(decoder, encoder)
+  encoder = common.as_flags(vit.ViTConfig, "config.vit", **config.vit)
+  model = seq2seq.ImageCaptioner(decoder, encoder, common.runtime(config))
   train_arrays = encode(train_images, train_texts, tok, d.max_length)
   eval_arrays = encode(eval_images, eval_texts, tok, d.max_length)
   trainer.log.info("%d train and %d eval captions; %d pieces", len(train_texts),
@@ -121,7 +124,7 @@ def run(config, workdir: str):
           dataclasses.replace(decoder, encoder_layers=encoder.num_layers), tokens, d.max_length),
       tokens_per_example=d.max_length,
       predict_fn=make_predict_fn(model, gen, tok.eos_id, tok.pad_id), score_fn=score_fn)
-  state, last = common.fit(config, workdir, task)
+  state, last = common.fit(config, workdir, task, source=common.sources.Source())
 
   params = trainer.best_params(workdir, state.params)
   predict = trainer.make_predict(task.predict_fn, params)

@@ -21,13 +21,12 @@ resumes.
 config.init_from (a workdir of this program, or hf:DIRECTORY of a Hugging Face ViT) starts
 from a pretrained ViT: its architecture with this run's image size and classes. At another
 image size the position embeddings are resized (vit.resize_posemb), and a head for another
-number of classes is replaced by a fresh zero one (the paper's fine-tuning, section 3.2);
-the adapted copy goes to DIR/init_from.
+number of classes is replaced by a fresh zero one (the paper's fine-tuning, section 3.2):
+an fmjax.sources.Adapted source, read when the run starts.
 """
 
 import dataclasses
 import json
-import math
 import os
 import sys
 
@@ -36,15 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmjax import checkpoint, trainer
+from fmjax import trainer
 from fmjax import data as fdata
 from fmjax.data import images
 from fmjax.models import vit
 from train import common
 
-# Model fields a run may set on a pretrained ViT (init_from); the rest is its architecture.
-RUNTIME_FIELDS = ("image_size", "num_classes", "dropout_rate", "attention_dropout_rate",
-                  "attention_impl", "scan_layers", "remat_policy", "dtype", "param_dtype")
+# Architecture fields a run sets on a pretrained ViT (init_from): the rest is the source's.
+RUN_FIELDS = ("image_size", "num_classes")
 
 
 # Data -------------------------------------------------------------------------------------------
@@ -144,7 +142,7 @@ def labels_of(source) -> np.ndarray:
 
 def model_config(config, num_classes: int, source: vit.ViTConfig | None) -> vit.ViTConfig:
   """config.model (num_classes -1: the data's `num_classes`), or with init_from the source's
-  architecture and this run's RUNTIME_FIELDS."""
+  architecture with this run's RUN_FIELDS."""
   fields = dict(config.model)
   unknown = set(fields) - {f.name for f in dataclasses.fields(vit.ViTConfig)}
   if unknown:
@@ -152,78 +150,34 @@ def model_config(config, num_classes: int, source: vit.ViTConfig | None) -> vit.
   if fields["num_classes"] == -1:
     fields["num_classes"] = num_classes
   if source is not None:
-    fields = {**dataclasses.asdict(source), **{k: fields[k] for k in RUNTIME_FIELDS}}
-  return vit.ViTConfig(**fields)
+    fields = {**dataclasses.asdict(source), **{k: fields[k] for k in RUN_FIELDS}}
+  return common.as_flags(vit.ViTConfig, "config.model", **fields)
 
 
-def source_config(init_from: str) -> vit.ViTConfig:
-  if init_from.startswith("hf:"):
-    from fmjax import hf
-    source, _ = hf.load_params(init_from[3:])
-  else:
-    _, meta, _ = checkpoint.read_latest(init_from)
-    names = {f.name for f in dataclasses.fields(vit.ViTConfig)}
-    fields = {k: v for k, v in meta.get("model", {}).items() if k in names}
-    if set(fields) != names:
-      raise ValueError(f"config.init_from={init_from!r} holds a checkpoint of a model that is "
-                       f"not a ViT (missing {sorted(names - set(fields))})")
-    source = vit.ViTConfig(**fields)
-  if not isinstance(source, vit.ViTConfig):
-    raise ValueError(f"config.init_from={init_from!r} is a {type(source).__name__}, not a ViT")
-  return source
-
-
-def adapt_init_from(config, workdir: str, c: vit.ViTConfig) -> None:
-  """Points config.init_from at a copy of its params fitted to `c` when the position grid or
-  the number of classes differ: positions resized over the grid, a mismatched head dropped
+def adapt(source, c: vit.ViTConfig):
+  """The source, or when its position grid or number of classes differ from `c`'s, an
+  fmjax.sources.Adapted one: positions resized over the grid, a mismatched head dropped
   (the run starts a fresh one)."""
-  if not config.init_from:
-    return
-  target = os.path.join(workdir, "init_from")
-  if os.path.isdir(os.path.join(target, "checkpoints")):  # adapted by an earlier attempt
-    config.init_from = target
-    return
-  if config.init_from.startswith("hf:"):
-    from fmjax import hf
-    _, tree = hf.load_params(config.init_from[3:])
-    params = checkpoint.flatten_params(tree)
-    shapes = {p: x.shape for p, x in params.items()}
-  else:
-    step, _, abstract = checkpoint.read_latest(config.init_from)
-    shapes, params = {p: tuple(x.shape) for p, x in abstract.items()}, None
+  if not source:
+    return source
+  shapes = source.shapes()
   posemb = shapes.get("encoder/posemb")
   head = shapes.get("head/kernel")
   resize = posemb is not None and tuple(posemb) != (c.num_tokens, c.embed_dim)
   drop_head = head is not None and tuple(head) != (c.embed_dim, c.num_classes)
   if not (resize or drop_head):
-    return
-  if params is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = checkpoint.restore_params(config.init_from, step, {
-        p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device) for p, x in abstract.items()})
-    params = {p: np.asarray(x) for p, x in params.items()}
-  if resize:
-    params["encoder/posemb"] = vit.resize_posemb(params["encoder/posemb"], c.grid,
-                                                 num_prefix=int(c.pool == "cls"))
-  if drop_head:
-    params = {p: x for p, x in params.items() if not p.startswith("head/")}
-  trainer.log.info("init_from %s adapted into %s: %s", config.init_from, target, ", ".join(
-      ([f"positions resized {tuple(posemb)} -> {params['encoder/posemb'].shape}"] if resize else [])
+    return source
+
+  def fit_to_model(params):
+    if resize:
+      params["encoder/posemb"] = vit.resize_posemb(params["encoder/posemb"], c.grid,
+                                                   num_prefix=int(c.pool == "cls"))
+    return {p: x for p, x in params.items() if not (drop_head and p.startswith("head/"))}
+  note = ", ".join(
+      ([f"positions resized {tuple(posemb)} -> {(c.num_tokens, c.embed_dim)}"] if resize else [])
       + ([f"head {tuple(head)} replaced by a fresh one for {c.num_classes} classes"]
-         if drop_head else [])))
-  nested = {}
-  for path, x in params.items():
-    node = nested
-    *parents, leaf = path.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = x
-  ckpt = checkpoint.Checkpointer(os.path.join(target, "checkpoints"), save_every=1, keep=1,
-                                 async_save=False)
-  ckpt.save(0, {"params": nested}, {"model": checkpoint.model_signature(c),
-                                    "source": config.init_from}, force=True)
-  ckpt.close()
-  config.init_from = target
+         if drop_head else []))
+  return common.sources.Adapted(source, fit_to_model, note)
 
 
 # Loss, predictions and metrics ------------------------------------------------------------------
@@ -284,7 +238,8 @@ def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 def run(config, workdir: str):
   common.prepare_workdir(config, workdir)
   d, t = config.data, config.train
-  source = source_config(config.init_from) if config.init_from else None
+  weights = common.sources.parse(config.init_from)
+  source = weights.architecture(vit.ViTConfig)
   # The image size is always this run's; the channels are the pretrained model's.
   channels = (source or config.model).num_channels
   size = config.model.image_size
@@ -296,17 +251,14 @@ def run(config, workdir: str):
   if seen.max() >= c.num_classes:
     raise ValueError(f"the data has label {int(seen.max())} but config.model.num_classes="
                      f"{c.num_classes}; use -1 to take the number of classes from the data")
-  adapt_init_from(config, workdir, c)
-  model = vit.ViT(c)
+  weights = adapt(weights, c)
+  model = vit.ViT(c, common.runtime(config))
   n_train = len(train_source)
   trainer.log.info("%d train and %d eval images of %s, %d classes%s", n_train, len(eval_source),
                    (size, size, channels), c.num_classes,
                    f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
                    if classes else "")
-  if t.epochs > 0:  # the schedule in epochs: steps (and warmup) follow from the data size
-    t.steps = max(1, math.ceil(t.epochs * n_train / t.batch_size))
-  if t.warmup_fraction > 0:
-    t.warmup_steps = int(t.warmup_fraction * t.steps)
+  schedule = common.resolve_schedule(t, n_train)  # steps, or from epochs
 
   train_data = fdata.ExampleBatchIterator(
       train_source, batch_size=t.batch_size, seed=config.seed, transform=make_augment(config),
@@ -321,7 +273,7 @@ def run(config, workdir: str):
       predict_fn=make_predict_fn(model),
       score_fn=lambda predict: score(collect(predict, eval_source, eval_batch), labels),
       new_params=("head",))
-  state, last = common.fit(config, workdir, task)
+  state, last = common.fit(config, workdir, task, schedule=schedule, source=weights)
 
   # The final score from the best evaluation's params (the last ones without best_metric).
   params = trainer.best_params(workdir, state.params)

@@ -1,4 +1,5 @@
-"""What every program in train/ shares: flags, the workdir, the model config, errors.
+"""What every program in train/ shares: flags, the workdir, the model config and runtime,
+the memory plan, errors.
 
 A program is `run(config, workdir)` plus `main`; `main` parses --config (an ml_collections
 config file with `:variant`, any leaf overridable as --config.a.b=value, unknown keys are
@@ -18,8 +19,11 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from fmjax import sources  # noqa: F401  (re-exported for the programs)
 from fmjax.errors import ArgumentError
-from fmjax.trainer import Interrupted, Task, fit  # noqa: F401  (re-exported for the programs)
+from fmjax.runtime import Runtime
+from fmjax.trainer import (Interrupted, Schedule, Task, fit,  # noqa: F401  (re-exported)
+                           resolve_schedule)
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/gpt.py:tiny",
@@ -93,44 +97,65 @@ def model_config(cls, cfg, tokenizer):
   elif fields["vocab_size"] < tokenizer.vocab_size:
     raise ValueError(f"config.model.vocab_size={fields['vocab_size']} is smaller than the "
                      f"tokenizer's vocabulary ({tokenizer.vocab_size}); use -1 to take the tokenizer's")
-  return cls(**fields)
+  return as_flags(cls, "config.model", **fields)
 
 
-def plan_memory(config, model_config, make_model, example_args, shape):
-  """The per-device memory plan of this run: returns (model config, a line describing the
-  plan, for Task.notes). With config.train.auto_memory the model config gets the remat
-  policy (and scanned layers) and config.train.accum_steps the accumulation of the cheapest
-  plan that fits config.train.memory_budget_gb; nothing fitting is an error."""
+def runtime(config) -> Runtime:
+  """config.runtime as a Runtime (bad values named as the flag that sets them)."""
+  return as_flags(Runtime, "config.runtime", **config.runtime)
+
+
+def as_flags(cls, where: str, **fields):
+  """cls(**fields), its validation errors ("Cls.field=...") naming `where`.field instead."""
+  try:
+    return cls(**fields)
+  except ValueError as e:
+    raise ValueError(str(e).replace(f"{cls.__name__}.", f"{where}.", 1)) from None
+
+
+def plan_memory(config, make_model, example_args, shape, run: Runtime):
+  """The per-device memory plan of this run, before anything is compiled.
+
+  Args:
+    make_model: Runtime -> the model (a Flax module).
+    example_args: inputs for its init.
+    shape: the fmjax.memory.Shape of a step (its runtime fields are filled in here).
+    run: the runtime from config.runtime.
+  Returns:
+    (runtime, accum_steps, a line describing the plan for Task.notes). With
+    config.train.auto_memory: the remat policy (with scanned layers) and the accumulation of
+    the cheapest plan that fits config.train.memory_budget_gb (nothing fitting is an error);
+    else `run` and config.train.accum_steps.
+  """
   import flax.linen as nn
   import jax
   from fmjax import memory, sharding
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.get_rules(config.sharding)
   rng = jax.random.key(0)
-  abstract = jax.eval_shape(lambda: make_model(model_config).init(
+  abstract = jax.eval_shape(lambda: make_model(run).init(
       {"params": rng, "dropout": rng}, *example_args)["params"])
   shardings = sharding.shardings_of(abstract, mesh, rules)
   t = config.train
   budget = int(t.memory_budget_gb * memory.GiB) or None
-  mesh_shape = dict(mesh.shape)
-  shape = dataclasses.replace(shape, scan_layers=model_config.scan_layers)
+  shape = dataclasses.replace(shape, compute_bytes=run.compute_dtype.itemsize,
+                              attention_impl=run.attention_impl, scan_layers=run.scan_layers)
+  accum_steps = t.accum_steps
   if t.auto_memory:
     try:
-      plan = memory.plan(nn.meta.unbox(abstract), shardings, dataclasses.replace(
-          shape, scan_layers=True), mesh_shape=mesh_shape, budget=budget)
+      plan = memory.plan(nn.meta.unbox(abstract), shardings,
+                         dataclasses.replace(shape, scan_layers=True), budget=budget)
     except MemoryError as e:
       raise ValueError(f"config.train.auto_memory: {e}") from None
     if plan.remat_policy != "none":
-      model_config = dataclasses.replace(model_config, remat_policy=plan.remat_policy,
-                                         scan_layers=True)
-    t.accum_steps = plan.accum_steps
+      run = dataclasses.replace(run, remat_policy=plan.remat_policy, scan_layers=True)
+    accum_steps = plan.accum_steps
   else:
     plan = memory.estimate(nn.meta.unbox(abstract), shardings, shape,
-                           remat_policy=model_config.remat_policy, accum_steps=t.accum_steps,
-                           mesh_shape=mesh_shape, budget=budget)
+                           remat_policy=run.remat_policy, accum_steps=accum_steps, budget=budget)
   note = plan.describe() + ("" if plan.fits else
                              " -- over budget: try --config.train.auto_memory=true")
-  return model_config, note
+  return run, accum_steps, note
 
 
 def report(workdir: str, last: dict) -> None:

@@ -22,7 +22,6 @@ only predicts: pass a new --config.data.predict_path to label another file).
 
 import dataclasses
 import json
-import math
 import os
 import sys
 
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import checkpoint, evaluation, heads, trainer
+from fmjax import evaluation, heads, trainer
 from fmjax import data as fdata
 from fmjax.data import bucketing, glue, squad
 from fmjax.models import bert
@@ -38,9 +37,6 @@ from train import common
 
 TASKS = ("classification", "regression", "qa")
 SPECIAL = ("[CLS]", "[SEP]", "[MASK]")
-# Model fields a finetune may change on a pretrained encoder; the rest is its architecture.
-RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "remat_policy",
-                  "dtype", "param_dtype")
 # QA start/end logits at padding positions: never an answer, and the same whatever width a
 # batch is padded to, so that bucketed batches score exactly as max_seq_length ones.
 PADDING_LOGIT = -1e9
@@ -127,19 +123,12 @@ def texts_of(config, examples):
 
 # Tokenizer and model ----------------------------------------------------------------------------
 
-def build_tokenizer(config, workdir: str, train_examples) -> fdata.Tokenizer:
-  """The encoder's own tokenizer (init_from's), the workdir's when resuming, else
+def build_tokenizer(config, workdir: str, train_examples, source) -> fdata.Tokenizer:
+  """The encoder's own tokenizer (the source's), the workdir's when resuming, else
   config.data.tokenizer_dir's, else one trained on the training texts."""
   saved = os.path.join(workdir, "tokenizer")
-  if config.init_from.startswith("hf:"):
-    from fmjax import hf
-    tok = hf.load_tokenizer(config.init_from[3:])
-  elif config.init_from:
-    source = os.path.join(config.init_from, "tokenizer")
-    if not os.path.exists(os.path.join(source, fdata.tokenizers.METADATA_FILE)):
-      raise FileNotFoundError(f"config.init_from={config.init_from!r} has no tokenizer/ "
-                              "directory: finetune from a workdir that pretrain_bert wrote")
-    tok = fdata.load_tokenizer(source)
+  if source:
+    tok = source.tokenizer()
   elif os.path.exists(os.path.join(saved, fdata.tokenizers.METADATA_FILE)):
     return fdata.load_tokenizer(saved)
   elif config.data.tokenizer_dir:  # random init with a given vocabulary
@@ -154,36 +143,21 @@ def build_tokenizer(config, workdir: str, train_examples) -> fdata.Tokenizer:
   return tok
 
 
-def encoder_config(config, tokenizer) -> bert.BertConfig:
-  """The encoder's architecture: init_from's (with this run's runtime fields), else config.model."""
-  if not config.init_from:
+def encoder_config(config, tokenizer, source) -> bert.BertConfig:
+  """The encoder's architecture: the source's (init_from), else config.model's."""
+  c = source.architecture(bert.BertConfig)
+  if c is None:
     return common.model_config(bert.BertConfig, config.model, tokenizer)
-  if config.init_from.startswith("hf:"):
-    from fmjax import hf
-    source, _ = hf.load_params(config.init_from[3:])
-    if not isinstance(source, bert.BertConfig):
-      raise ValueError(f"config.init_from={config.init_from!r} is a "
-                       f"{type(source).__name__}, not a BERT encoder")
-    fields = dataclasses.asdict(source)
-  else:
-    _, meta, _ = checkpoint.read_latest(config.init_from)
-    names = {f.name for f in dataclasses.fields(bert.BertConfig)}
-    fields = {k: v for k, v in meta.get("model", {}).items() if k in names}
-    if set(fields) != names:
-      raise ValueError(f"config.init_from={config.init_from!r} holds a checkpoint of a "
-                       f"model that is not BERT (missing {sorted(names - set(fields))})")
-  fields.update({k: config.model[k] for k in RUNTIME_FIELDS})
-  c = bert.BertConfig(**fields)
   if tokenizer.vocab_size > c.vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the encoder of "
-                     f"{config.init_from!r} embeds {c.vocab_size}: they do not belong together")
+                     f"{source.spec!r} embeds {c.vocab_size}: they do not belong together")
   return c
 
 
-def build_model(config, encoder: bert.BertConfig, num_labels: int):
+def build_model(config, encoder: bert.BertConfig, num_labels: int, runtime):
   if config.task == "qa":
-    return bert.BertForQuestionAnswering(encoder), "qa_outputs"
-  return bert.BertForSequenceClassification(encoder, num_labels), "classifier"
+    return bert.BertForQuestionAnswering(encoder, runtime), "qa_outputs"
+  return bert.BertForSequenceClassification(encoder, num_labels, runtime), "classifier"
 
 
 # Loss, predictions and metrics -------------------------------------------------------------------
@@ -300,28 +274,26 @@ def run(config, workdir: str):
   common.prepare_workdir(config, workdir)
   d, t = config.data, config.train
   train_examples, eval_examples = load_data(config)
-  tokenizer = build_tokenizer(config, workdir, train_examples)
-  encoder = encoder_config(config, tokenizer)
+  source = common.sources.parse(config.init_from)
+  tokenizer = build_tokenizer(config, workdir, train_examples, source)
+  encoder = encoder_config(config, tokenizer, source)
   if d.max_seq_length > encoder.max_len:
     raise ValueError(f"config.data.max_seq_length={d.max_seq_length} exceeds the encoder's "
                      f"{encoder.max_len} positions (config.model.max_len)")
   num_labels = 1 if config.task == "regression" else d.num_labels
-  model, head = build_model(config, encoder, num_labels)
+  model, head = build_model(config, encoder, num_labels, common.runtime(config))
   train_arrays, _ = encode(config, tokenizer, train_examples)
   eval_arrays, eval_spans = encode(config, tokenizer, eval_examples)
   trainer.log.info("%d train and %d eval examples (%d and %d features)", len(train_examples),
                    len(eval_examples), len(train_arrays["weight"]), len(eval_arrays["weight"]))
-  if t.epochs > 0:  # the schedule in epochs: steps (and warmup) follow from the data size
-    t.steps = max(1, math.ceil(t.epochs * len(train_arrays["weight"]) / t.batch_size))
-  if t.warmup_fraction > 0:
-    t.warmup_steps = int(t.warmup_fraction * t.steps)
+  schedule = common.resolve_schedule(t, len(train_arrays["weight"]))  # steps, or from epochs
 
   # Each batch padded to its bucket (a power of two), one compiled program per bucket.
   train_data = bucketing.BucketedBatches(
       train_arrays, batch_size=t.batch_size, seed=config.seed, min_length=min_bucket(config),
       group_batches=d.group_batches, process_index=jax.process_index(),
       process_count=jax.process_count())
-  lengths = train_data.lengths(min(t.steps, LENGTH_SAMPLE_STEPS))
+  lengths = train_data.lengths(min(schedule.steps, LENGTH_SAMPLE_STEPS))
   widths, counts = np.unique(lengths, return_counts=True)
   trainer.log.info("train batch widths (tokens: batches, of the first %d): %s", len(lengths),
                    dict(zip(widths.tolist(), counts.tolist())))
@@ -338,7 +310,7 @@ def run(config, workdir: str):
       flops_per_example=flops_per_example, tokens_per_example=float(np.mean(lengths)),
       predict_fn=make_predict_fn(model, config.task),
       score_fn=score_fn, new_params=(head,))
-  state, last = common.fit(config, workdir, task)
+  state, last = common.fit(config, workdir, task, schedule=schedule, source=source)
 
   # Predictions from the best evaluation's params (the last ones without best_metric).
   params = trainer.best_params(workdir, state.params)

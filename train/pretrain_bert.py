@@ -6,6 +6,8 @@ Reads one-sentence-per-line text (a blank line between documents), trains or loa
 sentencepiece tokenizer with [PAD] [UNK] [CLS] [SEP] [MASK], builds the MLM+NSP instances
 exactly as google-research/bert's create_pretraining_data.py (stored once as a tfds
 ArrayRecord dataset), and trains loss = MLM + NSP with BERT's optimizer. Rerunning resumes.
+config.init_from (a workdir, or hf:DIR of a Hugging Face BERT) continues pretraining its
+weights, with its architecture and tokenizer.
 """
 
 import os
@@ -21,13 +23,16 @@ from train import common
 SPECIAL = ("[CLS]", "[SEP]", "[MASK]")
 
 
-def build_tokenizer(config, workdir: str, documents) -> fdata.Tokenizer:
-  """Loaded from the workdir when resuming, else an existing model file or trained on the corpus."""
+def build_tokenizer(config, workdir: str, documents, source) -> fdata.Tokenizer:
+  """Loaded from the workdir when resuming, else the source's (init_from), else an existing
+  model file or trained on the corpus."""
   saved = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(saved, "fmjax_tokenizer.json")):
     return fdata.load_tokenizer(saved)
   d = config.data
-  if d.tokenizer_path:
+  if source:
+    tok = source.tokenizer()
+  elif d.tokenizer_path:
     tok = fdata.SentencePieceTokenizer.from_file(d.tokenizer_path, lowercase=d.lowercase)
   else:
     text = ("\n".join(sentence for sentence in doc) for doc in documents)
@@ -114,13 +119,17 @@ def run(config, workdir: str):
     documents, eval_documents = documents[:cut], documents[cut:]
   else:
     eval_documents = documents  # overfitting runs (sample): evaluate on the training instances
-  tokenizer = build_tokenizer(config, workdir, documents)
-  model_config = common.model_config(bert.BertConfig, config.model, tokenizer)
-  model = bert.BertForPreTraining(model_config)
+  weights = common.sources.parse(config.init_from)
+  tokenizer = build_tokenizer(config, workdir, documents, weights)
+  model_config = (weights.architecture(bert.BertConfig)
+                  or common.model_config(bert.BertConfig, config.model, tokenizer))
+  model = bert.BertForPreTraining(model_config, common.runtime(config))
+  schedule = common.resolve_schedule(t)
 
-  phases = [(d.max_seq_length, d.max_predictions_per_seq, int(t.steps * d.phase1_fraction))]
+  phases = [(d.max_seq_length, d.max_predictions_per_seq,
+             int(schedule.steps * d.phase1_fraction))]
   if d.phase1_fraction < 1.0:
-    phases.append((d.phase2_max_seq_length, d.phase2_max_predictions_per_seq, t.steps))
+    phases.append((d.phase2_max_seq_length, d.phase2_max_predictions_per_seq, schedule.steps))
   for length, _, _ in phases:
     if length > model_config.max_len:
       raise ValueError(f"max_seq_length {length} exceeds config.model.max_len={model_config.max_len}")
@@ -144,7 +153,8 @@ def run(config, workdir: str):
                              b["masked_lm_positions"]),
         flops_per_example=bert.flops_per_token(model_config, length) * length,
         tokens_per_example=length)
-    state, last = common.fit(config, workdir, task, until=until)
+    state, last = common.fit(config, workdir, task, schedule=schedule, source=weights,
+                             until=until)
   common.report(workdir, last)
   return state, tokenizer, model, last
 

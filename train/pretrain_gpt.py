@@ -5,10 +5,10 @@
 
 Reads text (local files or a tfds catalog name), trains or loads a tokenizer, packs the
 documents into one token stream, trains, evaluates, checkpoints and finally prints a
-sample. Rerunning the same command resumes from DIR/checkpoints.
+sample. Rerunning the same command resumes from DIR/checkpoints. config.init_from (a
+workdir, or hf:DIR of a Hugging Face GPT-2) brings its architecture, tokenizer and weights.
 """
 
-import dataclasses
 import os
 import sys
 
@@ -21,15 +21,15 @@ from fmjax.models import gpt
 from train import common
 
 
-def build_tokenizer(config, workdir: str, documents) -> fdata.Tokenizer:
-  """The run's tokenizer: loaded from the workdir when resuming, else made and saved there."""
+def build_tokenizer(config, workdir: str, documents, source) -> fdata.Tokenizer:
+  """The run's tokenizer: loaded from the workdir when resuming, else the source's (init_from),
+  else made (and saved there)."""
   d = config.data
   saved = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(saved, "fmjax_tokenizer.json")):
     return fdata.load_tokenizer(saved)
-  if config.init_from.startswith("hf:"):  # continue pretraining a Hugging Face GPT-2
-    from fmjax import hf
-    tok = hf.load_tokenizer(config.init_from[3:])
+  if source:  # continue pretraining: the weights' own tokenizer
+    tok = source.tokenizer()
   elif d.tokenizer_path:
     tok = (fdata.SentencePieceTokenizer.from_file(d.tokenizer_path)
            if d.tokenizer_path.endswith(".model") else fdata.load_tokenizer(d.tokenizer_path))
@@ -55,27 +55,21 @@ def run(config, workdir: str):
                 tfds_name=d.tfds_name or None, text_key=d.text_key,
                 val_fraction=0.0 if d.eval_path else d.val_fraction, document_split=d.document_split)
   train_docs = fdata.load_documents(split="train", **source)
-  tokenizer = build_tokenizer(config, workdir, train_docs)
-  model_config = common.model_config(gpt.GPTConfig, config.model, tokenizer)
-  if config.init_from.startswith("hf:"):  # the checkpoint's architecture, this run's runtime
-    from fmjax import hf
-    hf_config, _ = hf.load_params(config.init_from[3:])
-    if not isinstance(hf_config, gpt.GPTConfig):
-      raise ValueError(f"config.init_from={config.init_from!r} is a "
-                       f"{type(hf_config).__name__}, not a GPT-2")
-    model_config = dataclasses.replace(hf_config, **{
-        k: getattr(model_config, k) for k in hf.RUNTIME_FIELDS if hasattr(hf_config, k)})
+  weights = common.sources.parse(config.init_from)
+  tokenizer = build_tokenizer(config, workdir, train_docs, weights)
+  # The source's architecture (init_from), else config.model's.
+  model_config = (weights.architecture(gpt.GPTConfig)
+                  or common.model_config(gpt.GPTConfig, config.model, tokenizer))
   if d.seq_len > model_config.max_len:
     raise ValueError(f"config.data.seq_len={d.seq_len} exceeds config.model.max_len="
                      f"{model_config.max_len}; lower one or raise the other")
-  model_config, memory_note = common.plan_memory(
-      config, model_config, gpt.GPT, (np.zeros((1, d.seq_len), np.int32),), memory.Shape(
-          num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
-          mlp_dim=model_config.mlp_dim, num_heads=model_config.num_heads,
-          vocab_size=model_config.padded_vocab_size, seq_len=d.seq_len, batch_size=t.batch_size,
-          compute_bytes=np.dtype(model_config.dtype).itemsize,
-          attention_impl=model_config.attention_impl))
-  model = gpt.GPT(model_config)
+  runtime, accum_steps, memory_note = common.plan_memory(
+      config, lambda rt: gpt.GPT(model_config, rt), (np.zeros((1, d.seq_len), np.int32),),
+      memory.Shape(num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
+                   mlp_dim=model_config.mlp_dim, num_heads=model_config.num_heads,
+                   vocab_size=model_config.padded_vocab_size, seq_len=d.seq_len,
+                   batch_size=t.batch_size), common.runtime(config))
+  model = gpt.GPT(model_config, runtime)
 
   train_tokens = fdata.load_token_stream(tokenizer, split="train", **source)
   eval_tokens = fdata.load_token_stream(tokenizer, split="validation", **source)
@@ -93,7 +87,8 @@ def run(config, workdir: str):
       init_args=lambda b: (b["inputs"],),
       flops_per_example=gpt.flops_per_token(model_config, d.seq_len) * d.seq_len,
       tokens_per_example=d.seq_len, notes=(memory_note,))
-  state, last = common.fit(config, workdir, task)
+  state, last = common.fit(config, workdir, task, source=weights,
+                           schedule=common.resolve_schedule(t, accum_steps=accum_steps))
 
   if config.sample.num_tokens > 0 and jax.process_index() == 0:
     # KV-cached sampling within the trained context (the same as python -m train.sample).

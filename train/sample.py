@@ -3,8 +3,8 @@
   python -m train.sample --workdir=DIR --prompt="ROMEO:" [--max_new_tokens=300 \
       --temperature=0.8 --top_k=40 --top_p=1.0 --num_beams=1 --length_penalty=1.0 --seed=0]
 
-Loads DIR's latest checkpoint (DIR/checkpoints), its tokenizer (DIR/tokenizer) and run config
-(DIR/config.json), continues the prompt with fmjax.generate (KV cache; temperature 0 is
+Loads DIR's latest checkpoint (its architecture and params, through fmjax.sources), its
+tokenizer (DIR/tokenizer) and run config (DIR/config.json: the context), continues the prompt with fmjax.generate (KV cache; temperature 0 is
 greedy; --num_beams > 1 is beam search) and prints prompt + completion. Generation stops at
 the tokenizer's end-of-document token and never shows the model more than the context it was
 trained on (config data.seq_len), continuing in chunks beyond it (fmjax.generate.complete).
@@ -23,10 +23,9 @@ import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 
-from fmjax import checkpoint, generate, sharding, training
+from fmjax import generate, sharding, sources
 from fmjax import data as fdata
 from fmjax.models import gpt
-from fmjax.trainer import optimizer_from_config
 from train import common
 
 FLAGS = flags.FLAGS  # --workdir is train.common's
@@ -50,28 +49,20 @@ def _check_workdir(workdir: str) -> None:
                             "pretrain_gpt workdir")
 
 
-def load(workdir: str, tokenizer: fdata.Tokenizer):
+def load(workdir: str):
   """(model, params, context) of a pretrain_gpt workdir's latest checkpoint, on one device."""
   _check_workdir(workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  model_config = common.model_config(gpt.GPTConfig, config.model, tokenizer)
-  model = gpt.GPT(model_config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
-                                 async_save=False)
-  try:
-    ckpt.check_compatible(checkpoint.model_signature(model_config))
-    # The checkpoint holds the whole TrainState; restore it onto one device, keep params.
-    tx, _ = optimizer_from_config(config.train)
-    init = training.init_fn(model, tx, jnp.zeros((1, 8), jnp.int32))
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    mesh = sharding.make_mesh({}, devices=jax.devices()[:1])
-    shardings = sharding.shardings_of(abstract, mesh, sharding.get_rules("dp"))
-    state, _ = ckpt.restore(checkpoint.abstract_with_shardings(nn.meta.unbox(abstract), shardings))
-  finally:
-    ckpt.close()
+  source = sources.parse(workdir)
+  model_config = source.architecture(gpt.GPTConfig)
+  model = gpt.GPT(model_config, source.runtime())
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  mesh = sharding.make_mesh({}, devices=jax.devices()[:1])
+  shardings = sharding.shardings_of(abstract, mesh, sharding.get_rules("dp"))["params"]
+  params = source.load(nn.meta.unbox(abstract)["params"], shardings)
   seq_len = config.data.get("seq_len", model_config.max_len) if "data" in config else model_config.max_len
-  return model, state.params, min(seq_len, model_config.max_len)
+  return model, params, min(seq_len, model_config.max_len)
 
 
 def sample(workdir: str, prompt: str, **settings) -> str:
@@ -84,7 +75,7 @@ def sample(workdir: str, prompt: str, **settings) -> str:
   ids = tokenizer.encode(prompt)  # a character outside the vocabulary fails here, early
   if not ids:
     raise ValueError(f"--prompt={prompt!r} encodes to no tokens; give some text")
-  model, params, context = load(workdir, tokenizer)
+  model, params, context = load(workdir)
   new = generate.complete(model, params, ids, context=context, stop_tokens=[tokenizer.eos_id],
                           **settings)
   return prompt + tokenizer.decode(new)

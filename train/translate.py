@@ -86,7 +86,7 @@ def model_config(config, source_tok, target_tok) -> seq2seq.Seq2SeqConfig:
     if tok is not None and fields[key] < tok.vocab_size:
       raise ValueError(f"config.model.{key}={fields[key]} is smaller than the tokenizer's "
                        f"{tok.vocab_size} pieces; use -1")
-  return seq2seq.Seq2SeqConfig(**fields)
+  return common.as_flags(seq2seq.Seq2SeqConfig, "config.model", **fields)
 
 
 # Loss and decoding ------------------------------------------------------------------------------
@@ -146,9 +146,12 @@ def run(config, workdir: str):
   if d.max_train_examples:
     train_pairs = train_pairs[:d.max_train_examples]
   eval_pairs, test_pairs = read_split(config, "eval"), read_split(config, "test")
+  if config.init_from:  # the tokenizers are learned per run: another run's ids would not match
+    raise ValueError(f"config.init_from={config.init_from!r}: translate trains from fresh "
+                     "weights; leave config.init_from empty")
   source_tok, target_tok = build_tokenizers(config, workdir, train_pairs)
   model_cfg = model_config(config, source_tok, target_tok)
-  model = seq2seq.Seq2Seq(model_cfg)
+  model = seq2seq.Seq2Seq(model_cfg, common.runtime(config))
   pad, start = target_tok.pad_id, target_tok.eos_id
   encode = lambda pairs: translation.encode_pairs(pairs, source_tok, target_tok, d.max_length)
   train_src, train_tgt, cut = encode(train_pairs)
@@ -182,7 +185,7 @@ def run(config, workdir: str):
       tokens_per_example=round(mean_len[1]),
       predict_fn=make_predict_fn(model, generate_config(config, e.num_beams, start), start, pad),
       score_fn=score_fn)
-  state, last = common.fit(config, workdir, task)
+  state, last = common.fit(config, workdir, task, source=common.sources.Source())
 
   # The best evaluation's params decode the eval and test sets with the final beam width.
   params = trainer.best_params(workdir, state.params)

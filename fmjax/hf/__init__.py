@@ -18,11 +18,11 @@ import importlib.util
 
 # name -> the submodule that defines it, imported on first use (PEP 562): the tokenizer does
 # not load safetensors and the weights do not load tokenizers.
-_MODULE_OF = {"ARCHITECTURES": "tables", "TASKS": "tables", "HFTokenizer": "tokenizer", "load_tokenizer": "tokenizer",
-              "RUNTIME_FIELDS": "weights", "from_pretrained": "weights", "load_params": "weights",
-              "save_pretrained": "weights"}
+_MODULE_OF = {"ARCHITECTURES": "tables", "TASKS": "tables", "HFTokenizer": "tokenizer",
+              "load_tokenizer": "tokenizer", "from_pretrained": "weights",
+              "load_params": "weights", "save_pretrained": "weights"}
 
-__all__ = ["ARCHITECTURES", "HFTokenizer", "RUNTIME_FIELDS", "TASKS", "from_pretrained",
+__all__ = ["ARCHITECTURES", "HFTokenizer", "TASKS", "from_pretrained",
            "load_params", "load_tokenizer", "save_pretrained"]
 
 

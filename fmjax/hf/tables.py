@@ -471,8 +471,6 @@ def _bert_config(hf: dict) -> BertConfig:
       vocab_size=_get(hf, "vocab_size", 30522), max_len=_get(hf, "max_position_embeddings", 512),
       type_vocab_size=_get(hf, "type_vocab_size", 2), num_layers=_get(hf, "num_hidden_layers", 12),
       num_heads=n, embed_dim=d, mlp_dim=_get(hf, "intermediate_size", 3072),
-      dropout_rate=_get(hf, "hidden_dropout_prob", 0.1),
-      attention_dropout_rate=_get(hf, "attention_probs_dropout_prob", 0.1),
       norm_eps=_get(hf, "layer_norm_eps", 1e-12))
 
 
@@ -480,8 +478,8 @@ def _bert_hf_config(c: BertConfig) -> dict:
   return {
       "vocab_size": c.vocab_size, "hidden_size": c.embed_dim, "num_hidden_layers": c.num_layers,
       "num_attention_heads": c.num_heads, "intermediate_size": c.mlp_dim, "hidden_act": "gelu",
-      "hidden_dropout_prob": c.dropout_rate,
-      "attention_probs_dropout_prob": c.attention_dropout_rate,
+      # Dropout is fmjax's Runtime, not the architecture: written as BERT trains (0.1).
+      "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
       "max_position_embeddings": c.max_len, "type_vocab_size": c.type_vocab_size,
       "layer_norm_eps": c.norm_eps, "position_embedding_type": "absolute",
       "initializer_range": 0.02, "tie_word_embeddings": True}
@@ -573,8 +571,7 @@ def _gpt2_config(hf: dict) -> GPTConfig:
       vocab_size=_get(hf, "vocab_size", 50257), max_len=_get(hf, "n_positions", 1024),
       num_layers=_get(hf, "n_layer", 12), num_heads=n, embed_dim=d,
       mlp_dim=_get(hf, "n_inner", 4 * d), mlp_activation=_GPT2_ACTIVATIONS[act],
-      tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
-      dropout_rate=_get(hf, "resid_pdrop", 0.1))
+      tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)))
 
 
 def _gpt2_hf_config(c: GPTConfig) -> dict:
@@ -595,7 +592,7 @@ def _gpt2_hf_config(c: GPTConfig) -> dict:
       "vocab_size": c.vocab_size, "n_positions": c.max_len, "n_embd": c.embed_dim,
       "n_layer": c.num_layers, "n_head": c.num_heads, "n_inner": c.mlp_dim,
       "activation_function": _GPT2_ACTIVATION_NAMES[c.mlp_activation],
-      "resid_pdrop": c.dropout_rate, "embd_pdrop": c.dropout_rate, "attn_pdrop": 0.0,
+      "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.0,  # GPT-2's (Runtime's in fmjax)
       "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
       "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
       "tie_word_embeddings": c.tie_embeddings, "initializer_range": 0.02,
@@ -664,8 +661,6 @@ def _vit_config(hf: dict) -> ViTConfig:
       num_channels=_get(hf, "num_channels", 3), num_classes=num_classes, pool="cls",
       num_layers=_get(hf, "num_hidden_layers", 12), num_heads=_get(hf, "num_attention_heads", 12),
       embed_dim=_get(hf, "hidden_size", 768), mlp_dim=_get(hf, "intermediate_size", 3072),
-      dropout_rate=_get(hf, "hidden_dropout_prob", 0.0),
-      attention_dropout_rate=_get(hf, "attention_probs_dropout_prob", 0.0),
       norm_eps=_get(hf, "layer_norm_eps", 1e-12))
 
 
@@ -676,8 +671,8 @@ def _vit_hf_config(c: ViTConfig) -> dict:
   return {
       "hidden_size": c.embed_dim, "num_hidden_layers": c.num_layers,
       "num_attention_heads": c.num_heads, "intermediate_size": c.mlp_dim, "hidden_act": "gelu",
-      "hidden_dropout_prob": c.dropout_rate,
-      "attention_probs_dropout_prob": c.attention_dropout_rate, "initializer_range": 0.02,
+      "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,  # ViT's (Runtime's in fmjax)
+      "initializer_range": 0.02,
       "layer_norm_eps": c.norm_eps, "image_size": c.image_size, "patch_size": c.patch_size,
       "num_channels": c.num_channels, "qkv_bias": True, "encoder_stride": c.patch_size,
       "id2label": {str(i): f"LABEL_{i}" for i in range(c.num_classes)},

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import pathlib
-import re
 import warnings
 from typing import Any
 
@@ -25,9 +24,10 @@ import safetensors
 import safetensors.numpy
 
 from fmjax import sharding
-from fmjax.checkpoint import unflatten_params
+from fmjax.checkpoint import stack_layers, unflatten_params, unstack_layers
 from fmjax.hf.tables import (ARCHITECTURES, TASKS, Architecture, Variant, expand, labels_to_hf,
                               num_labels_of)
+from fmjax.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +37,20 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
-# Fields of BertConfig / GPTConfig / ViTConfig that only change how the model runs, not its weights.
-RUNTIME_FIELDS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "scan_layers",
-                  "remat_policy", "dtype", "param_dtype")
 
 
 def load_params(directory: str | os.PathLike, *, task: str | None = None,
-                num_labels: int | None = None, seed: int = 0, **overrides) -> tuple[Any, dict]:
+                num_labels: int | None = None, seed: int = 0,
+                runtime: Runtime | None = None) -> tuple[Any, dict]:
   """Reads a Hugging Face BERT, GPT-2 or ViT directory into fmjax's config and parameter names.
 
   Args:
     directory: holds config.json and model.safetensors (or a sharded model.safetensors.index.json;
       pytorch_model.bin is read only when torch is installed).
     task, num_labels, seed: the model to read it as, as in from_pretrained.
-    **overrides: runtime fields of the fmjax config (RUNTIME_FIELDS), e.g. scan_layers=True
-      (parameters then stacked on a leading layer axis, as nn.scan wants) or
-      param_dtype="bfloat16" (weights cast to it; default float32).
+    runtime: how the model will run (default Runtime()): its scan_layers stacks the layers on
+      a leading axis, as nn.scan wants; its param_dtype is the dtype the weights are cast to.
+      The architecture always comes from config.json.
 
   Returns:
     (config, params): a BertConfig, GPTConfig or ViTConfig and a nested dict of numpy arrays
@@ -65,15 +63,15 @@ def load_params(directory: str | os.PathLike, *, task: str | None = None,
     FileNotFoundError: no such directory, no config.json or no weights file.
     ValueError: unsupported model_type, task or config, a missing tensor or a shape mismatch.
   """
-  model, variant, params = _load(directory, overrides, task=task, num_labels=num_labels,
-                                 seed=seed)
+  model, variant, params = _load(directory, runtime or Runtime(), task=task,
+                                 num_labels=num_labels, seed=seed)
   return model.config, params
 
 
 def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
                     num_labels: int | None = None, seed: int = 0,
                     mesh: jax.sharding.Mesh | None = None, rules=None, dtype=None,
-                    **overrides) -> tuple[nn.Module, dict]:
+                    runtime: Runtime | None = None) -> tuple[nn.Module, dict]:
   """Builds the fmjax model of a Hugging Face BERT, GPT-2 or ViT directory and loads its weights.
 
   With a task (fmjax.hf.TASKS), the model is that task's, whatever head the checkpoint has:
@@ -107,8 +105,9 @@ def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
     seed: initialises a head the checkpoint lacks.
     mesh: if given, each weight is placed directly into its NamedSharding on this mesh.
     rules: logical-axis rules (a name of fmjax.sharding.RULES or a rule list); default "fsdp".
-    dtype: parameter and compute dtype, e.g. "bfloat16"; default float32.
-    **overrides: other runtime config fields (see load_params), e.g. attention_impl="xla".
+    dtype: parameter and compute dtype, e.g. "bfloat16"; default the runtime's.
+    runtime: how the model runs (fmjax.runtime.Runtime, default Runtime()), e.g.
+      Runtime(attention_impl="xla", scan_layers=True); `dtype` overrides its dtypes.
 
   Returns:
     (model, variables) with variables = {"params": tree of jax.Arrays}.
@@ -117,9 +116,11 @@ def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
     ValueError: an unknown task, a task this model_type cannot serve (e.g. "classification"
       of GPT-2), num_labels that differ from the checkpoint's head, and load_params' errors.
   """
+  runtime = runtime or Runtime()
   if dtype is not None:
-    overrides = {"dtype": jnp.dtype(dtype).name, "param_dtype": jnp.dtype(dtype).name, **overrides}
-  model, variant, params = _load(directory, overrides, task=task, num_labels=num_labels,
+    runtime = dataclasses.replace(runtime, dtype=jnp.dtype(dtype).name,
+                                  param_dtype=jnp.dtype(dtype).name)
+  model, variant, params = _load(directory, runtime, task=task, num_labels=num_labels,
                                  seed=seed)
   config = model.config
   tree = params[variant.root] if variant.root else params
@@ -167,8 +168,8 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *
                      "none, so leave id2label out")
   params = nn.meta.unbox(variables.get("params", variables))
   flat = {path: _to_host(x) for path, x in _flatten(params).items()}
-  if config.scan_layers:
-    flat = _unstack_layers(flat)
+  if model.runtime.scan_layers:
+    flat = unstack_layers(flat)
   prefix = variant.root + "/" if variant.root else ""
   flat = {prefix + p: x for p, x in flat.items()}
   shapes = _param_shapes(arch, variant, model)
@@ -195,11 +196,11 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *
   directory.mkdir(parents=True, exist_ok=True)
   safetensors.numpy.save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
   hf_config = {"architectures": [variant.hf_class], "model_type": arch.model_type, **hf_config,
-               "dtype": jnp.dtype(config.param_dtype).name}
+               "dtype": jnp.dtype(model.runtime.param_dtype).name}
   (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
-def _load(directory, overrides, *, task=None, num_labels=None,
+def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
           seed=0) -> tuple[nn.Module, Variant, dict]:
   """(model, variant, params) for load_params and from_pretrained."""
   if task is not None and task not in TASKS:
@@ -217,15 +218,14 @@ def _load(directory, overrides, *, task=None, num_labels=None,
                      f"supports {by('text')} (text) and {by('image')} (images)")
   arch = ARCHITECTURES[model_type]
   config = arch.config_from_hf(hf_config)
-  config = _override(config, overrides)
   checkpoint = _Checkpoint(directory)
   names = {arch.canonical(n): n for n in checkpoint.names}
   variant = _variant(arch, task, config, set(names), directory)
   labels = _num_labels(variant, num_labels, hf_config)
-  model = variant.make(config, labels)
+  model = variant.make(config, labels, runtime=runtime)
   config = model.config  # a ViT's num_classes follows num_labels
   shapes = _param_shapes(arch, variant, _unpadded(model))  # the checkpoint's vocabulary
-  dtype = jnp.dtype(config.param_dtype)
+  dtype = runtime.params_dtype
   rules = expand(variant.rules(config), config.num_layers)
   head = [r for r in rules if variant.head and r.hf.startswith(variant.head)]
   fresh = [] if any(r.hf in names for r in head) else head  # no head in the checkpoint
@@ -282,8 +282,8 @@ def _load(directory, overrides, *, task=None, num_labels=None,
                   f"{variant.hf_class} does not have: {unused[:8]}", stacklevel=3)
   padded = _param_shapes(arch, variant, model)
   flat = {path: _fit(x, padded[path]) for path, x in flat.items()}
-  if config.scan_layers:
-    flat = _stack_layers(flat)
+  if runtime.scan_layers:
+    flat = stack_layers(flat)
   return model, variant, unflatten_params(flat)
 
 
@@ -319,7 +319,7 @@ def _num_labels(variant: Variant, num_labels, hf_config: dict) -> int | None:
 def _init_head(arch: Architecture, model: nn.Module, paths: list[str], seed: int) -> dict:
   """"/"-path -> numpy value of the given (head) parameters of model.init(key(seed)). Only they
   are returned, so XLA drops the rest of init: the encoder is never initialised."""
-  model = model.clone(config=dataclasses.replace(model.config, scan_layers=False))
+  model = model.clone(runtime=dataclasses.replace(model.runtime, scan_layers=False))
   example = _dummy_input(arch, model.config)
 
   def init(key):
@@ -339,15 +339,6 @@ def _read_config(directory: pathlib.Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}); re-save the model") from None
-
-
-def _override(config, overrides):
-  bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
-  if bad:
-    raise ValueError(f"cannot override {bad}: the architecture comes from {CONFIG_FILE}; only "
-                     f"runtime fields {list(RUNTIME_FIELDS)} can be overridden")
-  fields = {f.name for f in dataclasses.fields(config)}
-  return dataclasses.replace(config, **{k: v for k, v in overrides.items() if k in fields})
 
 
 class _Checkpoint:
@@ -425,8 +416,9 @@ def _dummy_input(arch: Architecture, config):
 def _param_shapes(arch: Architecture, variant: Variant,
                   model: nn.Module) -> dict[str, tuple[int, ...]]:
   """"/"-path -> shape of the model's params, unscanned, under the variant's root."""
-  config = dataclasses.replace(model.config, scan_layers=False)
-  abstract = jax.eval_shape(model.clone(config=config).init, jax.random.key(0),
+  config = model.config
+  unscanned = model.clone(runtime=dataclasses.replace(model.runtime, scan_layers=False))
+  abstract = jax.eval_shape(unscanned.init, jax.random.key(0),
                             _dummy_input(arch, config))
   prefix = variant.root + "/" if variant.root else ""
   return {prefix + p: tuple(x.shape)
@@ -463,35 +455,6 @@ def _to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
-
-
-_LAYER = re.compile(r"^(.*?blocks/)layer_(\d+)/(.*)$")
-
-
-def _stack_layers(flat: dict) -> dict:
-  """"blocks/layer_{i}/p" for every i -> "blocks/layers/p" stacked on a leading axis (nn.scan)."""
-  out, stacked = {}, {}
-  for path, x in flat.items():
-    m = _LAYER.match(path)
-    if m is None:
-      out[path] = x
-    else:
-      stacked.setdefault(f"{m[1]}layers/{m[3]}", {})[int(m[2])] = x
-  for path, layers in stacked.items():
-    out[path] = np.stack([layers[i] for i in range(len(layers))])
-  return out
-
-
-def _unstack_layers(flat: dict) -> dict:
-  """Inverse of _stack_layers."""
-  out = {}
-  for path, x in flat.items():
-    m = re.match(r"^(.*?blocks/)layers/(.*)$", path)
-    if m is None:
-      out[path] = x
-    else:
-      out.update({f"{m[1]}layer_{i}/{m[2]}": x[i] for i in range(x.shape[0])})
-  return out
 
 
 def _flatten(tree, prefix: str = "") -> dict:

@@ -21,14 +21,17 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fmjax import heads
+from fmjax import heads, transformer
 from fmjax.layers import ACTIVATIONS, Dense, Embed, Norm, partitioned, round_up
+from fmjax.runtime import Runtime
 from fmjax.training import cross_entropy
 from fmjax.transformer import BlockConfig, TransformerStack
 
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
+  """The architecture; how it runs is a Runtime (BERT trains with dropout_rate and
+  attention_dropout_rate 0.1: Runtime(dropout_rate=0.1, attention_dropout_rate=0.1))."""
   vocab_size: int = 30522  # WordPiece, uncased
   vocab_multiple: int = 128  # table rows padded to a multiple (tensor parallelism); see Embed
   max_len: int = 512
@@ -37,14 +40,11 @@ class BertConfig:
   num_heads: int = 12
   embed_dim: int = 768
   mlp_dim: int = 3072
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.1
-  attention_impl: str = "auto"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
-  param_dtype: str = "float32"  # parameters and optimizer state
   norm_eps: float = 1e-12  # as the TensorFlow reference; 1e-5 would not match checkpoints
+
+  def __post_init__(self):
+    transformer.check_config(self, positive=("vocab_size", "max_len", "type_vocab_size",
+                                             "num_layers", "num_heads", "embed_dim", "mlp_dim"))
 
   @property
   def padded_vocab_size(self) -> int:
@@ -55,13 +55,11 @@ class BertConfig:
   def head_dim(self) -> int:
     return self.embed_dim // self.num_heads
 
-  def block(self) -> BlockConfig:
+  def block(self, runtime: Runtime) -> BlockConfig:
     return BlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, causal=False,
         pre_ln=False, norm="layer", norm_eps=self.norm_eps, mlp_activation="gelu",
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        attention_impl=self.attention_impl, dtype=jnp.dtype(self.dtype),
-        param_dtype=jnp.dtype(self.param_dtype))
+        **runtime.block_fields())
 
 
 PRESETS = {
@@ -77,7 +75,7 @@ PRESETS = {
 
 
 def get_config(name: str, **overrides) -> BertConfig:
-  """A preset by name with field overrides, e.g. get_config("tiny", dropout_rate=0.0)."""
+  """A preset by name with field overrides, e.g. get_config("tiny", vocab_size=8000)."""
   if name not in PRESETS:
     raise ValueError(f"unknown BERT preset {name!r}; choose from {sorted(PRESETS)}")
   return dataclasses.replace(PRESETS[name], **overrides)
@@ -86,19 +84,20 @@ def get_config(name: str, **overrides) -> BertConfig:
 class BertEncoder(nn.Module):
   """The BERT encoder: embeddings, post-LN stack and pooler (Hugging Face's `BertModel`)."""
   config: BertConfig
+  runtime: Runtime = Runtime()
 
   def setup(self):
-    c = self.config
-    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    c, rt = self.config, self.runtime
+    dtype, param_dtype = rt.compute_dtype, rt.params_dtype
     embed = lambda n, axes: Embed(n, c.embed_dim, axes=axes, dtype=dtype, param_dtype=param_dtype)
     self.word_embeddings = Embed(c.vocab_size, c.embed_dim, dtype=dtype, param_dtype=param_dtype,
                                  pad_to_multiple=c.vocab_multiple)
     self.position_embeddings = embed(c.max_len, (None, "embed"))
     self.token_type_embeddings = embed(c.type_vocab_size, (None, "embed"))
     self.ln_embed = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
-    self.dropout = nn.Dropout(c.dropout_rate)
-    self.blocks = TransformerStack(c.block(), c.num_layers, scan=c.scan_layers,
-                                   remat_policy=c.remat_policy)
+    self.dropout = nn.Dropout(rt.dropout_rate)
+    self.blocks = TransformerStack(c.block(rt), c.num_layers, scan=rt.scan_layers,
+                                   remat_policy=rt.remat_policy)
     self.pooler = Dense(c.embed_dim, ("embed", None), dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, input_ids, *, token_type_ids=None, attention_mask=None, train: bool = False):
@@ -147,8 +146,8 @@ def masked_lm_head(module: nn.Module, bert: BertEncoder, seq, masked_lm_position
   None. Vp is the vocabulary padded to vocab_multiple, the padded ids masked to -inf. Its
   parameters ("mlm_dense", "mlm_ln", "mlm_bias") belong to `module`, the model that
   calls it from its compact __call__; the output projection is bert's word embedding (tied)."""
-  c = bert.config
-  dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+  c, rt = bert.config, bert.runtime
+  dtype, param_dtype = rt.compute_dtype, rt.params_dtype
   if masked_lm_positions is None:
     masked_lm_positions = jnp.broadcast_to(jnp.arange(seq.shape[1]), seq.shape[:2])
   # Gather first: the D x V projection runs on P (~15% of T) rows, not on all T.
@@ -165,6 +164,7 @@ def masked_lm_head(module: nn.Module, bert: BertEncoder, seq, masked_lm_position
 class BertForPreTraining(nn.Module):
   """The encoder (submodule "bert") with the masked-LM and next-sentence heads."""
   config: BertConfig
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
@@ -180,9 +180,9 @@ class BertForPreTraining(nn.Module):
       {"mlm_logits": (B, P, Vp) float32 (padded ids -inf), "nsp_logits": (B, 2) float32,
        "sequence_output": (B, T, D), "pooled_output": (B, D)}.
     """
-    c = self.config
-    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    bert = BertEncoder(c, name="bert")
+    c, rt = self.config, self.runtime
+    dtype, param_dtype = rt.compute_dtype, rt.params_dtype
+    bert = BertEncoder(c, rt, name="bert")
     seq, pooled = bert(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                        train=train)
     mlm_logits = masked_lm_head(self, bert, seq, masked_lm_positions)  # (B, P, Vp)
@@ -196,13 +196,15 @@ class BertForMaskedLM(nn.Module):
   """The encoder without its pooler (submodule "bert") and the masked-LM head alone: Hugging
   Face's BertForMaskedLM, e.g. for domain-adaptive MLM pretraining or fill-in-the-blank."""
   config: BertConfig
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
                masked_lm_positions=None, *, train: bool = False):
     """(B, T) inputs as in BertEncoder; masked_lm_positions (B, P) as in BertForPreTraining,
-    default every position -> (B, P, V) float32 logits (P = T by default)."""
-    bert = BertEncoder(self.config, name="bert")
+    default every position -> (B, P, Vp) float32 logits (P = T by default; Vp the padded
+    vocabulary, the padded ids -inf)."""
+    bert = BertEncoder(self.config, self.runtime, name="bert")
     seq = bert.encode(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                       train=train)
     return masked_lm_head(self, bert, seq, masked_lm_positions)
@@ -213,16 +215,17 @@ class BertForSequenceClassification(nn.Module):
   [CLS] output: single sentences (SST-2) and sentence pairs (RTE, MNLI, STS-B)."""
   config: BertConfig
   num_labels: int
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
                train: bool = False):
     """(B, T) inputs as in BertEncoder -> (B, num_labels) float32 logits (scores)."""
-    c = self.config
-    _, pooled = BertEncoder(c, name="bert")(input_ids, token_type_ids=token_type_ids,
-                                             attention_mask=attention_mask, train=train)
-    return heads.ClassificationHead(self.num_labels, c.dropout_rate, dtype=jnp.dtype(c.dtype),
-                                    param_dtype=jnp.dtype(c.param_dtype),
+    rt = self.runtime
+    _, pooled = BertEncoder(self.config, rt, name="bert")(
+        input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, train=train)
+    return heads.ClassificationHead(self.num_labels, rt.dropout_rate, dtype=rt.compute_dtype,
+                                    param_dtype=rt.params_dtype,
                                     name="classifier")(pooled, train=train)
 
 
@@ -230,15 +233,16 @@ class BertForQuestionAnswering(nn.Module):
   """The encoder (no pooler) with a span head over its token outputs (SQuAD-style extractive
   QA), as Hugging Face's BertForQuestionAnswering."""
   config: BertConfig
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
                train: bool = False):
     """(B, T) inputs as in BertEncoder -> (start_logits, end_logits), (B, T) float32 each."""
-    c = self.config
-    seq = BertEncoder(c, name="bert").encode(input_ids, token_type_ids=token_type_ids,
-                                             attention_mask=attention_mask, train=train)
-    return heads.SpanHead(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+    rt = self.runtime
+    seq = BertEncoder(self.config, rt, name="bert").encode(
+        input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, train=train)
+    return heads.SpanHead(dtype=rt.compute_dtype, param_dtype=rt.params_dtype,
                           name="qa_outputs")(seq)
 
 

@@ -13,14 +13,18 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fmjax.layers import (Dense, Embed, Norm, default_kernel_init, mask_padded_logits, round_up,
-                          zero_padding)
+from fmjax.layers import (ACTIVATIONS, Dense, Embed, Norm, default_kernel_init,
+                          mask_padded_logits, round_up, zero_padding)
 from fmjax import transformer
+from fmjax.runtime import Runtime
 from fmjax.transformer import BlockConfig, TransformerStack
+
+POSITIONS = ("learned", "rope")
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
+  """The architecture; how it runs (kernel, remat, scan, dtypes, dropout) is a Runtime."""
   vocab_size: int = 50257
   vocab_multiple: int = 128  # table rows padded to a multiple (tensor parallelism); see Embed
   max_len: int = 1024
@@ -30,17 +34,22 @@ class GPTConfig:
   mlp_dim: int = 3072
   num_kv_heads: int | None = None
   position: str = "learned"  # "learned" (GPT-2) | "rope"
-  norm: str = "layer"
+  norm: str = "layer"  # "layer" | "rms"
   mlp_activation: str = "gelu_tanh"
   gated_mlp: bool = False
   use_bias: bool = True
   tie_embeddings: bool = True
-  dropout_rate: float = 0.0
-  attention_impl: str = "auto"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
-  param_dtype: str = "float32"  # parameters and optimizer state
+
+  def __post_init__(self):
+    transformer.check_config(
+        self, positive=("vocab_size", "max_len", "num_layers", "num_heads", "embed_dim",
+                        "mlp_dim"),
+        choices={"position": POSITIONS, "norm": transformer.NORMS,
+                 "mlp_activation": tuple(ACTIVATIONS)})
+    if self.position == "rope" and self.head_dim % 2:
+      raise ValueError(f"GPTConfig: rotary positions rotate pairs of dimensions, but head_dim "
+                       f"= embed_dim / num_heads = {self.head_dim} is odd; change embed_dim or "
+                       "num_heads")
 
   @property
   def padded_vocab_size(self) -> int:
@@ -51,14 +60,12 @@ class GPTConfig:
   def head_dim(self) -> int:
     return self.embed_dim // self.num_heads
 
-  def block(self) -> BlockConfig:
+  def block(self, runtime: Runtime) -> BlockConfig:
     return BlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
         num_kv_heads=self.num_kv_heads, causal=True, pre_ln=True, norm=self.norm,
         mlp_activation=self.mlp_activation, gated_mlp=self.gated_mlp, use_bias=self.use_bias,
-        rope=self.position == "rope", dropout_rate=self.dropout_rate,
-        attention_impl=self.attention_impl, dtype=jnp.dtype(self.dtype),
-        param_dtype=jnp.dtype(self.param_dtype))
+        rope=self.position == "rope", **runtime.block_fields())
 
 
 PRESETS = {
@@ -81,6 +88,7 @@ def get_config(name: str, **overrides) -> GPTConfig:
 
 class GPT(nn.Module):
   config: GPTConfig
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, tokens, *, positions=None, segment_ids=None, train: bool = False,
@@ -96,9 +104,15 @@ class GPT(nn.Module):
     Returns:
       (B, T, Vp) float32 logits, Vp = vocab_size padded to vocab_multiple, the padded ids
       masked to -inf (layers.Embed); with a cache, `decode`'s (logits (B, Vp), cache).
+    Raises:
+      ValueError: T > max_len with learned positions (there is no position to embed).
     """
-    c = self.config
-    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    c, rt = self.config, self.runtime
+    dtype, param_dtype = rt.compute_dtype, rt.params_dtype
+    if c.position == "learned" and tokens.shape[1] > c.max_len:
+      raise ValueError(f"tokens have length {tokens.shape[1]} but this GPT has max_len="
+                       f"{c.max_len} learned positions; pass at most {c.max_len} tokens (e.g. "
+                       "the last ones), or use a config with a larger max_len")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     embed = Embed(c.vocab_size, c.embed_dim, dtype=dtype, param_dtype=param_dtype,
@@ -108,10 +122,10 @@ class GPT(nn.Module):
       x = x + Embed(c.max_len, c.embed_dim, axes=(None, "embed"), dtype=dtype,
                     embedding_init=nn.initializers.normal(0.01), param_dtype=param_dtype,
                     name="wpe")(positions)
-    x = nn.Dropout(c.dropout_rate)(x, deterministic=not train)
+    x = nn.Dropout(rt.dropout_rate)(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-    stack = TransformerStack(c.block(), c.num_layers, scan=c.scan_layers,
-                             remat_policy=c.remat_policy, name="blocks")
+    stack = TransformerStack(c.block(rt), c.num_layers, scan=rt.scan_layers,
+                             remat_policy=rt.remat_policy, name="blocks")
     if cache is not None:
       x, cache = stack(x, positions=positions, kv_mask=kv_mask, train=train, cache=cache,
                        cache_index=cache_index)
@@ -149,9 +163,9 @@ class GPT(nn.Module):
 
   def init_cache(self, *, batch: int, length: int):
     """Zero KV cache for `decode`: `length` slots for `batch` rows (transformer.init_cache)."""
-    c = self.config
-    return transformer.init_cache(c.block(), c.num_layers, batch=batch, length=length,
-                                  scan=c.scan_layers)
+    c, rt = self.config, self.runtime
+    return transformer.init_cache(c.block(rt), c.num_layers, batch=batch, length=length,
+                                  scan=rt.scan_layers)
 
 
 def num_params(c: GPTConfig) -> int:

@@ -25,13 +25,17 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax.layers import Embed, Norm, round_up
+from fmjax import transformer
+from fmjax.layers import ACTIVATIONS, Embed, Norm, round_up
 from fmjax.models import vit
+from fmjax.runtime import Runtime
 from fmjax.transformer import BlockConfig, DecoderBlock, TransformerStack, init_decoder_cache
 
 
 @dataclasses.dataclass(frozen=True)
 class Seq2SeqConfig:
+  """The architecture; how it runs (kernel, dtypes, dropout) is a Runtime. The paper trains
+  with dropout 0.1: Runtime(dropout_rate=0.1)."""
   vocab_size: int = 32000  # V of the target side (and of the source when shared)
   vocab_multiple: int = 128  # table rows padded to a multiple (tensor parallelism); see Embed
   source_vocab_size: int = 0  # 0: one vocabulary and embedding for source, target and output
@@ -42,11 +46,15 @@ class Seq2SeqConfig:
   mlp_dim: int = 2048
   mlp_activation: str = "relu"
   pre_ln: bool = True
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.0
-  attention_impl: str = "auto"
-  dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
-  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    transformer.check_config(
+        self, positive=("vocab_size", "decoder_layers", "num_heads", "embed_dim", "mlp_dim"),
+        choices={"mlp_activation": tuple(ACTIVATIONS)})
+    for field in ("source_vocab_size", "encoder_layers"):  # 0 allowed: shared / no encoder
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Seq2SeqConfig.{field}={value!r}: must be an integer >= 0")
 
   @property
   def padded_vocab_size(self) -> int:
@@ -57,17 +65,15 @@ class Seq2SeqConfig:
   def head_dim(self) -> int:
     return self.embed_dim // self.num_heads
 
-  def block(self, causal: bool) -> BlockConfig:
+  def block(self, causal: bool, runtime: Runtime) -> BlockConfig:
     return BlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, causal=causal,
-        pre_ln=self.pre_ln, mlp_activation=self.mlp_activation, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate, attention_impl=self.attention_impl,
-        dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+        pre_ln=self.pre_ln, mlp_activation=self.mlp_activation, **runtime.block_fields())
 
 
 PRESETS = {
     "tiny": Seq2SeqConfig(vocab_size=256, encoder_layers=2, decoder_layers=2, num_heads=4,
-                          embed_dim=64, mlp_dim=256, dropout_rate=0.0),
+                          embed_dim=64, mlp_dim=256),
     # Multi30k on a 2-core CPU (configs/translate.py:multi30k).
     "small": Seq2SeqConfig(vocab_size=8000, encoder_layers=3, decoder_layers=3, num_heads=4,
                            embed_dim=256, mlp_dim=1024),
@@ -101,10 +107,17 @@ def _arange(ids):
   return jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
 
 
-def _table(c: Seq2SeqConfig, vocab: int) -> Embed:
+def _table(c: Seq2SeqConfig, rt: Runtime, vocab: int) -> Embed:
   return Embed(vocab, c.embed_dim, embedding_init=nn.initializers.normal(c.embed_dim ** -0.5),
-               dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+               dtype=rt.compute_dtype, param_dtype=rt.params_dtype,
                pad_to_multiple=c.vocab_multiple)
+
+
+def _check_runtime(model: str, rt: Runtime) -> None:
+  if rt.scan_layers or rt.remat_policy != "none":
+    raise ValueError(f"{model} runs its decoder layers in a Python loop without remat; got "
+                     f"Runtime(scan_layers={rt.scan_layers}, remat_policy={rt.remat_policy!r}): "
+                     "use scan_layers=False and remat_policy='none'")
 
 
 class TextDecoder(nn.Module):
@@ -114,26 +127,27 @@ class TextDecoder(nn.Module):
   the vocabulary is)."""
   config: Seq2SeqConfig
   embed: Embed
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, tokens, memory, memory_mask, *, positions=None, train: bool = False,
                cache=None, cache_index=None, kv_mask=None):
     """(B, T) target ids -> (B, T, Vp) float32 logits (Vp: vocab_size padded to
     vocab_multiple, the padded ids -inf, see layers.Embed), or (logits, cache) with a cache."""
-    c = self.config
+    c, rt = self.config, self.runtime
     positions = _arange(tokens) if positions is None else positions
-    x = nn.Dropout(c.dropout_rate)(_embed_tokens(self.embed, tokens, positions, c.embed_dim),
+    x = nn.Dropout(rt.dropout_rate)(_embed_tokens(self.embed, tokens, positions, c.embed_dim),
                                    deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     new_cache = None if cache is None else {}
     for i in range(c.decoder_layers):
       name = f"layer_{i}"
-      x, layer_cache = DecoderBlock(c.block(causal=True), name=name)(
+      x, layer_cache = DecoderBlock(c.block(True, rt), name=name)(
           x, memory, memory_mask, positions=positions, kv_mask=kv_mask, train=train,
           cache=None if cache is None else cache[name], cache_index=cache_index)
       if cache is not None:
         new_cache[name] = layer_cache
-    x = Norm("layer", epsilon=1e-5, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+    x = Norm("layer", epsilon=1e-5, dtype=rt.compute_dtype, param_dtype=rt.params_dtype,
              name="ln_final")(x)
     logits = self.embed.attend(x).astype(jnp.float32)
     return logits if cache is None else (logits, new_cache)
@@ -167,7 +181,7 @@ class _Decodes:
     """Empty caches for `length` target slots over the encoded `source` (B = batch rows)."""
     c = self.config
     mask = source["mask"]  # (B, S)
-    cache = init_decoder_cache(c.block(causal=True), c.decoder_layers, batch=batch,
+    cache = init_decoder_cache(c.block(True, self.runtime), c.decoder_layers, batch=batch,
                                length=length, source_length=mask.shape[1])
     return {**cache, "source_mask": mask[:, None, :, None]}
 
@@ -175,17 +189,19 @@ class _Decodes:
 class Seq2Seq(_Decodes, nn.Module):
   """The translation model: encoder, decoder, shared or separate embeddings."""
   config: Seq2SeqConfig
+  runtime: Runtime = Runtime()
 
   def setup(self):
-    c = self.config
-    self.embed = _table(c, c.vocab_size)  # the target's, and the source's when shared
+    c, rt = self.config, self.runtime
+    _check_runtime("Seq2Seq", rt)
+    self.embed = _table(c, rt, c.vocab_size)  # the target's, and the source's when shared
     if c.source_vocab_size:
-      self.source_embed = _table(c, c.source_vocab_size)
-    self.dropout = nn.Dropout(c.dropout_rate)
-    self.encoder = TransformerStack(c.block(causal=False), c.encoder_layers)
-    self.ln_encoder = Norm("layer", epsilon=1e-5, dtype=jnp.dtype(c.dtype),
-                           param_dtype=jnp.dtype(c.param_dtype))
-    self.decoder = TextDecoder(c, self.embed)
+      self.source_embed = _table(c, rt, c.source_vocab_size)
+    self.dropout = nn.Dropout(rt.dropout_rate)
+    self.encoder = TransformerStack(c.block(False, rt), c.encoder_layers)
+    self.ln_encoder = Norm("layer", epsilon=1e-5, dtype=rt.compute_dtype,
+                           param_dtype=rt.params_dtype)
+    self.decoder = TextDecoder(c, self.embed, rt)
 
   def encode(self, source, source_mask, *, train: bool = False):
     """(B, S) source ids and (B, S) bool mask (False: padding) -> {"memory": (B, S, D), "mask"}."""
@@ -207,15 +223,17 @@ class ImageCaptioner(_Decodes, nn.Module):
   """A ViT encoder (fmjax/models/vit.py, no head) and the text decoder over its tokens."""
   config: Seq2SeqConfig  # the decoder (encoder fields unused)
   vit_config: vit.ViTConfig
+  runtime: Runtime = Runtime()  # the encoder's and the decoder's
 
   def setup(self):
-    c = self.config
+    c, rt = self.config, self.runtime
+    _check_runtime("ImageCaptioner", rt)
     if self.vit_config.embed_dim != c.embed_dim:
       raise ValueError(f"the ViT width {self.vit_config.embed_dim} differs from the decoder's "
                        f"embed_dim {c.embed_dim}; make them equal")
-    self.encoder = vit.ViTEncoder(self.vit_config)
-    self.embed = _table(c, c.vocab_size)
-    self.decoder = TextDecoder(c, self.embed)
+    self.encoder = vit.ViTEncoder(self.vit_config, rt)
+    self.embed = _table(c, rt, c.vocab_size)
+    self.decoder = TextDecoder(c, self.embed, rt)
 
   def encode(self, images, *, train: bool = False):
     """(B, S, S, C) images -> {"memory": (B, tokens, D), "mask": all True}."""

@@ -20,7 +20,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from fmjax import transformer
 from fmjax.layers import Dense, Norm, partitioned
+from fmjax.runtime import Runtime
 from fmjax.transformer import BlockConfig, TransformerStack
 
 POOLS = ("cls", "gap")
@@ -28,6 +30,7 @@ POOLS = ("cls", "gap")
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
+  """The architecture; how it runs (kernel, remat, scan, dtypes, dropout) is a Runtime."""
   image_size: int = 224  # S: square images S x S
   patch_size: int = 16  # P: must divide S
   num_channels: int = 3
@@ -37,24 +40,19 @@ class ViTConfig:
   num_heads: int = 12
   embed_dim: int = 768
   mlp_dim: int = 3072
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
   norm_eps: float = 1e-6  # the reference implementation's; HF checkpoints say 1e-12
-  attention_impl: str = "auto"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  dtype: str = "float32"  # compute dtype ("bfloat16" for mixed precision)
-  param_dtype: str = "float32"  # parameters and optimizer state
 
   def __post_init__(self):
+    transformer.check_config(
+        self, positive=("image_size", "patch_size", "num_channels", "num_layers", "num_heads",
+                        "embed_dim", "mlp_dim"), choices={"pool": POOLS})
+    if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or \
+        self.num_classes < 0:
+      raise ValueError(f"ViTConfig.num_classes={self.num_classes!r}: must be an integer >= 0 "
+                       "(0: no head)")
     if self.image_size % self.patch_size:
-      raise ValueError(f"ViTConfig: image_size={self.image_size} is not a multiple of "
+      raise ValueError(f"ViTConfig.image_size={self.image_size} is not a multiple of "
                        f"patch_size={self.patch_size}; patches must tile the image")
-    if self.pool not in POOLS:
-      raise ValueError(f"ViTConfig: pool={self.pool!r}; choose one of {POOLS}")
-    if self.embed_dim % self.num_heads:
-      raise ValueError(f"ViTConfig: embed_dim={self.embed_dim} is not divisible by "
-                       f"num_heads={self.num_heads}")
 
   @property
   def head_dim(self) -> int:
@@ -70,13 +68,11 @@ class ViTConfig:
     """T: the patches, plus the [CLS] token with pool="cls"."""
     return self.grid ** 2 + (self.pool == "cls")
 
-  def block(self) -> BlockConfig:
+  def block(self, runtime: Runtime) -> BlockConfig:
     return BlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, causal=False,
         pre_ln=True, norm="layer", norm_eps=self.norm_eps, mlp_activation="gelu",
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        attention_impl=self.attention_impl, dtype=jnp.dtype(self.dtype),
-        param_dtype=jnp.dtype(self.param_dtype))
+        **runtime.block_fields())
 
 
 PRESETS = {
@@ -109,10 +105,11 @@ class ViTEncoder(nn.Module):
   """Patch embedding, [CLS] token, positions, pre-LN stack and final LayerNorm: Hugging Face's
   ViTModel without its pooler (the paper's pre-training pre-logits layer)."""
   config: ViTConfig
+  runtime: Runtime = Runtime()
 
   def setup(self):
-    c = self.config
-    dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    c, rt = self.config, self.runtime
+    dtype, param_dtype = rt.compute_dtype, rt.params_dtype
     # x_p E over the flattened (row, column, channel) patch: a P x P, stride-P convolution.
     self.patch_embed = Dense(
         c.embed_dim, (None, None, None, "embed"), axis=(-3, -2, -1),
@@ -123,9 +120,9 @@ class ViTEncoder(nn.Module):
                             (c.embed_dim,), param_dtype)
     self.posemb = self.param("posemb", partitioned(nn.initializers.normal(0.02), (None, "embed")),
                              (c.num_tokens, c.embed_dim), param_dtype)  # (T, D)
-    self.dropout = nn.Dropout(c.dropout_rate)
-    self.blocks = TransformerStack(c.block(), c.num_layers, scan=c.scan_layers,
-                                   remat_policy=c.remat_policy)
+    self.dropout = nn.Dropout(rt.dropout_rate)
+    self.blocks = TransformerStack(c.block(rt), c.num_layers, scan=rt.scan_layers,
+                                   remat_policy=rt.remat_policy)
     self.ln_final = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
 
   def embed_patches(self, images):
@@ -166,19 +163,19 @@ class ViT(nn.Module):
   """The classifier: ViTEncoder (submodule "encoder"), pooling and the head ("head").
   With pool="cls" it is Hugging Face's ViTForImageClassification."""
   config: ViTConfig
+  runtime: Runtime = Runtime()
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
     """(B, S, S, C) float images -> (B, K) float32 logits ((B, D) pooled when K = 0)."""
-    c = self.config
-    x = ViTEncoder(c, name="encoder")(images, train=train)  # (B, T, D)
+    c, rt = self.config, self.runtime
+    x = ViTEncoder(c, rt, name="encoder")(images, train=train)  # (B, T, D)
     pooled = x[:, 0] if c.pool == "cls" else x.mean(axis=1)  # (B, D)
     if c.num_classes == 0:
       return pooled
     # Zero-initialised, as the paper's fine-tuning head and the reference code's.
     return Dense(c.num_classes, ("embed", None), kernel_init=nn.initializers.zeros,
-                 dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
-                 name="head")(pooled).astype(jnp.float32)
+                 dtype=rt.compute_dtype, param_dtype=rt.params_dtype, name="head")(pooled).astype(jnp.float32)
 
 
 def _interpolation_matrix(n_new: int, n_old: int) -> np.ndarray:

@@ -1,0 +1,258 @@
+"""Where a run's starting weights come from: the one module that reads `init_from`.
+
+  source = sources.parse(init_from)   # "" (none), a workdir, or "hf:DIRECTORY"
+  config = source.architecture(bert.BertConfig)      # the weights' architecture (or None)
+  tokenizer = source.tokenizer()                     # the tokenizer that goes with them
+  params = source.load(params, param_shardings, new_params=("classifier",))
+
+A workdir is any directory a training program wrote (its latest checkpoint and tokenizer/);
+"hf:DIRECTORY" a Hugging Face model directory read through fmjax.hf. `load` places each
+parameter straight into its sharding, matched by path, whatever the runtime of the source or
+of this run (scan_layers' stacked layout is converted). Another kind of source (e.g. a PEFT
+adapter over a base model) is one more `Source` subclass and an entry in `PREFIXES`;
+`Adapted` rewrites another source's parameters (e.g. position embeddings resized).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from fmjax import checkpoint
+from fmjax.runtime import FIELDS as runtime_fields
+from fmjax.runtime import Runtime
+
+log = logging.getLogger("fmjax")
+
+
+class Source:
+  """No source: the run starts from fresh parameters. The base class of every source.
+
+  Attributes:
+    spec: the init_from string this source was parsed from ("" for none).
+  """
+
+  def __init__(self, spec: str = ""):
+    self.spec = spec
+
+  def __bool__(self) -> bool:
+    return bool(self.spec)
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self.spec!r})"
+
+  def architecture(self, cls):
+    """The source's model config as an instance of `cls` (e.g. bert.BertConfig), or None
+    without a source. Raises ValueError when the source holds another kind of model."""
+    return None
+
+  def tokenizer(self):
+    """The tokenizer that goes with the weights (an fmjax.data Tokenizer), or None."""
+    return None
+
+  def runtime(self) -> Runtime:
+    """The runtime the weights were trained under, as far as the source knows (e.g. to
+    sample from them as they ran); Runtime() when it does not say."""
+    return Runtime()
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    """path -> shape of every parameter, in the Python-loop layout ("blocks/layer_{i}/...")."""
+    return {p: tuple(x.shape) for p, x in self.read().items()}
+
+  def read(self) -> dict[str, np.ndarray]:
+    """path -> every parameter on the host, in the Python-loop layout."""
+    raise ValueError("no init_from: there are no weights to read")
+
+  def load(self, params, param_shardings, new_params: tuple[str, ...] = ()):
+    """The params a run starts from: the source's wherever a path matches, `params`' elsewhere.
+
+    Args:
+      params: freshly initialised (sharded) params of the model being trained, in either
+        layout (scanned or not).
+      param_shardings: their shardings.
+      new_params: path prefixes the source may lack (a new task head); every other
+        parameter must be in the source with the same shape. Source parameters this model
+        does not have (e.g. pretraining heads) are left out.
+    Returns:
+      The params tree, loaded leaves placed straight into their shardings.
+    Raises:
+      checkpoint.CheckpointMismatchError: a parameter missing, or one of another shape.
+    """
+    if not self:
+      return params
+    ours = checkpoint.flatten_params(params)
+    shardings = checkpoint.flatten_params(param_shardings)
+    scanned = any(checkpoint.is_stacked(p) for p in ours)
+    view = {v: shape for p, x in ours.items() for v, shape in _loop_view(p, x.shape).items()}
+    theirs = self.shapes()
+    is_new = lambda path: any(path == p or path.startswith(p + "/") for p in new_params)
+    missing, matched = [], set()
+    for path, shape in view.items():
+      if path not in theirs:
+        if not is_new(path):
+          missing.append(path)
+        continue
+      if tuple(theirs[path]) != tuple(shape):
+        hint = (" (a task head: its size follows num_labels; use a checkpoint finetuned with "
+                "the same labels, or the pretrained encoder's workdir)" if is_new(path) else "")
+        raise checkpoint.CheckpointMismatchError(
+            f"init_from={self.spec!r}: parameter {path} has shape {tuple(theirs[path])} there "
+            f"but {tuple(shape)} in this model{hint}")
+      matched.add(path)
+    if missing:
+      raise checkpoint.CheckpointMismatchError(
+          f"init_from={self.spec!r} lacks {len(missing)} parameter(s) this model needs, e.g. "
+          f"{missing[:3]}: it holds another architecture (compare its config.json)")
+    targets = {p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[p])
+               for p, x in ours.items() if set(_loop_view(p, x.shape)) <= matched}
+    loaded = self._place(targets, scanned)
+    unused = sorted(set(theirs) - set(view))
+    log.info("initialised %d parameter arrays from %s; fresh: %s; not used: %s", len(loaded),
+             self.spec, sorted(set(ours) - set(loaded)) or "none",
+             (unused[:6] + ["..."] if len(unused) > 6 else unused) or "none")
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: loaded.get(checkpoint.path_str(path), x), params)
+
+  def _place(self, targets: dict[str, jax.ShapeDtypeStruct], scanned: bool) -> dict:
+    """path -> jax.Array of each target (our layout), read through `read`."""
+    flat = checkpoint.convert_layout(self.read(), scanned)
+    return {p: jax.device_put(np.asarray(flat[p], t.dtype), t.sharding) for p, t in targets.items()}
+
+
+class Workdir(Source):
+  """The latest checkpoint of a directory a training program wrote, and its tokenizer/."""
+
+  def __init__(self, spec: str):
+    super().__init__(spec)
+    self.step, self.meta, self._arrays = checkpoint.read_latest(spec)
+    self.scanned = checkpoint.saved_scan_layers(self.meta)
+
+  def architecture(self, cls):
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {k: v for k, v in self.meta.get("model", {}).items() if k in names}
+    if set(fields) != names:
+      raise ValueError(f"init_from={self.spec!r} holds a checkpoint of a model that is not a "
+                       f"{cls.__name__} (missing {sorted(names - set(fields))})")
+    return cls(**fields)
+
+  def runtime(self):
+    saved = self.meta.get("runtime")
+    if saved is None:  # written before the runtime split: the fields sat with the model's
+      model = self.meta.get("model", {})
+      saved = {k: model[k] for k in runtime_fields if k in model}
+    return Runtime(**saved)
+
+  def tokenizer(self):
+    from fmjax.data import tokenizers
+    directory = os.path.join(self.spec, "tokenizer")
+    if not os.path.exists(os.path.join(directory, tokenizers.METADATA_FILE)):
+      raise FileNotFoundError(f"init_from={self.spec!r} has no tokenizer/ directory; use a "
+                              "workdir that a training program wrote (it saves its tokenizer)")
+    return tokenizers.load_tokenizer(directory)
+
+  def shapes(self):
+    return {v: shape for p, x in self._arrays.items()
+            for v, shape in _loop_view(p, x.shape).items()}
+
+  def read(self):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    arrays = checkpoint.restore_params(self.spec, self.step, {
+        p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device)
+        for p, x in self._arrays.items()})
+    return checkpoint.convert_layout({p: np.asarray(x) for p, x in arrays.items()}, False)
+
+  def _place(self, targets, scanned):
+    if scanned == self.scanned:  # the same layout: each array read straight into its sharding
+      return checkpoint.restore_params(self.spec, self.step, targets)
+    return super()._place(targets, scanned)
+
+
+class HuggingFace(Source):
+  """A Hugging Face model directory ("hf:DIRECTORY"), read through fmjax.hf."""
+
+  def __init__(self, spec: str):
+    super().__init__(spec)
+    self.directory = spec[len("hf:"):]
+    self._loaded = None
+
+  def _load(self):
+    if self._loaded is None:
+      from fmjax import hf  # only when asked for
+      config, params = hf.load_params(self.directory, Runtime())
+      self._loaded = config, checkpoint.flatten_params(params)
+    return self._loaded
+
+  def architecture(self, cls):
+    config = self._load()[0]
+    if not isinstance(config, cls):
+      raise ValueError(f"init_from={self.spec!r} is a {type(config).__name__}, not a "
+                       f"{cls.__name__}")
+    return config
+
+  def tokenizer(self):
+    from fmjax import hf
+    return hf.load_tokenizer(self.directory)
+
+  def read(self):
+    return dict(self._load()[1])
+
+  def _place(self, targets, scanned):
+    placed = super()._place(targets, scanned)
+    self._loaded = None  # the host copy is not needed any more
+    return placed
+
+
+class Adapted(Source):
+  """Another source with its parameters rewritten by `fn` (path -> numpy, Python-loop
+  layout, in and out): e.g. position embeddings resized for another image size, a head of
+  another size dropped. `note` says what changed (logged)."""
+
+  def __init__(self, base: Source, fn: Callable[[dict], dict], note: str):
+    super().__init__(base.spec)
+    self.base, self.fn, self.note = base, fn, note
+    self._flat = None
+
+  def architecture(self, cls):
+    return self.base.architecture(cls)
+
+  def tokenizer(self):
+    return self.base.tokenizer()
+
+  def read(self):
+    if self._flat is None:
+      log.info("init_from %s adapted: %s", self.spec, self.note)
+      self._flat = self.fn(self.base.read())
+    return dict(self._flat)
+
+  def _place(self, targets, scanned):
+    placed = super()._place(targets, scanned)
+    self._flat = None  # the host copy is not needed any more
+    return placed
+
+
+PREFIXES: dict[str, Callable[[str], Source]] = {"hf:": HuggingFace}
+
+
+def parse(init_from: str) -> Source:
+  """The Source that `init_from` names: "" none, "hf:DIRECTORY" a Hugging Face directory,
+  else a workdir (checked here: it must hold a complete checkpoint)."""
+  if not init_from:
+    return Source()
+  for prefix, kind in PREFIXES.items():
+    if init_from.startswith(prefix):
+      return kind(init_from)
+  return Workdir(init_from)
+
+
+def _loop_view(path: str, shape) -> dict[str, tuple[Any, ...]]:
+  """A parameter's path(s) and shape(s) in the Python-loop layout: a stacked
+  "blocks/layers/p" of shape (L, ...) is L paths "blocks/layer_{i}/p" of shape (...)."""
+  layers = checkpoint.layer_paths(path, shape[0] if len(shape) else 0)
+  if layers is None:
+    return {path: tuple(shape)}
+  return {p: tuple(shape[1:]) for p in layers}
