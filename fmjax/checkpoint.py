@@ -68,20 +68,42 @@ def _restore(manager, step: int, what: str, **items):
 
 
 def model_signature(model_config) -> dict:
-  """JSON-able description of a model's architecture (a config dataclass or a dict of them),
-  used to recognise its checkpoints. Runtime fields do not belong in it."""
+  """JSON-able description of a model's architecture, used to recognise its checkpoints.
+
+  Runtime fields do not belong in it.
+
+  Args:
+    model_config: a model config dataclass, or a dict of them (e.g. {"encoder": ..., ...}).
+
+  Returns:
+    The config's fields as a JSON round-tripped dict (values JSON cannot hold become strings).
+  """
   fields = dataclasses.asdict(model_config) if dataclasses.is_dataclass(model_config) else dict(model_config)
   return json.loads(json.dumps(fields, default=str))
 
 
 def saved_scan_layers(meta: dict) -> bool:
-  """Whether a checkpoint's params are stacked for nn.scan: its runtime's scan_layers (meta
-  written before the runtime split kept it among the model fields)."""
+  """Whether a checkpoint's params are stacked for nn.scan: its runtime's scan_layers.
+
+  Args:
+    meta: a checkpoint's JSON meta; meta written before the runtime split kept scan_layers
+      among the model fields, which is read instead.
+
+  Returns:
+    True if the params were saved in nn.scan's layout ("...blocks/layers/...").
+  """
   return bool(meta.get("runtime", meta.get("model", {})).get("scan_layers", False))
 
 
 class Checkpointer:
-  """Saves every `save_every` steps, keeps the last `keep`, async where orbax allows."""
+  """Saves every `save_every` steps, keeps the last `keep`, async where orbax allows.
+
+  Args:
+    directory: where the step directories go (made absolute; created if missing).
+    save_every: the save interval in steps; `save` without force writes only on multiples.
+    keep: how many of the latest checkpoints to keep (orbax's max_to_keep).
+    async_save: write in the background (orbax asynchronous checkpointing); `wait` joins it.
+  """
 
   def __init__(self, directory: str, *, save_every: int, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -107,14 +129,38 @@ class Checkpointer:
         shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def latest_step(self) -> int | None:
+    """The latest complete checkpoint's step.
+
+    Returns:
+      The step number, or None when the directory holds no complete checkpoint.
+    """
     return self._manager.latest_step()
 
   def due(self, step: int) -> bool:
-    """Whether `save(step, ...)` without force would write a checkpoint."""
+    """Whether `save(step, ...)` without force would write a checkpoint.
+
+    Args:
+      step: the training step.
+
+    Returns:
+      True when `step` is a multiple of `save_every`.
+    """
     return step % self.save_every == 0
 
   def check_compatible(self, signature: dict, step: int | None = None) -> dict:
-    """Reads meta of `step` (default latest) and raises if its model differs from `signature`."""
+    """Reads meta of `step` (default latest) and raises if its model differs from `signature`.
+
+    Args:
+      signature: the running model's `model_signature`.
+      step: the checkpoint step to read; None for the latest.
+
+    Returns:
+      The checkpoint's meta dict (model, runtime, data iterator position, rng seed).
+
+    Raises:
+      CheckpointMismatchError: the checkpoint's architecture differs from `signature`.
+      CheckpointReadError: the meta cannot be read or is not a JSON object.
+    """
     step = self.latest_step() if step is None else step
     meta = _restore(self._manager, step, "meta", meta=ocp.args.JsonRestore())["meta"]
     if not isinstance(meta, dict):
@@ -138,6 +184,14 @@ class Checkpointer:
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set — the layout to
         restore into, which may differ from the one that saved (another mesh or topology).
+      step: the checkpoint step to restore; None for the latest.
+
+    Returns:
+      (state, meta): the state pytree of jax.Arrays in `abstract_state`'s shapes, dtypes and
+      shardings, and the checkpoint's JSON meta dict.
+
+    Raises:
+      CheckpointReadError: the checkpoint's files are incomplete or damaged.
     """
     step = self.latest_step() if step is None else step
     restored = _restore(self._manager, step, "state",
@@ -146,6 +200,15 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
     """Saves when `step` is on the interval (or `force`); returns whether it saved.
+
+    Args:
+      step: the training step, the checkpoint's name.
+      state: the pytree to save (the TrainState), written shard by shard from every process.
+      meta: the JSON-able record saved with it (model, runtime, data position, seed).
+      force: save even when `step` is not a multiple of `save_every`.
+
+    Returns:
+      True if a save was started (asynchronous saves commit later; see `wait`).
 
     Raises:
       CheckpointWriteError: this save, or the previous asynchronous one, failed.
@@ -160,12 +223,22 @@ class Checkpointer:
     return saved
 
   def wait(self) -> None:
+    """Blocks until the asynchronous saves in flight are committed.
+
+    Raises:
+      CheckpointWriteError: the save in flight failed.
+    """
     try:
       self._manager.wait_until_finished()
     except Exception as e:
       self._failed(self._saving, e)
 
   def close(self) -> None:
+    """Waits for the saves in flight (see `wait`), then closes the orbax manager.
+
+    Raises:
+      CheckpointWriteError: the save in flight failed.
+    """
     self.wait()
     self._manager.close()
 
@@ -196,16 +269,38 @@ class Checkpointer:
 
 
 def path_str(path) -> str:
+  """A pytree key path as a slash-joined string, e.g. "bert/ln_embed/scale".
+
+  Args:
+    path: a key path from jax.tree_util (DictKey, GetAttrKey, SequenceKey... entries).
+
+  Returns:
+    The keys' `.key` (or `.name`, or the entry itself) joined by "/".
+  """
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def flatten_params(tree) -> dict[str, Any]:
-  """{"bert/ln_embed/scale": leaf, ...}: a params tree keyed by slash-joined paths."""
+  """{"bert/ln_embed/scale": leaf, ...}: a params tree keyed by slash-joined paths.
+
+  Args:
+    tree: a params pytree (or any pytree, e.g. optimizer state).
+
+  Returns:
+    Dict of slash-joined path (see `path_str`) -> leaf, the leaves unchanged.
+  """
   return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def unflatten_params(flat: dict[str, Any]) -> dict:
-  """The inverse of flatten_params: slash-joined paths -> a nested dict."""
+  """The inverse of flatten_params: slash-joined paths -> a nested dict.
+
+  Args:
+    flat: dict of slash-joined path -> leaf.
+
+  Returns:
+    The nested dict of dicts, the leaves unchanged.
+  """
   nested: dict = {}
   for path, x in flat.items():
     node = nested
@@ -221,20 +316,47 @@ _STACKED = re.compile(r"^(.*?blocks/)layers/(.*)$")
 
 
 def is_stacked(path: str) -> bool:
-  """Whether a parameter path is in nn.scan's layout ("...blocks/layers/...")."""
+  """Whether a parameter path is in nn.scan's layout ("...blocks/layers/...").
+
+  Args:
+    path: a slash-joined parameter path.
+
+  Returns:
+    True for a stacked path.
+  """
   return _STACKED.match(path) is not None
 
 
 def layer_paths(path: str, num_layers: int) -> list[str] | None:
-  """A stacked path's per-layer paths in the Python-loop layout; None for another path."""
+  """A stacked path's per-layer paths in the Python-loop layout; None for another path.
+
+  Args:
+    path: a slash-joined parameter path, e.g. "gpt/blocks/layers/mlp/up/kernel".
+    num_layers: the number of layers L stacked on its leading axis.
+
+  Returns:
+    ["...blocks/layer_0/...", ..., "...blocks/layer_{L-1}/..."], or None when `path` is not
+    stacked.
+  """
   m = _STACKED.match(path)
   return None if m is None else [f"{m[1]}layer_{i}/{m[2]}" for i in range(num_layers)]
 
 
 def stack_layers(flat: dict, stack=np.stack) -> dict:
-  """Flat params (any tree whose paths hold them, e.g. optimizer state) of a Python-loop
-  stack -> nn.scan's layout: "...blocks/layer_{i}/p" for every i -> "...blocks/layers/p", the
-  layers stacked on a leading axis by `stack` (np.stack; jnp.stack for device arrays)."""
+  """Flat params of a Python-loop stack -> nn.scan's layout.
+
+  "...blocks/layer_{i}/p" for every i -> "...blocks/layers/p", the layers stacked on a
+  leading axis.
+
+  Args:
+    flat: dict of slash-joined path -> array (any tree whose paths hold params, e.g.
+      optimizer state, flattened).
+    stack: the stacking function: np.stack; jnp.stack for device arrays.
+
+  Returns:
+    Dict of path -> array: each "...blocks/layers/p" of shape (L, ...) from the L per-layer
+    arrays of shape (...); other paths unchanged.
+  """
   out, stacked = {}, {}
   for path, x in flat.items():
     m = _LAYER.match(path)
@@ -248,7 +370,15 @@ def stack_layers(flat: dict, stack=np.stack) -> dict:
 
 
 def unstack_layers(flat: dict) -> dict:
-  """Inverse of stack_layers: "...blocks/layers/p" (L, ...) -> "...blocks/layer_{i}/p"."""
+  """Inverse of stack_layers: "...blocks/layers/p" (L, ...) -> "...blocks/layer_{i}/p".
+
+  Args:
+    flat: dict of slash-joined path -> array.
+
+  Returns:
+    Dict of path -> array: each stacked (L, ...) array split into L arrays of shape (...)
+    under "...blocks/layer_{i}/p"; other paths unchanged.
+  """
   out = {}
   for path, x in flat.items():
     m = _STACKED.match(path)
@@ -260,8 +390,18 @@ def unstack_layers(flat: dict) -> dict:
 
 
 def convert_layout(flat: dict, scanned: bool, stack=np.stack) -> dict:
-  """Flat params (or any tree holding them by path, e.g. a TrainState) in nn.scan's layout
-  (`scanned`) or the Python loop's, whichever layout they are in."""
+  """Flat params in nn.scan's layout (`scanned`) or the Python loop's, whichever they are in.
+
+  Args:
+    flat: dict of slash-joined path -> array (params, or any tree holding them by path, e.g.
+      a TrainState, flattened).
+    scanned: True for nn.scan's stacked layout, False for the Python loop's per-layer one.
+    stack: the stacking function for `stack_layers` (np.stack; jnp.stack for device arrays).
+
+  Returns:
+    `flat` converted with `stack_layers` / `unstack_layers`, or unchanged when it is
+    already in the wanted layout.
+  """
   has_stacked = any(_STACKED.match(p) for p in flat)
   has_layers = any(_LAYER.match(p) for p in flat)
   if scanned and has_layers:
@@ -275,6 +415,17 @@ def read_latest(workdir: str) -> tuple[int, dict, dict]:
   """(step, meta, params metadata by path) of a workdir's latest checkpoint, read-only.
 
   The params metadata maps each path to an object with `.shape` and `.dtype`.
+
+  Args:
+    workdir: a training run's workdir (the checkpoints are in `workdir/checkpoints`).
+
+  Returns:
+    (step, meta, params): the latest step, its JSON meta dict, and slash-joined param path ->
+    metadata with `.shape` and `.dtype` (no array is read).
+
+  Raises:
+    FileNotFoundError: no checkpoints/ directory, or no complete checkpoint in it.
+    CheckpointReadError: the checkpoint's meta or array list cannot be read.
   """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
@@ -298,8 +449,21 @@ def read_latest(workdir: str) -> tuple[int, dict, dict]:
 
 
 def restore_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStruct]) -> dict:
-  """Reads only the params named in `targets` (path -> ShapeDtypeStruct with a sharding) from
-  `workdir`'s checkpoint `step`, each straight into its sharding. Returns path -> jax.Array."""
+  """Reads only the params named in `targets` from `workdir`'s checkpoint `step`.
+
+  Each param is read straight into its sharding.
+
+  Args:
+    workdir: a training run's workdir.
+    step: the checkpoint step to read.
+    targets: slash-joined param path -> jax.ShapeDtypeStruct with a sharding.
+
+  Returns:
+    Dict of path -> jax.Array in the target's shape, dtype and sharding.
+
+  Raises:
+    CheckpointReadError: the checkpoint's files are incomplete or damaged.
+  """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   item = {"params": unflatten_params(targets)}
   manager = ocp.CheckpointManager(directory, item_names=("state",),
@@ -312,9 +476,22 @@ def restore_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStr
 
 
 def load_params(workdir: str, prefix: str = "") -> dict:
-  """The params of `workdir`'s latest checkpoint as a nested dict on one device (to apply a
-  trained model outside its program: a notebook, an export). prefix: only that subtree,
-  e.g. "bert" for the encoder of a finetuned classifier."""
+  """The params of `workdir`'s latest checkpoint as a nested dict on one device.
+
+  To apply a trained model outside its program: a notebook, an export.
+
+  Args:
+    workdir: a training run's workdir.
+    prefix: only that subtree, e.g. "bert" for the encoder of a finetuned classifier; ""
+      for all the params.
+
+  Returns:
+    The nested params dict (of the subtree under `prefix`), jax.Arrays on the first device in
+    their saved shapes and dtypes.
+
+  Raises:
+    KeyError: the params have no subtree `prefix`.
+  """
   step, _, arrays = read_latest(workdir)
   if prefix and not any(p.startswith(prefix + "/") for p in arrays):
     raise KeyError(f"{workdir}: the checkpoint's params have no {prefix!r}; they start with "
@@ -327,6 +504,14 @@ def load_params(workdir: str, prefix: str = "") -> dict:
 
 
 def abstract_with_shardings(abstract_tree, shardings):
-  """ShapeDtypeStructs carrying the target shardings, for Checkpointer.restore."""
+  """ShapeDtypeStructs carrying the target shardings, for Checkpointer.restore.
+
+  Args:
+    abstract_tree: pytree of objects with `.shape` and `.dtype` (e.g. from jax.eval_shape).
+    shardings: a pytree of jax.sharding.Sharding of the same structure.
+
+  Returns:
+    The pytree of jax.ShapeDtypeStruct(shape, dtype, sharding=...).
+  """
   return jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
