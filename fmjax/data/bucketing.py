@@ -45,6 +45,12 @@ def bucket_length(length: int, *, minimum: int = 1, maximum: int | None = None) 
     length: the longest row's length.
     minimum: the shortest bucket (>= 1; a power of two keeps the buckets powers of two).
     maximum: the longest bucket (max_seq_length), or None for no cap.
+
+  Returns:
+    L, the bucket length: minimum * 2**k >= length for the least such k, at most `maximum`.
+
+  Raises:
+    ValueError: minimum < 1.
   """
   if minimum < 1:
     raise ValueError(f"minimum={minimum}: the shortest bucket must be at least 1")
@@ -55,14 +61,33 @@ def bucket_length(length: int, *, minimum: int = 1, maximum: int | None = None) 
 
 
 def row_lengths(mask: np.ndarray) -> np.ndarray:
-  """(N, T) attention mask -> (N,) int: 1 + the position of each row's last real token."""
+  """(N, T) attention mask -> (N,) int: 1 + the position of each row's last real token.
+
+  Args:
+    mask: (N, T) attention mask, any dtype; non-zero entries are real tokens.
+
+  Returns:
+    (N,) int64 lengths; 0 for a row with no real token.
+  """
   mask = np.asarray(mask) != 0
   last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
   return np.where(mask.any(axis=1), last, 0)
 
 
 def host_rows(batch_size: int, process_index: int, process_count: int) -> slice:
-  """This host's rows [p*b, (p+1)*b) of a global batch; an error unless P divides B."""
+  """This host's rows [p*b, (p+1)*b) of a global batch; an error unless P divides B.
+
+  Args:
+    batch_size: the global batch size B.
+    process_index: this host's index p, 0 <= p < P.
+    process_count: the number of hosts P.
+
+  Returns:
+    slice(p*b, (p+1)*b) with b = B / P.
+
+  Raises:
+    ValueError: p is not in [0, P), or P does not divide B.
+  """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
   if batch_size % process_count:
@@ -142,7 +167,14 @@ class BucketedBatches:
     self.step = 0
 
   def indices_at(self, step: int) -> np.ndarray:
-    """(B,) the examples of global batch `step`, all hosts' rows."""
+    """(B,) the examples of global batch `step`, all hosts' rows.
+
+    Args:
+      step: the global batch number k (0-based; counts on across epochs).
+
+    Returns:
+      (B,) int64 example indices into the N examples.
+    """
     g = self.group_batches
     if not g:
       return self._indices[step]
@@ -155,24 +187,53 @@ class BucketedBatches:
     return self._group[1][step % g]
 
   def length_at(self, step: int) -> int:
-    """L, the width of global batch `step` (the same on every host)."""
+    """L, the width of global batch `step` (the same on every host).
+
+    Args:
+      step: the global batch number.
+
+    Returns:
+      The bucket length L of the batch's longest row (see `bucket_length`).
+    """
     return self._cutter.bucket(self.indices_at(step))
 
   def batch_at(self, step: int) -> Batch:
-    """This host's rows of global batch `step`, cut to its bucket (does not move the iterator)."""
+    """This host's rows of global batch `step`, cut to its bucket (does not move the iterator).
+
+    Args:
+      step: the global batch number.
+
+    Returns:
+      Dict of name -> array: the (N, T) arrays as (b, L), the others as (b, ...).
+    """
     index = self.indices_at(step)
     return self._cutter.take(index[self._rows], self._cutter.bucket(index))
 
   def lengths(self, steps: int) -> np.ndarray:
-    """(steps,) the widths L of batches 0 .. steps-1: a run's padded tokens per example."""
+    """(steps,) the widths L of batches 0 .. steps-1: a run's padded tokens per example.
+
+    Args:
+      steps: the number of batches.
+
+    Returns:
+      (steps,) int64 bucket lengths.
+    """
     return np.array([self.length_at(s) for s in range(steps)], np.int64)
 
   def get_state(self) -> dict[str, int]:
-    """The resumable state: the number of batches already produced."""
+    """The resumable state: the number of batches already produced.
+
+    Returns:
+      {"step": int}, for `set_state` (and checkpoint meta).
+    """
     return {"step": self.step}
 
   def set_state(self, state: dict[str, int]) -> None:
-    """Restores `get_state()`'s result; the next batch is the one that would have followed."""
+    """Restores `get_state()`'s result; the next batch is the one that would have followed.
+
+    Args:
+      state: a dict {"step": int} from `get_state`.
+    """
     self.step = int(state["step"])
 
   def __iter__(self) -> Iterator[Batch]:
