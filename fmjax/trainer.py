@@ -285,11 +285,19 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
   last, window_start, window_steps = writer.last, time.perf_counter(), 0
   step, began = start, time.perf_counter()
   closers = [bar.close, ckpt.close, best.close, writer.close]
+  # XLA's CPU runtime runs every device's part of a step on one shared thread pool. With
+  # several steps in flight (and, with length buckets, several executables), the pool's
+  # threads can all end up in a later step's collective waiting for a device whose earlier
+  # step no thread is left to run: a 2-device finetune hung at 0% CPU. On CPU meshes one step
+  # is in flight at a time; host and devices share the cores there, so little overlap is lost.
+  one_in_flight = jax.default_backend() == "cpu" and jax.local_device_count() > 1
   try:
     with sharding.context(mesh, rules):
       while step < end:
         batch = sharding.shard_batch(next(task.train_data), mesh)
         state, step_metrics = p_train(state, batch, rng)
+        if one_in_flight:
+          jax.block_until_ready(step_metrics)
         step += 1
         window_steps += 1
         bar.update(1)
