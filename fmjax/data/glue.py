@@ -41,6 +41,14 @@ QUOTING = {"none": csv.QUOTE_NONE, "csv": csv.QUOTE_MINIMAL}
 
 @dataclasses.dataclass(frozen=True)
 class Example:
+  """One row of a sentence or sentence-pair task.
+
+  Attributes:
+    texts: one text, or a pair.
+    label: the class id (int) or regression score (float); None where the file has no
+      labels (prediction only).
+    where: "file:line" (or "tfds:name/split[i]"), for messages and prediction files.
+  """
   texts: tuple[str, ...]  # one text, or a pair
   label: int | float | None  # None where the file has no labels (prediction only)
   where: str  # "file:line", for messages and prediction files
@@ -71,7 +79,17 @@ class TableFormat:
 
 
 def expand_paths(pattern: str) -> list[str]:
-  """A path or glob -> the sorted list of files; an error naming the pattern when none."""
+  """A path or glob -> the sorted list of files; an error naming the pattern when none.
+
+  Args:
+    pattern: a file path, or a glob with `*`, `?` or `[`.
+
+  Returns:
+    The matching file paths, sorted (just `pattern` when it is not a glob).
+
+  Raises:
+    FileNotFoundError: nothing matches, or the path is not a file.
+  """
   paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
   missing = [p for p in paths if not os.path.isfile(p)]
   if not paths or missing:
@@ -95,7 +113,20 @@ def _format_of(path: str, fmt: str) -> str:
 
 
 def parse_label(value, fmt: TableFormat, where: str) -> int | float:
-  """A written label -> its id (or float score for regression), or a DataError."""
+  """A written label -> its id (or float score for regression), or a DataError.
+
+  Args:
+    value: the label as read (a string from a table, a number from JSON or tfds).
+    fmt: the TableFormat: num_labels (1: regression) and label_names.
+    where: "file:line", for the error message.
+
+  Returns:
+    The class id in [0, num_labels) (a name's index in label_names, or a written id), or the
+    float score when num_labels == 1.
+
+  Raises:
+    DataError: the label is not a number (regression), not a known name, or out of range.
+  """
   text = str(value).strip()
   if fmt.num_labels == 1:
     try:
@@ -131,8 +162,12 @@ def read_table(path: str, fmt: TableFormat, *, labelled: bool = True) -> list[Ex
     path: the file.
     fmt: its TableFormat.
     labelled: require the label column (False: read labels when present, else None).
+
   Returns:
     The examples in file order.
+
+  Raises:
+    DataError: a problem with the file's contents, naming the file and line.
   """
   kind = _format_of(path, fmt.format)
   opener = gzip.open if path.endswith(".gz") else open
@@ -216,7 +251,19 @@ def _read_jsonl(f, path, fmt, labelled):
 
 
 def read_examples(pattern: str, fmt: TableFormat, *, labelled: bool = True) -> list[Example]:
-  """Every file matching a path or glob, in sorted order; an error when there are no rows."""
+  """Every file matching a path or glob, in sorted order; an error when there are no rows.
+
+  Args:
+    pattern: a file path or a glob (see `expand_paths`).
+    fmt: the files' TableFormat.
+    labelled: require the label column (False: read labels when present, else None).
+
+  Returns:
+    The examples of all the files, file by file in sorted order.
+
+  Raises:
+    DataError: no examples, or a problem in a file (naming the file and line).
+  """
   examples = [e for path in expand_paths(pattern) for e in read_table(path, fmt, labelled=labelled)]
   if not examples:
     raise DataError(f"{pattern}: no examples (only a header or blank lines)")
@@ -229,6 +276,15 @@ def read_tfds(name: str, split: str, fmt: TableFormat, data_dir: str | None = No
   Its features named by fmt.text_columns / label_column (glue/sst2: "sentence", "label";
   glue/rte: "sentence1", "sentence2", "label"); unlabelled rows (GLUE test, label -1) get
   label None. Needs the prepared dataset (it downloads and prepares on first use online).
+
+  Args:
+    name: the tfds name, e.g. "glue/sst2".
+    split: the split, e.g. "train", "validation".
+    fmt: the TableFormat naming the text and label features, num_labels and label_names.
+    data_dir: the tfds data directory; None (or "") for tfds's default.
+
+  Returns:
+    The examples in the split's order, `where` being "tfds:name/split[i]".
   """
   import tensorflow_datasets as tfds  # the data machinery, imported only when asked for
   source = tfds.data_source(name, split=split, data_dir=data_dir or None)
@@ -252,7 +308,17 @@ def _to_str(value) -> str:
 # Encoding --------------------------------------------------------------------------------------
 
 def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
-  """The [CLS] and [SEP] ids, or an error saying the tokenizer lacks them."""
+  """The [CLS] and [SEP] ids, or an error saying the tokenizer lacks them.
+
+  Args:
+    tokenizer: the tokenizer.
+
+  Returns:
+    (cls_id, sep_id).
+
+  Raises:
+    ValueError: the tokenizer has no [CLS] or no [SEP] token (not a BERT tokenizer).
+  """
   try:
     return tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
   except KeyError:
@@ -262,12 +328,22 @@ def special_ids(tokenizer: Tokenizer) -> tuple[int, int]:
 
 def encode_examples(examples: Sequence[Example], tokenizer: Tokenizer,
                     max_seq_length: int) -> tuple[dict[str, np.ndarray], int]:
-  """Encodes examples as BERT inputs with the tokenizer's batch call, padded to max_seq_length
-  (fmjax.data.bucketing cuts batches of them shorter).
+  """Encodes examples as BERT inputs with the tokenizer's batch call, padded to max_seq_length.
+
+  fmjax.data.bucketing cuts batches of them shorter. A text or pair too long loses tokens
+  from the end of the longer text first (`truncate`'s "longest_first").
+
+  Args:
+    examples: N examples, all with one text or all with a pair.
+    tokenizer: a BERT tokenizer (with [CLS] and [SEP]).
+    max_seq_length: T, the padded length, special tokens included.
 
   Returns:
     ({"input_ids", "segment_ids", "input_mask": (N, T) int32, "label": (N,) int32 or float32
       (0 where unlabelled), "weight": (N,) float32 ones}, number of truncated examples).
+
+  Raises:
+    ValueError: the tokenizer has no [CLS]/[SEP] tokens.
   """
   special_ids(tokenizer)  # finetuning wants the BERT template: say so when it is missing
   arity = len(examples[0].texts)

@@ -64,11 +64,27 @@ class SpecialTokens:
   pair_type: int = 1
 
   def count(self, pair: bool) -> int:
-    """How many ids are added to one text (pair=False) or to a pair."""
+    """How many ids are added to one text (pair=False) or to a pair.
+
+    Args:
+      pair: count for a text pair (prefix + middle + suffix) rather than one text.
+
+    Returns:
+      The number of special ids added.
+    """
     return len(self.prefix) + len(self.suffix) + (len(self.middle) if pair else 0)
 
   def wrap(self, a: Sequence[int], b: Sequence[int] | None) -> tuple[list[int], list[int]]:
-    """(ids, token type ids) of text ids `a` (and `b`) with the special ids added."""
+    """(ids, token type ids) of text ids `a` (and `b`) with the special ids added.
+
+    Args:
+      a: the first text's ids.
+      b: the second text's ids, or None for a single text.
+
+    Returns:
+      (ids, types), two lists of equal length: `prefix a suffix` (or `prefix a middle b
+      suffix`), and token types 0 for the first part (up to `middle`), `pair_type` after.
+    """
     if b is None:
       ids = [*self.prefix, *a, *self.suffix]
       return ids, [0] * len(ids)
@@ -87,15 +103,39 @@ class Tokenizer(abc.ABC):
 
   @abc.abstractmethod
   def encode(self, text: str) -> list[int]:
-    """Returns the ids of `text` (no EOS is added)."""
+    """Returns the ids of `text` (no EOS is added).
+
+    Args:
+      text: the text.
+
+    Returns:
+      The token ids, each in [0, vocab_size).
+    """
 
   @abc.abstractmethod
   def decode(self, ids: Iterable[int]) -> str:
-    """Returns the text of `ids`; the EOS and PAD ids decode to nothing."""
+    """Returns the text of `ids`; the EOS and PAD ids decode to nothing.
+
+    Args:
+      ids: token ids (ints, or a 1-D integer array).
+
+    Returns:
+      The decoded text.
+    """
 
   @abc.abstractmethod
   def token_to_id(self, token: str) -> int:
-    """Returns the id of a single token (e.g. "<eos>", "[MASK]"); KeyError if absent."""
+    """Returns the id of a single token (e.g. "<eos>", "[MASK]"); KeyError if absent.
+
+    Args:
+      token: the token's text.
+
+    Returns:
+      Its id.
+
+    Raises:
+      KeyError: the vocabulary has no such token.
+    """
 
   @abc.abstractmethod
   def _metadata(self) -> dict[str, Any]:
@@ -107,14 +147,32 @@ class Tokenizer(abc.ABC):
     """Inverse of `save`."""
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    """Encodes several texts; kinds with a faster batched path override this."""
+    """Encodes several texts; kinds with a faster batched path override this.
+
+    Args:
+      texts: the texts.
+
+    Returns:
+      One list of ids per text, as `encode` gives.
+    """
     return [self.encode(t) for t in texts]
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Returns `encode(text)` and, per token, the (start, end) character span of `text` it
-    came from, without leading whitespace (extractive QA maps answers through these).
+    """Returns `encode(text)` and, per token, the character span of `text` it came from.
 
+    The spans are without leading whitespace (extractive QA maps answers through these).
     This default serves tokenizers with one token per character; others override it.
+
+    Args:
+      text: the text.
+
+    Returns:
+      (ids, offsets): the token ids and, for each, a (start, end) pair of character indices
+      into `text` (end exclusive).
+
+    Raises:
+      NotImplementedError: a tokenizer without one token per character that does not
+        override this.
     """
     ids = self.encode(text)
     if len(ids) != len(text):
@@ -220,7 +278,11 @@ class Tokenizer(abc.ABC):
     return b""
 
   def save(self, directory: str | os.PathLike) -> None:
-    """Writes the tokenizer into `directory` (created if needed); see `load_tokenizer`."""
+    """Writes the tokenizer into `directory` (created if needed); see `load_tokenizer`.
+
+    Args:
+      directory: the directory; `fmjax_tokenizer.json` is written into it last.
+    """
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     metadata = {"kind": self.kind, **self._metadata()}
@@ -241,7 +303,14 @@ class CharTokenizer(Tokenizer):
   kind = "char"
 
   def __init__(self, chars: Sequence[str]):
-    """Args: chars: the distinct characters, in id order."""
+    """Makes the tokenizer of a character set.
+
+    Args:
+      chars: the distinct characters, in id order (a string or a sequence of characters).
+
+    Raises:
+      ValueError: the characters are not distinct.
+    """
     self.chars = "".join(chars)
     if len(set(self.chars)) != len(self.chars):
       raise ValueError(f"CharTokenizer characters must be distinct, got {self.chars!r}")
@@ -252,7 +321,14 @@ class CharTokenizer(Tokenizer):
 
   @classmethod
   def from_text(cls, text: str | Iterable[str]) -> CharTokenizer:
-    """Builds the vocabulary from the sorted distinct characters of `text` (or texts)."""
+    """Builds the vocabulary from the sorted distinct characters of `text` (or texts).
+
+    Args:
+      text: a string, or an iterable of strings.
+
+    Returns:
+      The CharTokenizer of their sorted distinct characters.
+    """
     chars = set(text) if isinstance(text, str) else set().union(*map(set, text))
     return cls(sorted(chars))
 
@@ -328,9 +404,14 @@ class SentencePieceTokenizer(Tokenizer):
   MODEL_FILE = "tokenizer.model"
 
   def __init__(self, model_proto: bytes, *, lowercase: bool = False):
-    """Args:
+    """Wraps a serialized SentencePiece model.
+
+    Args:
       model_proto: the serialized model, i.e. the bytes of a `.model` file.
       lowercase: lower-case text before encoding (an "uncased" vocabulary, as BERT-uncased).
+
+    Raises:
+      ValueError: the model reserves no EOS or no PAD id.
     """
     self.model_proto = bytes(model_proto)
     self.lowercase = lowercase
@@ -345,7 +426,15 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def from_file(cls, path: str | os.PathLike, *, lowercase: bool = False) -> SentencePieceTokenizer:
-    """Loads an existing SentencePiece `.model` file."""
+    """Loads an existing SentencePiece `.model` file.
+
+    Args:
+      path: the `.model` file.
+      lowercase: lower-case text before encoding (an uncased vocabulary).
+
+    Returns:
+      The SentencePieceTokenizer.
+    """
     return cls(pathlib.Path(path).read_bytes(), lowercase=lowercase)
 
   def _normalize(self, text: str) -> str:
@@ -481,13 +570,25 @@ def train_sentencepiece(
 
 def truncate(first: Sequence[int], second: Sequence[int] | None, room: int,
              strategy: str = "longest_first") -> tuple[list[int], list[int] | None]:
-  """Cuts ids from the ends of `first` (and `second`) so that together they fit `room`, as
-  Hugging Face tokenizers (and so transformers) do.
+  """Cuts ids from the ends of `first` (and `second`) so that together they fit `room`.
 
-  "longest_first": only the longer text is cut while the shorter fits in half the room;
-  otherwise each keeps half the room and the longer text the odd token (on a tie, the
-  second). "only_first" / "only_second": only that text is cut; an error when it is too
-  short to make the room. A single text (second None) is cut to `room`.
+  As Hugging Face tokenizers (and so transformers) do. "longest_first": only the longer
+  text is cut while the shorter fits in half the room; otherwise each keeps half the room
+  and the longer text the odd token (on a tie, the second). "only_first" / "only_second":
+  only that text is cut; an error when it is too short to make the room. A single text
+  (second None) is cut to `room`.
+
+  Args:
+    first: the first text's ids.
+    second: the second text's ids, or None.
+    room: how many ids the two may keep together.
+    strategy: "longest_first", "only_first" or "only_second".
+
+  Returns:
+    (first, second) cut to fit, as lists (second None when it was None).
+
+  Raises:
+    ValueError: with "only_first" / "only_second", that text is too short to make the room.
   """
   first = list(first)
   if second is None:
@@ -547,8 +648,17 @@ def _truncation_mode(truncation) -> str | None:
 
 
 def lower_same_length(text: str) -> str:
-  """Lower-cases `text` character by character, keeping any character whose lower case has
-  another length (e.g. "İ"), so that character offsets stay valid."""
+  """Lower-cases `text` keeping every character's length, so that character offsets stay valid.
+
+  Character by character, keeping any character whose lower case has another length
+  (e.g. "İ").
+
+  Args:
+    text: the text.
+
+  Returns:
+    The lower-cased text, of the same length as `text`.
+  """
   lowered = text.lower()
   if len(lowered) == len(text):
     return lowered
