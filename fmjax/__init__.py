@@ -16,14 +16,15 @@ length, D width, F MLP width, N heads, K kv heads, H head dim, V vocab.
 import importlib
 import importlib.util
 
-from fmjax import attention, heads, layers, sharding, training, transformer
+from fmjax import attention, heads, layers, runtime, sharding, training, transformer
 from fmjax.attention import dot_product_attention, make_attention_mask
 from fmjax.heads import ClassificationHead, SpanHead
-from fmjax.models.bert import (BertConfig, BertEncoder, BertForPreTraining,
+from fmjax.models.bert import (BertConfig, BertEncoder, BertForMaskedLM, BertForPreTraining,
                                BertForQuestionAnswering, BertForSequenceClassification)
 from fmjax.models.gpt import GPT, GPTConfig
 from fmjax.models.seq2seq import ImageCaptioner, Seq2Seq, Seq2SeqConfig
 from fmjax.models.vit import ViT, ViTConfig, ViTEncoder, resize_posemb
+from fmjax.runtime import Runtime
 from fmjax.sharding import make_mesh, sharded_init, shard_batch
 from fmjax.training import TrainState, make_eval_step, make_optimizer, make_train_step
 from fmjax.transformer import (Block, BlockConfig, DecoderBlock, MultiHeadAttention,
@@ -34,10 +35,11 @@ __version__ = "0.1.0"
 # Submodules imported on first attribute access (PEP 562), for what they pull in; any other
 # submodule (e.g. fmjax.models) is found the same way.
 _LAZY_SUBMODULES = ("checkpoint", "data", "evaluation", "generate", "hf", "memory", "metrics",
-                    "trainer")
+                    "sources", "trainer")
 
 __all__ = [
-    "GPT", "GPTConfig", "BertConfig", "BertEncoder", "BertForPreTraining",
+    "GPT", "GPTConfig", "Runtime", "runtime", "sources", "BertConfig", "BertEncoder",
+    "BertForMaskedLM", "BertForPreTraining",
     "BertForQuestionAnswering", "BertForSequenceClassification", "ClassificationHead", "SpanHead",
     "evaluation", "heads", "ViT", "ViTConfig", "ViTEncoder", "resize_posemb", "Seq2Seq", "Seq2SeqConfig",
     "ImageCaptioner", "DecoderBlock", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
