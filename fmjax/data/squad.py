@@ -30,6 +30,16 @@ from fmjax.data.tokenizers import Tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class QAExample:
+  """One question about one context, as SQuAD v1.1 writes it.
+
+  Attributes:
+    qid: the question id (the key of the predictions).
+    title: the article's title (`split_by_article` groups by it).
+    context: the paragraph the answer is taken from.
+    question: the question's text.
+    answers: (text, character start in context) pairs; empty for an unanswered question.
+    where: the file and JSON position (or "tfds:name/split[i]"), for messages.
+  """
   qid: str
   title: str
   context: str
@@ -47,7 +57,18 @@ class FeatureSpan:
 
 
 def read_squad(path: str) -> list[QAExample]:
-  """Reads SQuAD v1.1 JSON files (a path or glob), checking every answer against its context."""
+  """Reads SQuAD v1.1 JSON files (a path or glob), checking every answer against its context.
+
+  Args:
+    path: a SQuAD JSON file, or a glob of them (see `expand_paths`).
+
+  Returns:
+    The examples, file by file in sorted order, in each file's order.
+
+  Raises:
+    DataError: invalid JSON, not SQuAD format, an empty context or question, an answer whose
+      answer_start does not point at its text, or no questions at all.
+  """
   examples = []
   for file in expand_paths(path):
     try:
@@ -84,7 +105,16 @@ def read_squad(path: str) -> list[QAExample]:
 
 
 def read_tfds(name: str, split: str, data_dir: str | None = None) -> list[QAExample]:
-  """A tfds catalog QA dataset in SQuAD's features ("squad", split "train" / "validation")."""
+  """A tfds catalog QA dataset in SQuAD's features ("squad", split "train" / "validation").
+
+  Args:
+    name: the tfds name, e.g. "squad".
+    split: the split, e.g. "train", "validation".
+    data_dir: the tfds data directory; None (or "") for tfds's default.
+
+  Returns:
+    The examples in the split's order, `where` being "tfds:name/split[i]".
+  """
   import tensorflow_datasets as tfds  # the data machinery, imported only when asked for
   source = tfds.data_source(name, split=split, data_dir=data_dir or None)
   text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
@@ -99,8 +129,20 @@ def read_tfds(name: str, split: str, data_dir: str | None = None) -> list[QAExam
 
 
 def split_by_article(examples: Sequence[QAExample], eval_fraction: float):
-  """(train, eval): the last `eval_fraction` of the articles (by title, in file order) go to
-  eval, so no paragraph is in both."""
+  """(train, eval): the last `eval_fraction` of the articles go to eval.
+
+  Articles are told by title, in file order, so no paragraph is in both.
+
+  Args:
+    examples: the examples, e.g. from `read_squad`.
+    eval_fraction: the fraction of the articles to hold out (at least one article).
+
+  Returns:
+    (train, eval): two lists of examples, each in the input order.
+
+  Raises:
+    DataError: too few articles to hold out `eval_fraction` and keep some for training.
+  """
   titles = list(dict.fromkeys(e.title for e in examples))
   n_eval = max(1, round(len(titles) * eval_fraction))
   if n_eval >= len(titles):
@@ -137,11 +179,22 @@ def make_features(examples: Sequence[QAExample], tokenizer: Tokenizer, *, max_se
                   doc_stride: int, max_query_length: int):
   """Tokenizes and windows the examples.
 
+  Args:
+    examples: the examples, e.g. from `read_squad`.
+    tokenizer: a BERT tokenizer (with [CLS], [SEP] and character offsets).
+    max_seq_length: T, the length of a feature, special tokens included.
+    doc_stride: how many context tokens one window starts after the previous one.
+    max_query_length: the question's tokens kept (the rest are cut from its end).
+
   Returns:
     (arrays, spans): arrays = {"input_ids", "segment_ids", "input_mask": (F, T) int32,
     "start_position", "end_position": (F,) int32 (the first answer's tokens; 0 when it is
     not inside the window or the example has no answer), "weight": (F,) float32}, and one
     FeatureSpan per feature.
+
+  Raises:
+    ValueError: the tokenizer has no [CLS]/[SEP], or max_seq_length leaves no room for the
+      context after the question.
   """
   cls_id, sep_id = special_ids(tokenizer)
   rows, spans_out = [], []
@@ -194,7 +247,10 @@ def best_answers(examples: Sequence[QAExample], spans: Sequence[FeatureSpan], st
 
   Args:
     examples, spans: as read_squad and make_features returned them.
-    start_logits, end_logits: (F, T) per feature.
+    start_logits, end_logits: (F, T) float arrays (numpy or jax) per feature.
+    n_best_size: how many of the best start and of the best end positions are paired.
+    max_answer_length: the longest answer, in tokens.
+
   Returns:
     question id -> answer text ("" when no valid span was found).
   """
