@@ -33,7 +33,15 @@ class ClassificationHead(nn.Module):
 
   @nn.compact
   def __call__(self, pooled, *, train: bool = False):
-    """(B, D) -> (B, num_labels) float32 logits (or scores when num_labels == 1)."""
+    """Classification (or regression) logits of a pooled representation.
+
+    Args:
+      pooled: (B, D) float, e.g. BERT's pooled [CLS] output.
+      train: apply dropout (needs a "dropout" rng).
+
+    Returns:
+      (B, C) float32 logits, C = num_labels (scores when num_labels == 1).
+    """
     x = nn.Dropout(self.dropout_rate)(pooled, deterministic=not train)
     return Dense(self.num_labels, ("embed", None), dtype=self.dtype,
                  param_dtype=self.param_dtype, name="dense")(x).astype(jnp.float32)
@@ -46,7 +54,14 @@ class SpanHead(nn.Module):
 
   @nn.compact
   def __call__(self, sequence):
-    """(B, T, D) -> (start_logits (B, T), end_logits (B, T)), float32."""
+    """Start and end logits of every token.
+
+    Args:
+      sequence: (B, T, D) float, the encoder's token outputs.
+
+    Returns:
+      (start_logits, end_logits), each (B, T) float32.
+    """
     logits = Dense(2, ("embed", None), dtype=self.dtype, param_dtype=self.param_dtype,
                    name="dense")(sequence).astype(jnp.float32)
     return logits[..., 0], logits[..., 1]
@@ -55,8 +70,13 @@ class SpanHead(nn.Module):
 def classification_loss(logits, labels, weights=None):
   """Mean cross-entropy over examples with weight > 0.
 
-  Args: logits (B, C); labels (B,) int; weights (B,) or None.
-  Returns: (loss, {"loss", "accuracy"}).
+  Args:
+    logits: (B, C) float; computed in float32.
+    labels: (B,) int class ids in [0, C).
+    weights: (B,) float, or None for all ones; weight 0 rows do not count.
+
+  Returns:
+    (loss, {"loss", "accuracy"}): float32 scalars, the weighted means.
   """
   loss, acc, _ = cross_entropy(logits, labels, weights)
   return loss, {"loss": loss, "accuracy": acc}
@@ -65,8 +85,13 @@ def classification_loss(logits, labels, weights=None):
 def regression_loss(scores, targets, weights=None):
   """Mean squared error over examples with weight > 0.
 
-  Args: scores (B, 1) or (B,); targets (B,) float; weights (B,) or None.
-  Returns: (loss, {"loss"}).
+  Args:
+    scores: (B, 1) or (B,) float predictions.
+    targets: (B,) float.
+    weights: (B,) float, or None for all ones; weight 0 rows do not count.
+
+  Returns:
+    (loss, {"loss"}): the float32 scalar weighted mean of (score - target)**2.
   """
   scores = scores.reshape(targets.shape).astype(jnp.float32)
   weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
@@ -78,9 +103,14 @@ def regression_loss(scores, targets, weights=None):
 def span_loss(start_logits, end_logits, start_positions, end_positions, weights=None):
   """The mean of the start and end cross-entropies over token positions (BERT's SQuAD loss).
 
-  Args: start_logits, end_logits (B, T); start_positions, end_positions (B,) int (0, the
-    [CLS] token, when the answer is outside the window); weights (B,) or None.
-  Returns: (loss, {"loss", "start_accuracy", "end_accuracy"}).
+  Args:
+    start_logits, end_logits: (B, T) float.
+    start_positions, end_positions: (B,) int (0, the [CLS] token, when the answer is outside
+      the window).
+    weights: (B,) float, or None for all ones; weight 0 rows do not count.
+
+  Returns:
+    (loss, {"loss", "start_accuracy", "end_accuracy"}): float32 scalars.
   """
   start, start_acc, _ = cross_entropy(start_logits, start_positions, weights)
   end, end_acc, _ = cross_entropy(end_logits, end_positions, weights)
@@ -89,13 +119,21 @@ def span_loss(start_logits, end_logits, start_positions, end_positions, weights=
 
 
 def sequence_loss(logits, targets, weights, label_smoothing: float = 0.0):
-  """Label-smoothed cross-entropy per target token (Szegedy et al. 2016; Vaswani et al. use
-  eps = 0.1): the target gets 1 - eps of the probability mass, eps is spread evenly over the
-  vocabulary: the real ids only, not the padded ones a model masks to -inf (layers.Embed).
+  """Label-smoothed cross-entropy per target token.
 
-  Args: logits (B, T, V); targets (B, T) int; weights (B, T) float, 0 on padding.
-  Returns: (loss, {"loss", "nll" (unsmoothed), "accuracy" (argmax == target)}), means over
-    the weighted tokens.
+  Szegedy et al. 2016; Vaswani et al. use eps = 0.1: the target gets 1 - eps of the
+  probability mass, eps is spread evenly over the vocabulary: the real ids only, not the
+  padded ones a model masks to -inf (layers.Embed).
+
+  Args:
+    logits: (B, T, V) or (B, T, Vp) float, padded ids at -inf; computed in float32.
+    targets: (B, T) int target ids.
+    weights: (B, T) float, 0 on padding.
+    label_smoothing: eps in [0, 1); 0 is plain cross-entropy.
+
+  Returns:
+    (loss, {"loss", "nll" (unsmoothed), "accuracy" (argmax == target)}): float32 scalars,
+    means over the weighted tokens.
   """
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # (B, T)

@@ -24,7 +24,15 @@ default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
 def partitioned(init: Callable, axes: Axes) -> Callable:
-  """Wraps an initializer so the parameter carries logical axis names."""
+  """Wraps an initializer so the parameter carries logical axis names.
+
+  Args:
+    init: a flax initializer, init(key, shape, dtype).
+    axes: one logical axis name (or None) per dimension of the parameter.
+
+  Returns:
+    The initializer wrapped by nn.with_logical_partitioning.
+  """
   return nn.with_logical_partitioning(init, axes)
 
 
@@ -45,6 +53,16 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    """Applies the linear map, contracting the `axis` dimensions of `x` with the kernel.
+
+    Args:
+      x: array whose `axis` dimensions are the inputs, e.g. (B, T, D), or (B, T, N, H) with
+        axis=(-2, -1); cast to `dtype`.
+
+    Returns:
+      x's other dimensions followed by `features`, in `dtype`: e.g. (B, T, N, H) for a query
+      projection with features=(N, H), (B, T, D) for the output projection.
+    """
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
     axis = tuple(a % x.ndim for a in axis)
@@ -61,7 +79,18 @@ class Dense(nn.Module):
 
 
 def round_up(n: int, multiple: int) -> int:
-  """n rounded up to a multiple of `multiple` (a positive int), e.g. round_up(67, 128) = 128."""
+  """n rounded up to a multiple of `multiple` (a positive int), e.g. round_up(67, 128) = 128.
+
+  Args:
+    n: the number to round, e.g. the vocabulary size V.
+    multiple: a positive int (1: no rounding).
+
+  Returns:
+    The least multiple of `multiple` that is >= n.
+
+  Raises:
+    ValueError: `multiple` is not a positive int.
+  """
   if not isinstance(multiple, int) or multiple < 1:
     raise ValueError(f"vocab_multiple (Embed's pad_to_multiple) must be a positive int; got "
                      f"{multiple!r}. Use 1 for no padding, or e.g. 128, which keeps the "
@@ -74,6 +103,13 @@ def mask_padded_logits(logits, vocab_size: int):
 
   Their probability is then exactly 0 (softmax, log-softmax, sampling, top-k and argmax never
   pick them) and their gradient exactly 0; the losses over the true vocabulary are unchanged.
+
+  Args:
+    logits: (..., Vp) float.
+    vocab_size: V, the number of real ids.
+
+  Returns:
+    (..., Vp) logits of the same dtype, -inf at ids >= V (`logits` itself when Vp == V).
   """
   if logits.shape[-1] == vocab_size:
     return logits
@@ -81,9 +117,21 @@ def mask_padded_logits(logits, vocab_size: int):
 
 
 def zero_padding(init: Callable, size: int, axis: int = 0) -> Callable:
-  """`init` with the entries at `size` and beyond along `axis` set to zero: padded vocabulary
-  rows start at zero, and since their logits are masked they get zero gradient and stay zero
-  (AdamW's decay of 0 is 0), so a checkpoint exported without them re-imports exactly."""
+  """`init` with the entries at `size` and beyond along `axis` set to zero.
+
+  Padded vocabulary rows start at zero, and since their logits are masked they get zero
+  gradient and stay zero (AdamW's decay of 0 is 0), so a checkpoint exported without them
+  re-imports exactly.
+
+  Args:
+    init: a flax initializer, init(key, shape, dtype).
+    size: the entries kept along `axis` (V, the real vocabulary).
+    axis: the padded axis (0: the rows of a (Vp, D) table).
+
+  Returns:
+    An initializer padded(key, shape, dtype=float32) giving init's values, zero at indices
+    >= size along `axis`.
+  """
   def padded(key, shape, dtype=jnp.float32):
     keep = (jnp.arange(shape[axis]) < size).reshape([-1 if a == axis % len(shape) else 1
                                                      for a in range(len(shape))])
@@ -123,11 +171,25 @@ class Embed(nn.Module):
                                 (rows, self.features), self.param_dtype)
 
   def __call__(self, ids):
-    """(B, T) int -> (B, T, D)."""
+    """Looks the ids up in the table.
+
+    Args:
+      ids: (B, T) int ids in [0, V).
+
+    Returns:
+      (B, T, D) embeddings in `dtype`.
+    """
     return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
 
   def attend(self, x):
-    """Tied output projection: (B, T, D) -> (B, T, Vp) logits, padded ids masked to -inf."""
+    """Tied output projection: (B, T, D) -> (B, T, Vp) logits, padded ids masked to -inf.
+
+    Args:
+      x: (B, T, D) float.
+
+    Returns:
+      (B, T, Vp) logits in `dtype`, -inf at the padded ids V .. Vp - 1.
+    """
     logits = jnp.einsum("BTD,VD->BTV", x, jnp.asarray(self.embedding, self.dtype))
     return mask_padded_logits(logits, self.num_embeddings)
 
@@ -137,6 +199,12 @@ class Embed(nn.Module):
     Vocabulary-major product: XLA's CPU matmul streams the (Vp, D) table about twice as fast
     this way round as BD,VD->BV when only B rows are projected; the barrier keeps XLA from
     folding the transpose back into the slow orientation.
+
+    Args:
+      x: (B, D) float.
+
+    Returns:
+      (B, Vp) logits in `dtype`, -inf at the padded ids.
     """
     table = jnp.asarray(self.embedding, self.dtype)
     logits = jax.lax.optimization_barrier(jnp.einsum("VD,BD->VB", table, x))
@@ -144,7 +212,21 @@ class Embed(nn.Module):
 
 
 def Norm(kind: str, *, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
-  """LayerNorm ("layer") or RMSNorm ("rms"); statistics in float32 either way."""
+  """LayerNorm ("layer") or RMSNorm ("rms"); statistics in float32 either way.
+
+  Args:
+    kind: "layer" or "rms".
+    epsilon: added to the variance.
+    dtype: the output (compute) dtype.
+    param_dtype: the dtype of the scale (and bias) parameters, logical axis "embed".
+    name: the submodule's name, or None for flax's automatic one.
+
+  Returns:
+    An nn.LayerNorm or nn.RMSNorm module, (..., D) -> (..., D).
+
+  Raises:
+    ValueError: an unknown `kind`.
+  """
   scale_init = partitioned(nn.initializers.ones, ("embed",))
   if kind == "layer":
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
@@ -176,6 +258,18 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool):
+    """The feed-forward block: Dense(F), activation (times the gate's Dense(F)), dropout, Dense(D).
+
+    Args:
+      x: (B, T, D) float.
+      train: apply dropout (needs a "dropout" rng).
+
+    Returns:
+      (B, T, D) in `dtype`.
+
+    Raises:
+      ValueError: an unknown `activation`.
+    """
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {self.activation!r}; choose from {sorted(ACTIVATIONS)}")
     act = ACTIVATIONS[self.activation]
@@ -194,8 +288,10 @@ def apply_rope(x, positions, *, max_wavelength: float = 10_000.0):
   Args:
     x: (B, T, N, H) queries or keys; H must be even.
     positions: (B, T) integer positions.
+    max_wavelength: the base of the angle frequencies, max_wavelength ** (-2i / H).
+
   Returns:
-    x rotated by position-dependent angles, same shape and dtype.
+    x rotated by position-dependent angles, same shape and dtype (computed in float32).
   """
   h = x.shape[-1]
   freq = max_wavelength ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # (H/2,)
