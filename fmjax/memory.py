@@ -60,6 +60,17 @@ class Shape:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+  """A training step's per-device memory, by part, under one remat policy and accumulation.
+
+  Attributes:
+    remat_policy: "none", "dots", "dots_no_batch" or "full".
+    accum_steps: gradient accumulation steps (micro-batches per step).
+    params: bytes per device of the parameters.
+    optimizer: bytes per device of the optimizer state.
+    gradients: bytes per device of the gradients.
+    activations: bytes per device of the saved activations and the logits.
+    budget: the bytes per device available.
+  """
   remat_policy: str
   accum_steps: int
   params: int  # bytes per device
@@ -70,13 +81,21 @@ class Plan:
 
   @property
   def total(self) -> int:
+    """The bytes per device of the whole step: params + optimizer + gradients + activations."""
     return self.params + self.optimizer + self.gradients + self.activations
 
   @property
   def fits(self) -> bool:
+    """Whether `total` is within `budget`."""
     return self.total <= self.budget
 
   def describe(self) -> str:
+    """The plan as one line for a log.
+
+    Returns:
+      "memory plan per device: params ... + optimizer ... + gradients ... + activations ...
+      (remat ..., accum_steps ...) = ... of a ... budget".
+    """
     g = human
     return (f"memory plan per device: params {g(self.params)} + optimizer {g(self.optimizer)} + "
             f"gradients {g(self.gradients)} + activations {g(self.activations)} "
@@ -85,11 +104,28 @@ class Plan:
 
 
 def human(n: float) -> str:
+  """A byte count as a short string: "1.5 GiB", or MiB below 1 GiB.
+
+  Args:
+    n: a number of bytes.
+
+  Returns:
+    The count in GiB (3 significant digits) when >= 1 GiB, else in MiB.
+  """
   return f"{n / GiB:.3g} GiB" if n >= GiB else f"{n / 1024 ** 2:.3g} MiB"
 
 
 def sharded_bytes(abstract_tree, shardings) -> int:
-  """Bytes per device of a tree of ShapeDtypeStructs laid out by NamedShardings."""
+  """Bytes per device of a tree of ShapeDtypeStructs laid out by NamedShardings.
+
+  Args:
+    abstract_tree: pytree of objects with `.shape` and `.dtype` (e.g. jax.ShapeDtypeStruct).
+    shardings: pytree of NamedSharding with the same leaves, in the same order.
+
+  Returns:
+    The sum over leaves of ceil(elements / shards) * itemsize, shards being the product of
+    the mesh axis sizes in the leaf's PartitionSpec.
+  """
   total = 0
   for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract_tree),
                             jax.tree_util.tree_leaves(shardings)):
@@ -103,7 +139,16 @@ def sharded_bytes(abstract_tree, shardings) -> int:
 
 
 def activation_elements_per_token(s: Shape, policy: str) -> float:
-  """Elements of saved activations per token over all layers (see the module docstring)."""
+  """Elements of saved activations per token over all layers (see the module docstring).
+
+  Args:
+    s: the step's Shape.
+    policy: the remat policy: "none", "dots", "dots_no_batch" or "full".
+
+  Returns:
+    Elements per token, summed over the L layers (plus the one layer rebuilt in full for a
+    remat policy), before the tensor split.
+  """
   d, f, l = s.embed_dim, s.mlp_dim, s.num_layers
   a = 0 if s.attention_impl == "chunked" else s.num_heads * s.seq_len
   if policy == "none":
@@ -114,7 +159,22 @@ def activation_elements_per_token(s: Shape, policy: str) -> float:
 
 
 def activation_bytes(s: Shape, policy: str, accum_steps: int, mesh_shape: dict) -> int:
-  """Per-device bytes of saved activations and logits for one micro-batch."""
+  """Per-device bytes of saved activations and logits for one micro-batch.
+
+  Args:
+    s: the step's Shape.
+    policy: the remat policy: "none", "dots", "dots_no_batch" or "full".
+    accum_steps: gradient accumulation steps; the micro-batch is b = B / batch shards /
+      accum_steps (rounded up).
+    mesh_shape: {mesh axis: size}, for the batch (data x fsdp) and tensor splits.
+
+  Returns:
+    b * T * elements per token * compute_bytes / tensor, plus 3 float32 (b, T or
+    logit_positions, V) logit-sized buffers / tensor.
+
+  Raises:
+    ValueError: a remat policy without an activation model.
+  """
   if policy not in ("none", "dots", "dots_no_batch", "full"):
     raise ValueError(f"remat policy {policy!r} has no activation model; choose one of "
                      f"{[*POLICIES, 'dots']}")
@@ -129,7 +189,17 @@ def activation_bytes(s: Shape, policy: str, accum_steps: int, mesh_shape: dict) 
 
 
 def mesh_shape_of(shardings) -> dict:
-  """{axis: size} of the mesh the NamedShardings of a tree are laid out on."""
+  """{axis: size} of the mesh the NamedShardings of a tree are laid out on.
+
+  Args:
+    shardings: pytree of NamedSharding, all on one mesh.
+
+  Returns:
+    Dict of mesh axis name -> size.
+
+  Raises:
+    ValueError: the shardings are not NamedShardings on exactly one mesh.
+  """
   meshes = {tuple(s.mesh.shape.items()) for s in jax.tree_util.tree_leaves(shardings)
             if hasattr(s, "mesh")}
   if len(meshes) != 1:
@@ -139,7 +209,11 @@ def mesh_shape_of(shardings) -> dict:
 
 
 def device_memory_bytes() -> int:
-  """What the first local device reports (TPU/GPU), else this host's RAM per local device."""
+  """What the first local device reports (TPU/GPU), else this host's RAM per local device.
+
+  Returns:
+    The device's memory_stats()["bytes_limit"], or physical RAM / local device count.
+  """
   stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
@@ -149,8 +223,22 @@ def device_memory_bytes() -> int:
 
 def estimate(abstract_params, param_shardings, s: Shape, *, remat_policy: str,
              accum_steps: int, budget: int | None = None, optimizer_copies: int = 2) -> Plan:
-  """The per-device bytes of one training step with this remat policy and accumulation; the
-  mesh (the batch and tensor splits of the activations) is the one of `param_shardings`."""
+  """The per-device bytes of one training step with this remat policy and accumulation.
+
+  The mesh (the batch and tensor splits of the activations) is the one of `param_shardings`.
+
+  Args:
+    abstract_params: pytree of ShapeDtypeStruct, the parameters.
+    param_shardings: pytree of NamedSharding, the parameters' layout (one mesh).
+    s: the step's Shape.
+    remat_policy: "none", "dots", "dots_no_batch" or "full".
+    accum_steps: gradient accumulation steps.
+    budget: bytes per device available; None: `device_memory_bytes()`.
+    optimizer_copies: optimizer state size in parameter copies (AdamW: 2).
+
+  Returns:
+    The Plan (gradients counted as one parameter copy).
+  """
   mesh_shape = mesh_shape_of(param_shardings)
   params = sharded_bytes(abstract_params, param_shardings)
   return Plan(remat_policy, accum_steps, params=params, optimizer=optimizer_copies * params,
@@ -162,6 +250,19 @@ def estimate(abstract_params, param_shardings, s: Shape, *, remat_policy: str,
 def plan(abstract_params, param_shardings, s: Shape, *, budget: int | None = None,
          max_accum_steps: int = 64) -> Plan:
   """The cheapest (remat policy, accumulation steps) that fits `budget` bytes per device.
+
+  Candidates are the policies of POLICIES with every accumulation count dividing the
+  per-device batch, ordered by modelled step time (module docstring).
+
+  Args:
+    abstract_params: pytree of ShapeDtypeStruct, the parameters.
+    param_shardings: pytree of NamedSharding, the parameters' layout (one mesh).
+    s: the step's Shape.
+    budget: bytes per device available; None: `device_memory_bytes()`.
+    max_accum_steps: the most accumulation steps tried.
+
+  Returns:
+    The first Plan that fits.
 
   Raises:
     MemoryError: naming the smallest plan, when nothing fits.
