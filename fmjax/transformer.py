@@ -22,9 +22,15 @@ NORMS = ("layer", "rms")  # the kinds of fmjax.layers.Norm
 
 
 def check_config(config, *, positive: tuple[str, ...] = (), choices: dict | None = None) -> None:
-  """The checks every model config's __post_init__ shares: the `positive` integer fields,
-  the enum fields of `choices` ({field: allowed values}), and heads that split the width
-  (embed_dim by num_heads, num_heads by num_kv_heads when set).
+  """The checks every model config's __post_init__ shares.
+
+  The `positive` integer fields, the enum fields of `choices` ({field: allowed values}), and
+  heads that split the width (embed_dim by num_heads, num_heads by num_kv_heads when set).
+
+  Args:
+    config: the model config dataclass being checked (its class name goes in the messages).
+    positive: names of fields that must be positive ints (not bools).
+    choices: {field name: allowed values}, or None.
 
   Raises:
     ValueError: one line naming the config class, the field, its value and what to do.
@@ -93,6 +99,34 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x, kv=None, *, q_segment_ids=None, kv_segment_ids=None, kv_mask=None,
                q_positions=None, kv_positions=None, causal=False, train: bool = False,
                cache=None, cache_index=None, cross_cache=None):
+    """Attention of the queries of `x` over the keys and values of `kv` (or of `x` itself).
+
+    Args:
+      x: (B, T, D) float, the queries' inputs.
+      kv: (B, S, D) float, the keys' and values' inputs (the encoder output for
+        cross-attention); None for self-attention (kv = x). With `cross_cache`, None on the
+        decoding steps after the first.
+      q_segment_ids, kv_segment_ids: (B, T) and (B, S) int; attend only within equal ids
+        (packed sequences). Give both or neither.
+      kv_mask: (B, S) bool, False marks a padding key (with `cache`: a cache slot holding
+        padding; with `cross_cache`: source padding).
+      q_positions, kv_positions: (B, T) and (B, S) int positions for the rotary embedding
+        (config.rope); default arange. They do not change the mask: causality is by index.
+      causal: query t attends only keys s <= t.
+      train: enables attention dropout (needs a "dropout" rng when its rate is > 0).
+      cache: this layer's KV cache {"k", "v"}, each (B, K, S, H) (see `init_cache`), for
+        causal self-attention decoding; None otherwise.
+      cache_index: int scalar, the cache slot of the first of the T new tokens (with `cache`).
+      cross_cache: {"k", "v"}, each (B, K, S, H), the projected encoder keys and values while
+        decoding (filled from `kv` when kv is given); None otherwise.
+
+    Returns:
+      (B, T, D) output in config.dtype; with `cache`: (output, updated cache); with
+      `cross_cache`: (output, cross_cache).
+
+    Raises:
+      ValueError: a cache with cross-attention or segment ids.
+    """
     c = self.config
     num_kv = c.num_kv_heads or c.num_heads
     proj = lambda feats, axes, name: Dense(feats, axes, use_bias=c.use_bias, dtype=c.dtype,
@@ -157,10 +191,13 @@ def init_cache(config: BlockConfig, num_layers: int, *, batch: int, length: int,
   """Zero KV cache for a TransformerStack of `num_layers` blocks of `config`.
 
   Args:
+    config: the blocks' BlockConfig (K = num_kv_heads or num_heads, H = head_dim).
+    num_layers: L, the number of blocks.
     batch, length: B and S, the number of token slots (prompt, padding included, plus new tokens).
     scan: the stack's `scan`; the cache mirrors its parameter tree: {"layer_i": {"k", "v"}}, or
       {"layers": {"k", "v"}} stacked on a leading layer axis when scanned.
     dtype: cache dtype, default the compute dtype.
+
   Returns:
     pytree of (B, K, S, H) zeros (or (L, B, K, S, H) when scanned), K the kv heads.
   """
@@ -194,6 +231,21 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, segment_ids, positions, kv_mask, train: bool, cache=None,
                cache_index=None):
+    """One layer, in the signature nn.scan needs.
+
+    Args:
+      x: (B, T, D) float, the layer's input (nn.scan's carry).
+      segment_ids: (B, T) int packed-document ids, or None (ignored with a cache).
+      positions: (B, T) int positions for the rotary embedding, or None for arange.
+      kv_mask: (B, S) bool, False for padding keys (with a cache: padding cache slots), or None.
+      train: enables dropout (needs a "dropout" rng when a rate is > 0).
+      cache: this layer's KV cache {"k", "v"}, each (B, K, S, H), or None (no decoding).
+      cache_index: int scalar, the cache slot of the first of the T tokens (with `cache`).
+
+    Returns:
+      (x, cache): the (B, T, D) output in config.dtype, and the updated cache (None without
+      one).
+    """
     c = self.config
     norm = lambda name: Norm(c.norm, epsilon=c.norm_eps, dtype=c.dtype,
                              param_dtype=c.param_dtype, name=name)
@@ -237,6 +289,25 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, memory, memory_mask, *, positions=None, kv_mask=None,
                train: bool = False, cache=None, cache_index=None):
+    """One decoder layer: causal self-attention, cross-attention over `memory`, MLP.
+
+    Args:
+      x: (B, T, D) float, the target tokens' representations.
+      memory: (B, S, D) float, the encoder output; while decoding, given on the first step
+        only (None after: the cross keys and values are read from cache["cross"]).
+      memory_mask: (B, S) bool, False on source padding, or None.
+      positions: (B, T) int positions for the rotary embedding, or None for arange.
+      kv_mask: (B, S_tgt) bool, False for self-attention cache slots holding padding (decoding),
+        or None.
+      train: enables dropout (needs a "dropout" rng when a rate is > 0).
+      cache: {"self": {"k", "v"} (B, K, S_tgt, H), "cross": {"k", "v"} (B, K, S, H)} while
+        decoding (see `init_decoder_cache`), or None for training.
+      cache_index: int scalar, the self-attention cache slot of the first of the T tokens.
+
+    Returns:
+      (x, cache): the (B, T, D) output in config.dtype, and the updated cache (None without
+      one).
+    """
     c = self.config
     norm = lambda name: Norm(c.norm, epsilon=c.norm_eps, dtype=c.dtype,
                              param_dtype=c.param_dtype, name=name)
@@ -273,9 +344,23 @@ class DecoderBlock(nn.Module):
 
 def init_decoder_cache(config: BlockConfig, num_layers: int, *, batch: int, length: int,
                        source_length: int, dtype=None):
-  """Zero caches for `num_layers` DecoderBlocks: {"layer_i": {"self": {"k", "v"}, "cross":
-  {"k", "v"}}}, (B, K, length, H) for self-attention and (B, K, source_length, H) for the
-  cross-attention keys (filled by the first decoding step)."""
+  """Zero caches for `num_layers` DecoderBlocks.
+
+  {"layer_i": {"self": {"k", "v"}, "cross": {"k", "v"}}}, (B, K, length, H) for
+  self-attention and (B, K, source_length, H) for the cross-attention keys (filled by the
+  first decoding step).
+
+  Args:
+    config: the blocks' BlockConfig (K = num_kv_heads or num_heads, H = head_dim).
+    num_layers: the number of DecoderBlocks.
+    batch: B.
+    length: the target token slots (prompt plus new tokens).
+    source_length: S, the encoder output's length.
+    dtype: cache dtype, default the compute dtype.
+
+  Returns:
+    The nested dict of zeros described above.
+  """
   self_cache = init_cache(config, 1, batch=batch, length=length, dtype=dtype)["layer_0"]
   cross = init_cache(config, 1, batch=batch, length=source_length, dtype=dtype)["layer_0"]
   return {f"layer_{i}": {"self": self_cache, "cross": cross} for i in range(num_layers)}
@@ -309,6 +394,23 @@ class TransformerStack(nn.Module):
   @nn.compact
   def __call__(self, x, *, segment_ids=None, positions=None, kv_mask=None, train: bool = False,
                cache=None, cache_index=None):
+    """The `num_layers` blocks applied in turn.
+
+    Args:
+      x: (B, T, D) float, the embedded tokens.
+      segment_ids: (B, T) int packed-document ids (attention stays within a document), or None.
+      positions: (B, T) int positions for the rotary embedding, or None for arange.
+      kv_mask: (B, S) bool, False for padding keys (with a cache: padding cache slots), or None.
+      train: enables dropout (needs a "dropout" rng when a rate is > 0).
+      cache: a KV cache from `init_cache` (causal stacks only), or None.
+      cache_index: int scalar, the cache slot of the first of the T tokens (with `cache`).
+
+    Returns:
+      (B, T, D) in config.dtype; with `cache`: (x, updated cache).
+
+    Raises:
+      ValueError: an unknown remat_policy, or a cache on a non-causal stack.
+    """
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"unknown remat_policy {self.remat_policy!r}; "
                        f"choose from {sorted(REMAT_POLICIES)}")
