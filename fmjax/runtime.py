@@ -64,14 +64,21 @@ class Runtime:
 
   @property
   def compute_dtype(self) -> jnp.dtype:
+    """The compute dtype, `dtype` as a jnp.dtype (e.g. dtype('bfloat16'))."""
     return jnp.dtype(self.dtype)
 
   @property
   def params_dtype(self) -> jnp.dtype:
+    """The parameters' dtype, `param_dtype` as a jnp.dtype."""
     return jnp.dtype(self.param_dtype)
 
   def block_fields(self) -> dict:
-    """The fields of fmjax.transformer.BlockConfig that come from the runtime."""
+    """The fields of fmjax.transformer.BlockConfig that come from the runtime.
+
+    Returns:
+      {"dropout_rate", "attention_dropout_rate", "attention_impl", "dtype", "param_dtype"},
+      the dtypes as jnp.dtype, to splat into BlockConfig(...).
+    """
     return dict(dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 attention_impl=self.attention_impl, dtype=self.compute_dtype,
