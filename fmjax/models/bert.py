@@ -53,9 +53,18 @@ class BertConfig:
 
   @property
   def head_dim(self) -> int:
+    """H, the width of one attention head: embed_dim // num_heads."""
     return self.embed_dim // self.num_heads
 
   def block(self, runtime: Runtime) -> BlockConfig:
+    """The BlockConfig of BERT's layers: bidirectional, post-LN, LayerNorm, exact erf GELU.
+
+    Args:
+      runtime: how the model runs (its dropout rates, attention kernel and dtypes go in).
+
+    Returns:
+      The BlockConfig shared by the num_layers blocks.
+    """
     return BlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, causal=False,
         pre_ln=False, norm="layer", norm_eps=self.norm_eps, mlp_activation="gelu",
@@ -75,7 +84,18 @@ PRESETS = {
 
 
 def get_config(name: str, **overrides) -> BertConfig:
-  """A preset by name with field overrides, e.g. get_config("tiny", vocab_size=8000)."""
+  """A preset by name with field overrides, e.g. get_config("tiny", vocab_size=8000).
+
+  Args:
+    name: a key of PRESETS: "tiny", "mini", "small", "medium", "base" or "large".
+    **overrides: BertConfig fields to replace.
+
+  Returns:
+    The BertConfig (validated by its __post_init__).
+
+  Raises:
+    ValueError: an unknown preset name, or an invalid field value.
+  """
   if name not in PRESETS:
     raise ValueError(f"unknown BERT preset {name!r}; choose from {sorted(PRESETS)}")
   return dataclasses.replace(PRESETS[name], **overrides)
@@ -117,8 +137,23 @@ class BertEncoder(nn.Module):
     return x, pooled
 
   def encode(self, input_ids, *, token_type_ids=None, attention_mask=None, train: bool = False):
-    """The sequence output (B, T, D) alone; the pooler is neither run nor created (models with
-    only token-level heads have none, as HF's BertForMaskedLM and BertForQuestionAnswering)."""
+    """The sequence output (B, T, D) alone; the pooler is neither run nor created.
+
+    Models with only token-level heads have none, as HF's BertForMaskedLM and
+    BertForQuestionAnswering.
+
+    Args:
+      input_ids: (B, T) int token ids, T <= max_len.
+      token_type_ids: (B, T) int segment ids (0 = sentence A, 1 = sentence B); default 0.
+      attention_mask: (B, T) 1 for real tokens, 0 for padding keys; default all 1.
+      train: enables dropout.
+
+    Returns:
+      (B, T, D) sequence output in the compute dtype.
+
+    Raises:
+      ValueError: T > max_len.
+    """
     c = self.config
     t = input_ids.shape[1]
     if t > c.max_len:
@@ -136,16 +171,36 @@ class BertEncoder(nn.Module):
     return self.blocks(x, kv_mask=kv_mask, train=train)  # bidirectional: every real key is visible
 
   def attend(self, x):
-    """Tied output projection through the word embedding: (B, P, D) -> (B, P, Vp), Vp the
-    vocabulary padded to vocab_multiple, the padded ids masked to -inf (layers.Embed)."""
+    """Tied output projection through the word embedding: (B, P, D) -> (B, P, Vp).
+
+    Vp is the vocabulary padded to vocab_multiple, the padded ids masked to -inf (layers.Embed).
+
+    Args:
+      x: (B, P, D) float.
+
+    Returns:
+      (B, P, Vp) logits in the compute dtype, -inf at the padded ids.
+    """
     return self.word_embeddings.attend(x)
 
 
 def masked_lm_head(module: nn.Module, bert: BertEncoder, seq, masked_lm_positions=None):
-  """MLM logits (B, P, Vp) float32 at the masked positions (B, P) of seq (B, T, D); all T when
-  None. Vp is the vocabulary padded to vocab_multiple, the padded ids masked to -inf. Its
-  parameters ("mlm_dense", "mlm_ln", "mlm_bias") belong to `module`, the model that
-  calls it from its compact __call__; the output projection is bert's word embedding (tied)."""
+  """MLM logits at the masked positions: Dense -> GELU -> LayerNorm -> tied embedding + bias.
+
+  Its parameters ("mlm_dense", "mlm_ln", "mlm_bias") belong to `module`, the model that calls
+  it from its compact __call__; the output projection is bert's word embedding (tied). The
+  hidden states are gathered first, so the D x Vp projection runs on P rows, not T.
+
+  Args:
+    module: the calling nn.Module (inside its compact __call__), owner of the head's params.
+    bert: the BertEncoder submodule whose word embedding is the output projection.
+    seq: (B, T, D) float, the encoder's sequence output.
+    masked_lm_positions: (B, P) int indices into T of the predicted tokens; None for all T.
+
+  Returns:
+    (B, P, Vp) float32 logits, Vp the vocabulary padded to vocab_multiple, the padded ids
+    -inf.
+  """
   c, rt = bert.config, bert.runtime
   dtype, param_dtype = rt.compute_dtype, rt.params_dtype
   if masked_lm_positions is None:
@@ -201,9 +256,17 @@ class BertForMaskedLM(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None,
                masked_lm_positions=None, *, train: bool = False):
-    """(B, T) inputs as in BertEncoder; masked_lm_positions (B, P) as in BertForPreTraining,
-    default every position -> (B, P, Vp) float32 logits (P = T by default; Vp the padded
-    vocabulary, the padded ids -inf)."""
+    """Masked-LM logits at `masked_lm_positions`.
+
+    Args:
+      input_ids, token_type_ids, attention_mask: (B, T), as in BertEncoder.
+      masked_lm_positions: (B, P) int indices into T, as in BertForPreTraining; default every
+        position (P = T).
+      train: enables dropout.
+
+    Returns:
+      (B, P, Vp) float32 logits (Vp the padded vocabulary, the padded ids -inf).
+    """
     bert = BertEncoder(self.config, self.runtime, name="bert")
     seq = bert.encode(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                       train=train)
@@ -220,7 +283,15 @@ class BertForSequenceClassification(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
                train: bool = False):
-    """(B, T) inputs as in BertEncoder -> (B, num_labels) float32 logits (scores)."""
+    """Classification logits (regression scores) from the pooled [CLS] output.
+
+    Args:
+      input_ids, token_type_ids, attention_mask: (B, T), as in BertEncoder.
+      train: enables dropout (the encoder's and the head's).
+
+    Returns:
+      (B, num_labels) float32 logits (scores when num_labels == 1).
+    """
     rt = self.runtime
     _, pooled = BertEncoder(self.config, rt, name="bert")(
         input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, train=train)
@@ -238,7 +309,15 @@ class BertForQuestionAnswering(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids=None, attention_mask=None, *,
                train: bool = False):
-    """(B, T) inputs as in BertEncoder -> (start_logits, end_logits), (B, T) float32 each."""
+    """Start and end logits of every token (extractive QA).
+
+    Args:
+      input_ids, token_type_ids, attention_mask: (B, T), as in BertEncoder.
+      train: enables dropout.
+
+    Returns:
+      (start_logits, end_logits), (B, T) float32 each.
+    """
     rt = self.runtime
     seq = BertEncoder(self.config, rt, name="bert").encode(
         input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask, train=train)
@@ -265,8 +344,18 @@ def pretraining_loss(outputs, batch):
 
 
 def num_params(c: BertConfig, with_heads: bool = False) -> int:
-  """Closed-form count of the stored parameters: the encoder with pooler, plus the pretraining
-  heads; the vocabulary padded to vocab_multiple (1: the unpadded count Hugging Face reports)."""
+  """Closed-form count of the stored parameters: the encoder with pooler, plus the pretraining heads.
+
+  The vocabulary is padded to vocab_multiple (1: the unpadded count Hugging Face reports).
+
+  Args:
+    c: the config.
+    with_heads: add the MLM head (transform, LayerNorm, output bias; the output weights are
+      tied) and the NSP classifier.
+
+  Returns:
+    The number of parameters.
+  """
   d, f, v, l = c.embed_dim, c.mlp_dim, c.padded_vocab_size, c.num_layers
   embeddings = (v + c.max_len + c.type_vocab_size) * d + 2 * d
   attn = 4 * (d * d + d)  # query, key, value, out (all N * H = D wide) with biases
@@ -279,11 +368,19 @@ def num_params(c: BertConfig, with_heads: bool = False) -> int:
 
 
 def flops_per_token(c: BertConfig, seq_len: int, masked_fraction: float = 0.15) -> float:
-  """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
+  """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style.
 
   6 * (encoder matmul params + the MLM head's D x D and D x V matmuls on the masked_fraction of
   tokens it runs on) + 12 * L * T * D for attention. The per-sequence pooler and NSP are ignored.
   V is the padded vocabulary (vocab_multiple): it is computed.
+
+  Args:
+    c: the config.
+    seq_len: T, the sequence length.
+    masked_fraction: the fraction of tokens the MLM head runs on.
+
+  Returns:
+    FLOPs per token, a float.
   """
   d, f, v, l = c.embed_dim, c.mlp_dim, c.padded_vocab_size, c.num_layers
   matmul = l * (4 * d * d + 2 * d * f) + masked_fraction * (d * d + d * v)
