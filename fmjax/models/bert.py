@@ -344,7 +344,7 @@ def pretraining_loss(outputs, batch):
 
 
 def num_params(c: BertConfig, with_heads: bool = False) -> int:
-  """Closed-form count of the stored parameters: the encoder with pooler, plus the pretraining heads.
+  """Closed-form count of the stored parameters: encoder with pooler, plus pretraining heads.
 
   The vocabulary is padded to vocab_multiple (1: the unpadded count Hugging Face reports).
 
