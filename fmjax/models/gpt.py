@@ -58,9 +58,18 @@ class GPTConfig:
 
   @property
   def head_dim(self) -> int:
+    """H, the width of one attention head: embed_dim // num_heads."""
     return self.embed_dim // self.num_heads
 
   def block(self, runtime: Runtime) -> BlockConfig:
+    """The BlockConfig of GPT's layers: causal, pre-LN, with this config's norm, MLP and positions.
+
+    Args:
+      runtime: how the model runs (its dropout rates, attention kernel and dtypes go in).
+
+    Returns:
+      The BlockConfig shared by the num_layers blocks (rope=True for position="rope").
+    """
     return BlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
         num_kv_heads=self.num_kv_heads, causal=True, pre_ln=True, norm=self.norm,
@@ -80,13 +89,30 @@ PRESETS = {
 
 
 def get_config(name: str, **overrides) -> GPTConfig:
-  """A preset by name with field overrides, e.g. get_config("tiny", vocab_size=65)."""
+  """A preset by name with field overrides, e.g. get_config("tiny", vocab_size=65).
+
+  Args:
+    name: a key of PRESETS: "tiny", "shakespeare_char", "gpt2_small" or "gpt2_medium".
+    **overrides: GPTConfig fields to replace.
+
+  Returns:
+    The GPTConfig (validated by its __post_init__).
+
+  Raises:
+    ValueError: an unknown preset name, or an invalid field value.
+  """
   if name not in PRESETS:
     raise ValueError(f"unknown GPT preset {name!r}; choose from {sorted(PRESETS)}")
   return dataclasses.replace(PRESETS[name], **overrides)
 
 
 class GPT(nn.Module):
+  """The decoder-only language model (module docstring): tokens (B, T) -> logits (B, T, Vp).
+
+  Attributes:
+    config: the architecture.
+    runtime: how it runs (kernel, remat, scan, dtypes, dropout).
+  """
   config: GPTConfig
   runtime: Runtime = Runtime()
 
@@ -162,16 +188,33 @@ class GPT(nn.Module):
     return self(tokens, positions=positions, cache=cache, cache_index=index, kv_mask=kv_mask)
 
   def init_cache(self, *, batch: int, length: int):
-    """Zero KV cache for `decode`: `length` slots for `batch` rows (transformer.init_cache)."""
+    """Zero KV cache for `decode`: `length` slots for `batch` rows (transformer.init_cache).
+
+    Args:
+      batch: B, the rows decoded together.
+      length: S, the token slots (prompt, padding included, plus new tokens).
+
+    Returns:
+      pytree of (B, K, S, H) zeros in the compute dtype ((L, B, K, S, H) under
+      runtime.scan_layers), K the kv heads.
+    """
     c, rt = self.config, self.runtime
     return transformer.init_cache(c.block(rt), c.num_layers, batch=batch, length=length,
                                   scan=rt.scan_layers)
 
 
 def num_params(c: GPTConfig) -> int:
-  """Closed-form count of the stored parameters (biases and LayerNorms included when
-  configured; the vocabulary rows padded to vocab_multiple, vocab_multiple=1 for the count
-  without padding that Hugging Face reports)."""
+  """Closed-form count of the stored parameters.
+
+  Biases and LayerNorms included when configured; the vocabulary rows padded to
+  vocab_multiple (vocab_multiple=1 for the count without padding that Hugging Face reports).
+
+  Args:
+    c: the config.
+
+  Returns:
+    The number of parameters.
+  """
   d, f, v, l = c.embed_dim, c.mlp_dim, c.padded_vocab_size, c.num_layers
   kv = (c.num_kv_heads or c.num_heads) * c.head_dim
   b = 1 if c.use_bias else 0
@@ -186,10 +229,17 @@ def num_params(c: GPTConfig) -> int:
 
 
 def flops_per_token(c: GPTConfig, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
+  """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style.
 
   6 * (non-embedding matmul params + the tied output projection) + 12 * L * T * D for attention.
   The output projection counts the padded vocabulary (vocab_multiple): it is computed.
+
+  Args:
+    c: the config.
+    seq_len: T, the sequence length.
+
+  Returns:
+    FLOPs per token, a float.
   """
   d, f, v, l = c.embed_dim, c.mlp_dim, c.padded_vocab_size, c.num_layers
   kv = (c.num_kv_heads or c.num_heads) * c.head_dim
