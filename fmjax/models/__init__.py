@@ -1,0 +1,10 @@
+"""The model families, one file each: config dataclass with presets, the modules, counts.
+
+  gpt      GPT, a decoder-only causal language model (GPTConfig, presets "tiny" .. "gpt2_medium")
+  bert     BERT encoder with pretraining, masked-LM, classification and QA heads (BertConfig)
+  vit      ViT image classifier over patches (ViTConfig)
+  seq2seq  encoder-decoder Transformer for translation, and an image captioner (Seq2SeqConfig)
+
+Each file assembles the shared layers of fmjax.layers and fmjax.transformer; how a model runs
+(kernel, remat, scan, dtypes, dropout) is an fmjax.runtime.Runtime, not part of its config.
+"""

@@ -63,9 +63,19 @@ class Seq2SeqConfig:
 
   @property
   def head_dim(self) -> int:
+    """H, the width of one attention head: embed_dim // num_heads."""
     return self.embed_dim // self.num_heads
 
   def block(self, causal: bool, runtime: Runtime) -> BlockConfig:
+    """The BlockConfig of the encoder's (causal=False) or decoder's (causal=True) layers.
+
+    Args:
+      causal: True for the decoder's self-attention, False for the encoder.
+      runtime: how the model runs (its dropout rates, attention kernel and dtypes go in).
+
+    Returns:
+      The BlockConfig: LayerNorm, pre_ln and mlp_activation from this config.
+    """
     return BlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, causal=causal,
         pre_ln=self.pre_ln, mlp_activation=self.mlp_activation, **runtime.block_fields())
@@ -82,7 +92,18 @@ PRESETS = {
 
 
 def get_config(name: str, **overrides) -> Seq2SeqConfig:
-  """A preset by name with field overrides, e.g. get_config("base", vocab_size=37000)."""
+  """A preset by name with field overrides, e.g. get_config("base", vocab_size=37000).
+
+  Args:
+    name: a key of PRESETS: "tiny", "small" or "base".
+    **overrides: Seq2SeqConfig fields to replace.
+
+  Returns:
+    The Seq2SeqConfig (validated by its __post_init__).
+
+  Raises:
+    ValueError: an unknown preset name, or an invalid field value.
+  """
   if name not in PRESETS:
     raise ValueError(f"unknown Seq2Seq preset {name!r}; choose from {sorted(PRESETS)}")
   return dataclasses.replace(PRESETS[name], **overrides)
@@ -91,7 +112,12 @@ def get_config(name: str, **overrides) -> Seq2SeqConfig:
 def sinusoidal_positions(positions, dim: int):
   """Section 3.5: PE(p, 2i) = sin(p / 10000^(2i/D)), PE(p, 2i+1) = cos(...).
 
-  (B, T) int positions -> (B, T, D) float32, sines and cosines interleaved.
+  Args:
+    positions: (B, T) int positions.
+    dim: D, even.
+
+  Returns:
+    (B, T, D) float32, sines and cosines interleaved.
   """
   inv = 10_000.0 ** (-np.arange(0, dim, 2) / dim)  # (D/2,)
   angle = positions[..., None].astype(jnp.float32) * inv  # (B, T, D/2)
@@ -132,8 +158,23 @@ class TextDecoder(nn.Module):
   @nn.compact
   def __call__(self, tokens, memory, memory_mask, *, positions=None, train: bool = False,
                cache=None, cache_index=None, kv_mask=None):
-    """(B, T) target ids -> (B, T, Vp) float32 logits (Vp: vocab_size padded to
-    vocab_multiple, the padded ids -inf, see layers.Embed), or (logits, cache) with a cache."""
+    """Target logits given the encoder output (teacher forcing, or one decoding step).
+
+    Args:
+      tokens: (B, T) int target ids (the decoder inputs, shifted right).
+      memory: (B, S, D) float, the encoder output; while decoding, given on the first step
+        only (None after: it is in the cache).
+      memory_mask: (B, S) bool, False on source padding.
+      positions: (B, T) int positions; default arange.
+      train: enables dropout.
+      cache: {"layer_i": {"self", "cross"}} from `init_decoder_cache` while decoding, or None.
+      cache_index: int scalar, the target cache slot of the first of the T tokens.
+      kv_mask: (B, S_tgt) bool, False for target cache slots holding padding, or None.
+
+    Returns:
+      (B, T, Vp) float32 logits (Vp: vocab_size padded to vocab_multiple, the padded ids
+      -inf, see layers.Embed), or (logits, cache) with a cache.
+    """
     c, rt = self.config, self.runtime
     positions = _arange(tokens) if positions is None else positions
     x = nn.Dropout(rt.dropout_rate)(_embed_tokens(self.embed, tokens, positions, c.embed_dim),
@@ -204,7 +245,16 @@ class Seq2Seq(_Decodes, nn.Module):
     self.decoder = TextDecoder(c, self.embed, rt)
 
   def encode(self, source, source_mask, *, train: bool = False):
-    """(B, S) source ids and (B, S) bool mask (False: padding) -> {"memory": (B, S, D), "mask"}."""
+    """Encodes the source: embeddings, the bidirectional stack and the final norm.
+
+    Args:
+      source: (B, S) int source ids.
+      source_mask: (B, S) bool, False on padding.
+      train: enables dropout.
+
+    Returns:
+      {"memory": (B, S, D) in the compute dtype, "mask": source_mask}.
+    """
     c = self.config
     embed = self.source_embed if c.source_vocab_size else self.embed
     x = _embed_tokens(embed, source, _arange(source), c.embed_dim)
@@ -214,7 +264,17 @@ class Seq2Seq(_Decodes, nn.Module):
     return {"memory": self.ln_encoder(x), "mask": source_mask}
 
   def __call__(self, source, source_mask, target_in, *, train: bool = False):
-    """Teacher-forced logits: (B, S) source, (B, S) mask, (B, T) decoder inputs -> (B, T, V)."""
+    """Teacher-forced logits of the decoder inputs given the source.
+
+    Args:
+      source: (B, S) int source ids.
+      source_mask: (B, S) bool, False on padding.
+      target_in: (B, T) int decoder inputs (the targets shifted right).
+      train: enables dropout.
+
+    Returns:
+      (B, T, Vp) float32 logits, the padded ids -inf.
+    """
     encoded = self.encode(source, source_mask, train=train)
     return self.decoder(target_in, encoded["memory"], encoded["mask"], train=train)
 
@@ -236,18 +296,45 @@ class ImageCaptioner(_Decodes, nn.Module):
     self.decoder = TextDecoder(c, self.embed, rt)
 
   def encode(self, images, *, train: bool = False):
-    """(B, S, S, C) images -> {"memory": (B, tokens, D), "mask": all True}."""
+    """Encodes the images with the ViT encoder.
+
+    Args:
+      images: (B, image_size, image_size, C) float, channels last.
+      train: enables dropout.
+
+    Returns:
+      {"memory": (B, S, D) in the compute dtype, S the ViT's num_tokens, "mask": (B, S) all
+      True}.
+    """
     memory = self.encoder(images, train=train)
     return {"memory": memory, "mask": jnp.ones(memory.shape[:2], bool)}
 
   def __call__(self, images, target_in, *, train: bool = False):
+    """Teacher-forced caption logits given the images.
+
+    Args:
+      images: (B, image_size, image_size, C) float, channels last.
+      target_in: (B, T) int decoder inputs (the caption shifted right).
+      train: enables dropout.
+
+    Returns:
+      (B, T, Vp) float32 logits, the padded ids -inf.
+    """
     encoded = self.encode(images, train=train)
     return self.decoder(target_in, encoded["memory"], encoded["mask"], train=train)
 
 
 def num_params(c: Seq2SeqConfig) -> int:
-  """Closed-form count of Seq2Seq's stored parameters (biases and LayerNorms included; each
-  vocabulary padded to vocab_multiple)."""
+  """Closed-form count of Seq2Seq's stored parameters.
+
+  Biases and LayerNorms included; each vocabulary padded to vocab_multiple.
+
+  Args:
+    c: the config.
+
+  Returns:
+    The number of parameters.
+  """
   d, f = c.embed_dim, c.mlp_dim
   vocab = c.padded_vocab_size + (
       round_up(c.source_vocab_size, c.vocab_multiple) if c.source_vocab_size else 0)
@@ -259,8 +346,18 @@ def num_params(c: Seq2SeqConfig) -> int:
 
 
 def flops_per_example(c: Seq2SeqConfig, source_len: int, target_len: int) -> float:
-  """Training FLOPs of one (source, target) pair, 6 x matmul parameters x tokens + attention
-  (the output projection over the padded vocabulary, as computed)."""
+  """Training FLOPs of one (source, target) pair: 6 x matmul parameters x tokens + attention.
+
+  The output projection is counted over the padded vocabulary, as computed.
+
+  Args:
+    c: the config.
+    source_len: S, the source length.
+    target_len: T, the target length.
+
+  Returns:
+    FLOPs per example, a float.
+  """
   d, f = c.embed_dim, c.mlp_dim
   enc = c.encoder_layers * (4 * d * d + 2 * d * f) * source_len
   dec = (c.decoder_layers * (4 * d * d + 2 * d * f) + d * c.padded_vocab_size) * target_len

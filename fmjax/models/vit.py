@@ -56,6 +56,7 @@ class ViTConfig:
 
   @property
   def head_dim(self) -> int:
+    """H, the width of one attention head: embed_dim // num_heads."""
     return self.embed_dim // self.num_heads
 
   @property
@@ -69,6 +70,14 @@ class ViTConfig:
     return self.grid ** 2 + (self.pool == "cls")
 
   def block(self, runtime: Runtime) -> BlockConfig:
+    """The BlockConfig of ViT's layers: bidirectional, pre-LN, LayerNorm, exact erf GELU.
+
+    Args:
+      runtime: how the model runs (its dropout rates, attention kernel and dtypes go in).
+
+    Returns:
+      The BlockConfig shared by the num_layers blocks.
+    """
     return BlockConfig(
         num_heads=self.num_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim, causal=False,
         pre_ln=True, norm="layer", norm_eps=self.norm_eps, mlp_activation="gelu",
@@ -87,14 +96,34 @@ PRESETS = {
 
 
 def get_config(name: str, **overrides) -> ViTConfig:
-  """A preset by name with field overrides, e.g. get_config("s16", num_classes=10)."""
+  """A preset by name with field overrides, e.g. get_config("s16", num_classes=10).
+
+  Args:
+    name: a key of PRESETS: "tiny", "ti16", "s16" or "b16".
+    **overrides: ViTConfig fields to replace.
+
+  Returns:
+    The ViTConfig (validated by its __post_init__).
+
+  Raises:
+    ValueError: an unknown preset name, or an invalid field value.
+  """
   if name not in PRESETS:
     raise ValueError(f"unknown ViT preset {name!r}; choose from {sorted(PRESETS)}")
   return dataclasses.replace(PRESETS[name], **overrides)
 
 
 def patchify(images, patch_size: int):
-  """(B, S, S, C) -> (B, S/P, S/P, P, P, C): patch (i, j) is images[:, iP:(i+1)P, jP:(j+1)P]."""
+  """(B, S, S, C) -> (B, S/P, S/P, P, P, C): patch (i, j) is images[:, iP:(i+1)P, jP:(j+1)P].
+
+  Args:
+    images: (B, S, S, C) channels-last images (any dtype; height and width may differ, each
+      a multiple of P).
+    patch_size: P.
+
+  Returns:
+    (B, S/P, S/P, P, P, C) in the images' dtype.
+  """
   b, h, w, c = images.shape
   p = patch_size
   x = images.reshape(b, h // p, p, w // p, p, c)
@@ -126,7 +155,17 @@ class ViTEncoder(nn.Module):
     self.ln_final = Norm("layer", epsilon=c.norm_eps, dtype=dtype, param_dtype=param_dtype)
 
   def embed_patches(self, images):
-    """(B, S, S, C) float images -> (B, (S/P)^2, D) patch embeddings, row-major over the grid."""
+    """(B, S, S, C) float images -> (B, (S/P)^2, D) patch embeddings, row-major over the grid.
+
+    Args:
+      images: (B, S, S, C) float, channels last, S = image_size, C = num_channels.
+
+    Returns:
+      (B, (S/P)^2, D) in the compute dtype.
+
+    Raises:
+      ValueError: the images are not (B, image_size, image_size, num_channels).
+    """
     c = self.config
     want = (c.image_size, c.image_size, c.num_channels)
     if images.ndim != 4 or tuple(images.shape[1:]) != want:
@@ -167,7 +206,16 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):
-    """(B, S, S, C) float images -> (B, K) float32 logits ((B, D) pooled when K = 0)."""
+    """Class logits of a batch of images.
+
+    Args:
+      images: (B, S, S, C) float, channels last (e.g. pixels scaled to [-1, 1]).
+      train: enables dropout.
+
+    Returns:
+      (B, K) float32 logits; with num_classes = 0, the (B, D) pooled representation in the
+      compute dtype.
+    """
     c, rt = self.config, self.runtime
     x = ViTEncoder(c, rt, name="encoder")(images, train=train)  # (B, T, D)
     pooled = x[:, 0] if c.pool == "cls" else x.mean(axis=1)  # (B, D)
@@ -228,7 +276,14 @@ def resize_posemb(posemb, new_grid, *, num_prefix: int = 1, old_grid=None) -> np
 
 
 def num_params(c: ViTConfig) -> int:
-  """Closed-form parameter count of `ViT(c)` (the head included when num_classes > 0)."""
+  """Closed-form parameter count of `ViT(c)` (the head included when num_classes > 0).
+
+  Args:
+    c: the config.
+
+  Returns:
+    The number of parameters.
+  """
   d, f, l, k = c.embed_dim, c.mlp_dim, c.num_layers, c.num_classes
   embeddings = c.patch_size ** 2 * c.num_channels * d + d  # patch projection with bias
   embeddings += c.num_tokens * d + (d if c.pool == "cls" else 0)  # positions, [CLS]
@@ -239,9 +294,17 @@ def num_params(c: ViTConfig) -> int:
 
 
 def flops_per_token(c: ViTConfig) -> float:
-  """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style:
+  """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style.
+
   6 * (block matmul params + the patch projection) + 12 * L * T * D for attention. The
-  per-image head is ignored. Multiply by num_tokens for FLOPs per image."""
+  per-image head is ignored. Multiply by num_tokens for FLOPs per image.
+
+  Args:
+    c: the config (T = c.num_tokens).
+
+  Returns:
+    FLOPs per token, a float.
+  """
   d, f, l = c.embed_dim, c.mlp_dim, c.num_layers
   matmul = l * (4 * d * d + 2 * d * f) + c.patch_size ** 2 * c.num_channels * d
   return 6.0 * matmul + 12.0 * l * c.num_tokens * d
