@@ -32,6 +32,9 @@ log = logging.getLogger("fmjax")
 class Source:
   """No source: the run starts from fresh parameters. The base class of every source.
 
+  Args:
+    spec: the init_from string this source was parsed from ("" for none).
+
   Attributes:
     spec: the init_from string this source was parsed from ("" for none).
   """
@@ -46,8 +49,17 @@ class Source:
     return f"{type(self).__name__}({self.spec!r})"
 
   def architecture(self, cls):
-    """The source's model config as an instance of `cls` (e.g. bert.BertConfig), or None
-    without a source. Raises ValueError when the source holds another kind of model."""
+    """The source's model config as an instance of `cls`, or None without a source.
+
+    Args:
+      cls: the model config class expected, e.g. bert.BertConfig.
+
+    Returns:
+      A `cls` instance with the weights' architecture; None for no source.
+
+    Raises:
+      ValueError: the source holds another kind of model.
+    """
     return None
 
   def tokenizer(self):
@@ -55,16 +67,32 @@ class Source:
     return None
 
   def runtime(self) -> Runtime:
-    """The runtime the weights were trained under, as far as the source knows (e.g. to
-    sample from them as they ran); Runtime() when it does not say."""
+    """The runtime the weights were trained under, as far as the source knows.
+
+    E.g. to sample from them as they ran.
+
+    Returns:
+      The Runtime saved with the weights; Runtime() when the source does not say.
+    """
     return Runtime()
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
-    """path -> shape of every parameter, in the Python-loop layout ("blocks/layer_{i}/...")."""
+    """path -> shape of every parameter, in the Python-loop layout ("blocks/layer_{i}/...").
+
+    Returns:
+      Dict of slash-joined parameter path -> shape tuple.
+    """
     return {p: tuple(x.shape) for p, x in self.read().items()}
 
   def read(self) -> dict[str, np.ndarray]:
-    """path -> every parameter on the host, in the Python-loop layout."""
+    """path -> every parameter on the host, in the Python-loop layout.
+
+    Returns:
+      Dict of slash-joined parameter path -> numpy array in its stored dtype.
+
+    Raises:
+      ValueError: no source (there are no weights to read).
+    """
     raise ValueError("no init_from: there are no weights to read")
 
   def load(self, params, param_shardings, new_params: tuple[str, ...] = ()):
@@ -124,7 +152,15 @@ class Source:
 
 
 class Workdir(Source):
-  """The latest checkpoint of a directory a training program wrote, and its tokenizer/."""
+  """The latest checkpoint of a directory a training program wrote, and its tokenizer/.
+
+  Args:
+    spec: the workdir; its latest checkpoint's meta and array list are read here.
+
+  Raises:
+    FileNotFoundError: no checkpoints/ directory, or no complete checkpoint in it.
+    fmjax.checkpoint.CheckpointReadError: the checkpoint cannot be read.
+  """
 
   def __init__(self, spec: str):
     super().__init__(spec)
@@ -173,7 +209,13 @@ class Workdir(Source):
 
 
 class HuggingFace(Source):
-  """A Hugging Face model directory ("hf:DIRECTORY"), read through fmjax.hf."""
+  """A Hugging Face model directory ("hf:DIRECTORY"), read through fmjax.hf.
+
+  The weights are read on first use (`architecture`, `read`, `load`), not when made.
+
+  Args:
+    spec: "hf:DIRECTORY".
+  """
 
   def __init__(self, spec: str):
     super().__init__(spec)
@@ -208,9 +250,17 @@ class HuggingFace(Source):
 
 
 class Adapted(Source):
-  """Another source with its parameters rewritten by `fn` (path -> numpy, Python-loop
-  layout, in and out): e.g. position embeddings resized for another image size, a head of
-  another size dropped. `note` says what changed (logged)."""
+  """Another source with its parameters rewritten by `fn`.
+
+  E.g. position embeddings resized for another image size, a head of another size dropped.
+
+  Args:
+    base: the source whose parameters are rewritten (its spec, architecture and tokenizer
+      are this one's).
+    fn: path -> numpy array dict in, path -> numpy array dict out, Python-loop layout; called
+      once, on the first `read`.
+    note: what `fn` changes, logged when it runs.
+  """
 
   def __init__(self, base: Source, fn: Callable[[dict], dict], note: str):
     super().__init__(base.spec)
@@ -239,8 +289,18 @@ PREFIXES: dict[str, Callable[[str], Source]] = {"hf:": HuggingFace}
 
 
 def parse(init_from: str) -> Source:
-  """The Source that `init_from` names: "" none, "hf:DIRECTORY" a Hugging Face directory,
-  else a workdir (checked here: it must hold a complete checkpoint)."""
+  """The Source that `init_from` names.
+
+  Args:
+    init_from: "" for none, "hf:DIRECTORY" for a Hugging Face directory, else a workdir
+      (checked here: it must hold a complete checkpoint).
+
+  Returns:
+    A Source (falsy for ""), HuggingFace or Workdir.
+
+  Raises:
+    FileNotFoundError: a workdir without a complete checkpoint.
+  """
   if not init_from:
     return Source()
   for prefix, kind in PREFIXES.items():
