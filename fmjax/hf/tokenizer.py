@@ -44,9 +44,14 @@ class HFTokenizer(fm_tokenizers.Tokenizer):
   kind = "hf"
 
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, eos_token: str, pad_token: str):
-    """Args:
+    """Wraps a Hugging Face tokenizer.
+
+    Args:
       tokenizer: the Hugging Face tokenizer (its truncation and padding are switched off).
       eos_token, pad_token: tokens of the end-of-document and padding ids (may be equal).
+
+    Raises:
+      KeyError: the vocabulary has no `eos_token` or no `pad_token`.
     """
     self._tok = tokenizer
     self._tok.no_truncation()
