@@ -129,6 +129,10 @@ def resolve_schedule(t, num_examples: int | None = None, *,
     t: the run config's train block.
     num_examples: training examples per epoch (programs that train by epochs).
     accum_steps: the accumulation chosen by the memory planner; default train.accum_steps.
+
+  Returns:
+    The Schedule (steps, warmup_steps, accum_steps).
+
   Raises:
     ValueError: neither steps nor epochs set, or epochs without num_examples.
   """
@@ -156,7 +160,17 @@ def resolve_schedule(t, num_examples: int | None = None, *,
 
 
 def optimizer_from_config(t, schedule: Schedule | None = None):
-  """AdamW of config.train `t`, its schedule spanning `schedule` (default: resolved from t)."""
+  """AdamW of config.train `t`, its schedule spanning `schedule` (default: resolved from t).
+
+  Args:
+    t: the run config's train block (learning_rate, decay, end_factor, weight_decay, b1, b2,
+      eps, grad_clip).
+    schedule: the run's Schedule (its steps and warmup_steps shape the learning rate); None:
+      `resolve_schedule(t)`.
+
+  Returns:
+    The optax GradientTransformation of training.make_optimizer.
+  """
   schedule = schedule or resolve_schedule(t)
   return training.make_optimizer(
       learning_rate=t.learning_rate, total_steps=schedule.steps,
@@ -168,6 +182,12 @@ class Interrupted(KeyboardInterrupt):
   """`fit` stopped on SIGTERM or SIGINT after saving a checkpoint; rerun to resume.
 
   A KeyboardInterrupt, so that `except Exception` does not swallow it.
+
+  Args:
+    signum: the signal's number (the programs exit with 128 + signum).
+    step: the step the run stopped (and saved) at.
+    directory: the checkpoint directory.
+    elsewhere: the signal reached another process of a multi-process run, not this one.
   """
 
   def __init__(self, signum: int, step: int, directory: str, elsewhere: bool = False):
@@ -364,9 +384,22 @@ def _restore_other_layout(ckpt, step, task, tx, rng, mesh, rules, target, saved_
 
 
 def resolved_config(config, schedule: Schedule, runtime, source, model_config):
-  """A copy of the run config with what the run resolved filled in (for config.json): the
-  schedule, the runtime, the source of the first weights and, in config.model, the fields
-  of the architecture built."""
+  """A copy of the run config with what the run resolved filled in (for config.json).
+
+  The schedule, the runtime, the source of the first weights and, in config.model, the
+  fields of the architecture built.
+
+  Args:
+    config: the run config (an ml_collections.ConfigDict); not modified.
+    schedule: the run's Schedule (train.steps, warmup_steps, accum_steps are set from it).
+    runtime: the model's Runtime (stored as config.runtime), or None.
+    source: the Source of the first weights (its spec stored as config.init_from), or None.
+    model_config: the architecture built; its fields replace the config.model keys of the
+      same name.
+
+  Returns:
+    The resolved deep copy of `config`.
+  """
   resolved = copy.deepcopy(config)
   with resolved.unlocked():
     t = resolved.train
@@ -384,8 +417,20 @@ def resolved_config(config, schedule: Schedule, runtime, source, model_config):
 
 
 def check_batch_size(batch_size: int, accum_steps: int, mesh) -> None:
-  """Each micro-batch (batch_size / accum_steps examples) splits evenly over the mesh's
-  batch shards (data x fsdp); refused here, before JAX reports it as a sharding error."""
+  """Checks that each micro-batch splits evenly over the mesh's batch shards (data x fsdp).
+
+  A micro-batch is batch_size / accum_steps examples; refused here, before JAX reports it as
+  a sharding error.
+
+  Args:
+    batch_size: the global batch size.
+    accum_steps: gradient accumulation steps (micro-batches per step).
+    mesh: the jax.sharding.Mesh.
+
+  Raises:
+    ValueError: accum_steps does not divide batch_size, or the batch shards do not divide
+      the micro-batch.
+  """
   shards = sharding.batch_shards(mesh)
   if batch_size % accum_steps or (batch_size // accum_steps) % shards:
     accum = f" in {accum_steps} micro-batches" if accum_steps > 1 else ""
@@ -446,6 +491,9 @@ class StopSignals:
 
     One process: the flag. Several: the maximum over processes of the flags as they were
     one step ago, all-reduced on the devices while that step ran (no extra host wait).
+
+    Returns:
+      True when a stop signal was received (by any process, one step ago when several).
     """
     if jax.process_count() == 1:
       return self.received is not None
@@ -470,12 +518,19 @@ def _process_max():
 
 
 class NonFiniteGuard:
-  """The host side of non-finite steps: reads the steps' `nonfinite` flags when the loop
-  reads metrics anyway, then stops (raises NonFiniteError) or counts the skipped steps.
+  """The host side of non-finite steps.
+
+  Reads the steps' `nonfinite` flags when the loop reads metrics anyway, then stops (raises
+  NonFiniteError) or counts the skipped steps.
 
   The train step already left the state unchanged on those steps (training.make_train_step),
   so nothing non-finite exists to be saved; stopping also means no state after the first
   bad step is saved (it would have silently skipped a batch).
+
+  Args:
+    skip: go on past non-finite steps, counting them (config.train.skip_nonfinite), unless
+      max(log_every, 10) steps in a row are non-finite.
+    log_every: the logging interval (config.train.log_every).
   """
 
   def __init__(self, skip: bool, log_every: int):
@@ -485,9 +540,24 @@ class NonFiniteGuard:
     self._pending = []  # (step, device metrics) of the steps not checked yet
 
   def add(self, step: int, step_metrics) -> None:
+    """Records a step's device metrics to be checked at the next `check`; does not wait for them.
+
+    Args:
+      step: the step number (after the step: 1 for the first).
+      step_metrics: the train step's metrics dict of device arrays, with "nonfinite".
+    """
     self._pending.append((step, step_metrics))
 
   def check(self, ckpt: checkpoint.Checkpointer) -> None:
+    """Reads the flags of the steps added since the last check; skips or stops on a bad one.
+
+    Args:
+      ckpt: the run's Checkpointer, to name the last good checkpoint in the error.
+
+    Raises:
+      NonFiniteError: a non-finite step without `skip`, or, with `skip`, too many non-finite
+        steps in a row.
+    """
     pending, self._pending = self._pending, []
     flags = jax.device_get([m["nonfinite"] for _, m in pending])
     bad = [(step, m) for (step, m), flag in zip(pending, flags) if flag]
@@ -523,11 +593,28 @@ class NonFiniteGuard:
         "such steps")
 
   def logged(self) -> dict:
-    """The metrics row's and the checkpoint meta's share: the count, when skipping."""
+    """The metrics row's and the checkpoint meta's share: the count, when skipping.
+
+    Returns:
+      {"skipped_steps": int} with `skip`, else {}.
+    """
     return {"skipped_steps": self.skipped} if self.skip else {}
 
 
 def evaluate_if(task: Task, p_eval, p_predict, state, mesh) -> dict:
+  """The evaluation metrics of the current params: the eval loss metrics and the task's scores.
+
+  Args:
+    task: the Task (its eval_data and score_fn; either may be None).
+    p_eval: the jitted eval step, (params, sharded batch) -> {"eval/...": scalar}.
+    p_predict: the jitted predict_fn, (params, sharded batch) -> outputs, or None.
+    state: the TrainState (its params are evaluated).
+    mesh: the jax.sharding.Mesh the batches are sharded onto.
+
+  Returns:
+    {"eval/...": float or value} from `evaluate` and task.score_fn; {} when the task has
+    neither.
+  """
   m = {} if task.eval_data is None else evaluate(p_eval, state.params, task.eval_data(), mesh)
   if task.score_fn is not None:
     m.update(task.score_fn(lambda batch: to_host(p_predict(state.params,
@@ -536,7 +623,14 @@ def evaluate_if(task: Task, p_eval, p_predict, state, mesh) -> dict:
 
 
 def to_host(tree):
-  """Global jax.Arrays -> numpy, gathered from every process (each computes the same metrics)."""
+  """Global jax.Arrays -> numpy, gathered from every process (each computes the same metrics).
+
+  Args:
+    tree: a pytree of jax.Arrays (global, possibly sharded over processes).
+
+  Returns:
+    The pytree of numpy arrays of the whole global arrays.
+  """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
@@ -544,16 +638,32 @@ def to_host(tree):
 
 
 def make_predict(predict_fn, params):
-  """host batch -> predict_fn's outputs as numpy, with params where they are (on their mesh);
-  compiled once per batch shape."""
+  """host batch -> predict_fn's outputs as numpy, with params where they are (on their mesh).
+
+  Compiled once per batch shape.
+
+  Args:
+    predict_fn: (params, batch) -> dict of per-example outputs (B, ...), pure.
+    params: the params pytree of jax.Arrays, sharded on one mesh.
+
+  Returns:
+    predict(host batch) -> predict_fn's outputs for the global batch as numpy.
+  """
   mesh = jax.tree_util.tree_leaves(params)[0].sharding.mesh
   jitted = jax.jit(predict_fn)
   return lambda batch: to_host(jitted(params, sharding.shard_batch(batch, mesh)))
 
 
 class BestTracker:
-  """Keeps the params of the best evaluation of `metric` in workdir/best (one checkpoint)
-  and its step and metrics in workdir/best/best.json; lower is better for losses."""
+  """Keeps the params of the best evaluation of `metric` in workdir/best (one checkpoint).
+
+  Its step and metrics are in workdir/best/best.json; lower is better for a metric whose
+  name holds "loss", higher for the others.
+
+  Args:
+    workdir: the run's workdir; the best params go to workdir/best.
+    metric: the metric to track, e.g. "eval/accuracy"; "" tracks nothing.
+  """
 
   def __init__(self, workdir: str, metric: str):
     self.metric, self.directory = metric, os.path.join(workdir, "best")
@@ -568,12 +678,30 @@ class BestTracker:
       self._ckpt.remove_unfinished()
 
   def better(self, value: float) -> bool:
+    """Whether `value` beats the best recorded evaluation.
+
+    Args:
+      value: the metric's new value.
+
+    Returns:
+      True without a record, else value < best for a loss, value > best otherwise.
+    """
     if self.record is None:
       return True
     old = self.record["metrics"][self.metric]
     return value < old if "loss" in self.metric else value > old
 
   def update(self, step: int, metrics: dict, state) -> None:
+    """Saves the params when `metrics[metric]` is the best so far, and records it in best.json.
+
+    Args:
+      step: the current step.
+      metrics: the step's metrics, holding `metric`.
+      state: the TrainState; its params are saved.
+
+    Raises:
+      ValueError: `metric` is not among `metrics`.
+    """
     if not self.metric:
       return
     if self.metric not in metrics:
@@ -590,12 +718,22 @@ class BestTracker:
                         json.dumps(self.record, indent=1))
 
   def close(self):
+    """Waits for the best checkpoint's saves and closes its Checkpointer."""
     if self._ckpt is not None:
       self._ckpt.close()
 
 
 def best_params(workdir: str, params):
-  """The params kept in workdir/best, restored into `params`' shardings; `params` if none."""
+  """The params kept in workdir/best, restored into `params`' shardings; `params` if none.
+
+  Args:
+    workdir: the run's workdir.
+    params: the params pytree of jax.Arrays whose shapes, dtypes and shardings the best ones
+      are restored into.
+
+  Returns:
+    The best params (a pytree like `params`), or `params` itself when no best was kept.
+  """
   directory = os.path.join(workdir, "best")
   if not os.path.isdir(directory):
     return params
@@ -610,7 +748,17 @@ def best_params(workdir: str, params):
 
 
 def evaluate(p_eval, params, batches, mesh) -> dict:
-  """Averages eval metrics over batches (each batch's metrics are already means)."""
+  """Averages eval metrics over batches (each batch's metrics are already means).
+
+  Args:
+    p_eval: the jitted eval step, (params, sharded batch) -> {name: scalar}.
+    params: the params pytree.
+    batches: iterable of host-local numpy batches.
+    mesh: the jax.sharding.Mesh the batches are sharded onto.
+
+  Returns:
+    {name: float}, the unweighted mean over batches; {} for no batches.
+  """
   totals, n = {}, 0
   for batch in batches:
     m = jax.device_get(p_eval(params, sharding.shard_batch(batch, mesh)))
