@@ -183,7 +183,7 @@ class HuggingFace(Source):
   def _load(self):
     if self._loaded is None:
       from fmjax import hf  # only when asked for
-      config, params = hf.load_params(self.directory, Runtime())
+      config, params = hf.read_weights(self.directory, runtime=Runtime())
       self._loaded = config, checkpoint.flatten_params(params)
     return self._loaded
 

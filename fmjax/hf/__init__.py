@@ -1,7 +1,7 @@
 """Hugging Face interop: BERT, GPT-2 and ViT checkpoints and tokenizers in and out of fmjax.
 
   model, variables = fmjax.hf.from_pretrained("path/to/bert-base-uncased", mesh=mesh)
-  config, params = fmjax.hf.load_params("path/to/gpt2")          # numpy, fmjax names
+  config, params = fmjax.hf.read_weights("path/to/gpt2")         # numpy, fmjax names
   fmjax.hf.save_pretrained(model, variables, "out/")             # transformers can load it
   tokenizer = fmjax.hf.load_tokenizer("path/to/gpt2")            # an fmjax Tokenizer
   model, variables = fmjax.hf.from_pretrained("path/to/vit-base-patch16-224")  # a ViT classifier
@@ -20,10 +20,10 @@ import importlib.util
 # not load safetensors and the weights do not load tokenizers.
 _MODULE_OF = {"ARCHITECTURES": "tables", "TASKS": "tables", "HFTokenizer": "tokenizer",
               "load_tokenizer": "tokenizer", "from_pretrained": "weights",
-              "load_params": "weights", "save_pretrained": "weights"}
+              "read_weights": "weights", "save_pretrained": "weights"}
 
 __all__ = ["ARCHITECTURES", "HFTokenizer", "TASKS", "from_pretrained",
-           "load_params", "load_tokenizer", "save_pretrained"]
+           "load_tokenizer", "read_weights", "save_pretrained"]
 
 
 def __getattr__(name: str):
