@@ -196,7 +196,7 @@ class HuggingFace(Source):
 
   def tokenizer(self):
     from fmjax import hf
-    return hf.load_tokenizer(self.directory)
+    return hf.tokenizer_from_pretrained(self.directory)
 
   def read(self):
     return dict(self._load()[1])

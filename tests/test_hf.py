@@ -311,7 +311,7 @@ def assert_matches_reference(tok, name):
 
 
 def test_bert_tokenizer_matches_transformers(tmp_path):
-  tok = hf.load_tokenizer(BERT_DIR)
+  tok = hf.tokenizer_from_pretrained(BERT_DIR)
   assert isinstance(tok, fm_tokenizers.Tokenizer) and tok.kind == "hf"
   ref = TOKENIZATIONS["bert"]
   assert_matches_reference(tok, "bert")
@@ -323,14 +323,14 @@ def test_bert_tokenizer_matches_transformers(tmp_path):
   # The WordPiece vocab.txt path, honouring do_lower_case from tokenizer_config.json.
   for f in ("vocab.txt", "tokenizer_config.json"):
     shutil.copy(BERT_DIR / f, tmp_path / f)
-  assert_matches_reference(hf.load_tokenizer(tmp_path), "bert")
+  assert_matches_reference(hf.tokenizer_from_pretrained(tmp_path), "bert")
   config = json.loads((tmp_path / "tokenizer_config.json").read_text())
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
-  assert hf.load_tokenizer(tmp_path).encode("Hello") != tok.encode("Hello")
+  assert hf.tokenizer_from_pretrained(tmp_path).encode("Hello") != tok.encode("Hello")
 
 
 def test_gpt2_tokenizer_matches_transformers(tmp_path):
-  tok = hf.load_tokenizer(GPT2_DIR)
+  tok = hf.tokenizer_from_pretrained(GPT2_DIR)
   ref = TOKENIZATIONS["gpt2"]
   assert_matches_reference(tok, "gpt2")
   assert tok.eos_id == tok.pad_id == ref["eos_id"] == tok.token_to_id("<|endoftext|>")
@@ -342,7 +342,7 @@ def test_gpt2_tokenizer_matches_transformers(tmp_path):
   # The vocab.json + merges.txt path.
   for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
     shutil.copy(GPT2_DIR / f, tmp_path / f)
-  from_files = hf.load_tokenizer(tmp_path)
+  from_files = hf.tokenizer_from_pretrained(tmp_path)
   assert_matches_reference(from_files, "gpt2")
   assert from_files.eos_id == tok.eos_id
   assert from_files.encode("a<|endoftext|>b") == tok.encode("a<|endoftext|>b")
@@ -350,7 +350,7 @@ def test_gpt2_tokenizer_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_tokenizer_save_restores_through_fmjax_data(name, tmp_path):
-  tok = hf.load_tokenizer(GOLDEN / name)
+  tok = hf.tokenizer_from_pretrained(GOLDEN / name)
   tok.save(tmp_path)
   assert json.loads((tmp_path / "fmjax_tokenizer.json").read_text())["kind"] == "hf"
   restored = fm_tokenizers.load_tokenizer(tmp_path)
@@ -358,12 +358,12 @@ def test_tokenizer_save_restores_through_fmjax_data(name, tmp_path):
   assert (restored.eos_id, restored.pad_id, restored.vocab_size) == (
       tok.eos_id, tok.pad_id, tok.vocab_size)
   assert_matches_reference(restored, name)
-  assert hf.load_tokenizer(GOLDEN / "gpt2").fingerprint != hf.load_tokenizer(
+  assert hf.tokenizer_from_pretrained(GOLDEN / "gpt2").fingerprint != hf.tokenizer_from_pretrained(
       GOLDEN / "bert").fingerprint
 
 
 def test_tokenizer_kind_restores_without_importing_fmjax_hf(tmp_path):
-  hf.load_tokenizer(GPT2_DIR).save(tmp_path)
+  hf.tokenizer_from_pretrained(GPT2_DIR).save(tmp_path)
   code = ("import sys; from fmjax.data import load_tokenizer; "
           "assert 'fmjax.hf' not in sys.modules; t = load_tokenizer(sys.argv[1]); "
           "print(type(t).__name__, t.eos_id)")
@@ -453,13 +453,13 @@ def test_export_errors(gpt2, tmp_path):
 
 def test_tokenizer_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"nowhere is not a directory"):
-    hf.load_tokenizer(tmp_path / "nowhere")
+    hf.tokenizer_from_pretrained(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=r"has no tokenizer.json, vocab.txt \(WordPiece\) "
                                               r"or vocab.json \+ merges.txt"):
-    hf.load_tokenizer(tmp_path)
+    hf.tokenizer_from_pretrained(tmp_path)
   (tmp_path / "vocab.txt").write_text("a\nb\n##c\n")
   with pytest.raises(ValueError, match=r"cannot tell the end-of-sequence token.*set eos_token"):
-    hf.load_tokenizer(tmp_path)
+    hf.tokenizer_from_pretrained(tmp_path)
 
 
 # --- With transformers installed: fmjax's export loads in transformers and agrees. -------------
