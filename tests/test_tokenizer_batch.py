@@ -227,7 +227,7 @@ def test_glue_encoding_is_the_batch_call():
   # 5 + 3 tokens in a room of 5: both cut, half each, the longer first text the odd token
   np.testing.assert_array_equal(arrays["input_ids"], [[2, 4, 5, 6, 3, 9, 10, 3],
                                                       [2, 4, 3, 5, 3, 0, 0, 0]])
-  np.testing.assert_array_equal(arrays["segment_ids"], [[0, 0, 0, 0, 0, 1, 1, 1],
+  np.testing.assert_array_equal(arrays["token_type_ids"], [[0, 0, 0, 0, 0, 1, 1, 1],
                                                         [0, 0, 0, 1, 1, 0, 0, 0]])
   np.testing.assert_array_equal(arrays["input_mask"].sum(1), [8, 5])
   assert truncated == 1
