@@ -205,8 +205,8 @@ def train(model, variables, batch, steps):
 
   step = jax.jit(training.make_train_step(loss_fn, tx))
   params = variables["params"]
-  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params))
+  state = training.TrainingState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params))
   losses = []
   for _ in range(steps):
     state, metrics = step(state, batch, jax.random.key(1))

@@ -85,7 +85,7 @@ def checkpoint_steps(workdir):
 
 
 def restore(workdir, step):
-  """(TrainState as a dict of numpy arrays, meta) of checkpoint `step`."""
+  """(TrainingState as a dict of numpy arrays, meta) of checkpoint `step`."""
   import jax
   import orbax.checkpoint as ocp
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"))
