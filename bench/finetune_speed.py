@@ -196,7 +196,7 @@ def run_fmjax(args, directory: str) -> dict:
 
   # The tokens trained on, from the same encoding and order (outside the timing).
   train_examples, _ = read_sst2(args)
-  arrays, _ = finetune.encode(config, hf.load_tokenizer(directory), train_examples)
+  arrays, _ = finetune.encode(config, hf.tokenizer_from_pretrained(directory), train_examples)
   batches, steps = order(arrays["input_mask"], args, args.group_batches)
   real = sum(int(arrays["input_mask"][i].sum()) for i in steps)
   dataset_tokens = int(arrays["input_mask"].sum())

@@ -76,7 +76,7 @@ def fmjax_gpt(c: gpt.GPTConfig, batch: int, seq_len: int):
 def bert_batch(c, batch: int, seq_len: int):
   rng = np.random.RandomState(0)
   return {"input_ids": rng.randint(0, c.vocab_size, (batch, seq_len)).astype(np.int32),
-          "segment_ids": (np.arange(seq_len) >= seq_len // 2).astype(np.int32)[None].repeat(batch, 0),
+          "token_type_ids": (np.arange(seq_len) >= seq_len // 2).astype(np.int32)[None].repeat(batch, 0),
           "input_mask": np.ones((batch, seq_len), np.int32),
           "masked_lm_positions": np.sort(rng.choice(seq_len, (batch, PREDICTIONS)), -1).astype(np.int32),
           "masked_lm_ids": rng.randint(0, c.vocab_size, (batch, PREDICTIONS)).astype(np.int32),
@@ -89,10 +89,10 @@ def fmjax_bert(c: bert.BertConfig, batch: int, seq_len: int):
   data = bert_batch(c, batch, seq_len)
 
   def loss_fn(params, b, r, train):
-    out = model.apply({"params": params}, b["input_ids"], b["segment_ids"], b["input_mask"],
+    out = model.apply({"params": params}, b["input_ids"], b["token_type_ids"], b["input_mask"],
                       b["masked_lm_positions"], train=train, rngs={"dropout": r})
     return bert.pretraining_loss(out, b)
-  return fmjax_step(model, loss_fn, data, (data["input_ids"], data["segment_ids"],
+  return fmjax_step(model, loss_fn, data, (data["input_ids"], data["token_type_ids"],
                                            data["input_mask"], data["masked_lm_positions"]))
 
 
@@ -139,7 +139,7 @@ def torch_bert(c: bert.BertConfig, batch: int, seq_len: int):
   labels.scatter_(1, b["masked_lm_positions"], b["masked_lm_ids"])
 
   def step():
-    out = model(input_ids=b["input_ids"], token_type_ids=b["segment_ids"],
+    out = model(input_ids=b["input_ids"], token_type_ids=b["token_type_ids"],
                 attention_mask=b["input_mask"], labels=labels,
                 next_sentence_label=b["next_sentence_labels"])
     out.loss.backward()

@@ -26,7 +26,7 @@ from fmjax.models.seq2seq import ImageCaptioner, Seq2Seq, Seq2SeqConfig
 from fmjax.models.vit import ViT, ViTConfig, ViTEncoder, resize_posemb
 from fmjax.runtime import Runtime
 from fmjax.sharding import make_mesh, sharded_init, shard_batch
-from fmjax.training import TrainState, make_eval_step, make_optimizer, make_train_step
+from fmjax.training import TrainingState, make_eval_step, make_optimizer, make_train_step
 from fmjax.transformer import (Block, BlockConfig, DecoderBlock, MultiHeadAttention,
                                TransformerStack)
 
@@ -43,7 +43,7 @@ __all__ = [
     "BertForQuestionAnswering", "BertForSequenceClassification", "ClassificationHead", "SpanHead",
     "evaluation", "heads", "ViT", "ViTConfig", "ViTEncoder", "resize_posemb", "Seq2Seq", "Seq2SeqConfig",
     "ImageCaptioner", "DecoderBlock", "Block", "BlockConfig", "MultiHeadAttention", "TransformerStack",
-    "TrainState", "attention", "checkpoint", "data", "dot_product_attention", "generate",
+    "TrainingState", "attention", "checkpoint", "data", "dot_product_attention", "generate",
     "layers", "make_attention_mask", "make_eval_step", "make_mesh", "make_optimizer",
     "make_train_step", "metrics", "shard_batch", "sharded_init", "sharding", "training",
     "transformer",

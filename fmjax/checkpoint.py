@@ -1,7 +1,7 @@
 """Checkpoints through orbax: the train state plus a small JSON record of everything else.
 
 A checkpoint step holds two items:
-  state: TrainState (params, optimizer state, step), written shard by shard from every process
+  state: TrainingState (params, optimizer state, step), written shard by shard from every process
   meta:  JSON — the model's architecture, the runtime it ran under (fmjax.runtime), the data
          iterator's position and the rng seed
 
@@ -203,7 +203,7 @@ class Checkpointer:
 
     Args:
       step: the training step, the checkpoint's name.
-      state: the pytree to save (the TrainState), written shard by shard from every process.
+      state: the pytree to save (the TrainingState), written shard by shard from every process.
       meta: the JSON-able record saved with it (model, runtime, data position, seed).
       force: save even when `step` is not a multiple of `save_every`.
 
@@ -394,7 +394,7 @@ def convert_layout(flat: dict, scanned: bool, stack=np.stack) -> dict:
 
   Args:
     flat: dict of slash-joined path -> array (params, or any tree holding them by path, e.g.
-      a TrainState, flattened).
+      a TrainingState, flattened).
     scanned: True for nn.scan's stacked layout, False for the Python loop's per-layer one.
     stack: the stacking function for `stack_layers` (np.stack; jnp.stack for device arrays).
 

@@ -225,7 +225,7 @@ class HuggingFace(Source):
   def _load(self):
     if self._loaded is None:
       from fmjax import hf  # only when asked for
-      config, params = hf.load_params(self.directory, Runtime())
+      config, params = hf.read_weights(self.directory, runtime=Runtime())
       self._loaded = config, checkpoint.flatten_params(params)
     return self._loaded
 
@@ -238,7 +238,7 @@ class HuggingFace(Source):
 
   def tokenizer(self):
     from fmjax import hf
-    return hf.load_tokenizer(self.directory)
+    return hf.tokenizer_from_pretrained(self.directory)
 
   def read(self):
     return dict(self._load()[1])

@@ -221,7 +221,7 @@ def fit(config, workdir: str, task: Task, *, schedule: Schedule | None = None,
   evaluation so far are kept in workdir/best (see `best_params`).
 
   Returns:
-    (final TrainState, list of the last logged metrics).
+    (final TrainingState, list of the last logged metrics).
   Raises:
     Interrupted: on SIGTERM/SIGINT, after saving (see the module docstring).
     NonFiniteError: a non-finite step without config.train.skip_nonfinite.

@@ -21,11 +21,13 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 @flax.struct.dataclass
-class TrainState:
+class TrainingState:
   """What a train step carries from one step to the next (a pytree, so it can be jitted).
 
-  fmjax's own, not flax.training.train_state.TrainState: no apply_fn or tx inside, which the
-  step functions close over instead.
+  Not flax.training.train_state.TrainState, and not interchangeable with it: only arrays
+  (step, params, opt_state), no apply_fn or tx fields and no apply_gradients method; the step
+  functions of make_train_step close over the model and optimizer instead. Its tree (and so a
+  checkpoint's) is {"step", "params", "opt_state"}.
 
   Attributes:
     step: () int32, the number of optimizer updates applied (skipped non-finite steps excluded).
@@ -108,7 +110,7 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
 
 
 def init_fn(model: nn.Module, tx, *example_args, **example_kwargs):
-  """A function rng -> boxed TrainState, for sharding.sharded_init.
+  """A function rng -> boxed TrainingState, for sharding.sharded_init.
 
   Args:
     model: the flax module to initialise.
@@ -118,12 +120,12 @@ def init_fn(model: nn.Module, tx, *example_args, **example_kwargs):
     **example_kwargs: keyword inputs for model.init.
 
   Returns:
-    init(rng) -> TrainState with step 0, the "params" collection (leaves still boxed with
+    init(rng) -> TrainingState with step 0, the "params" collection (leaves still boxed with
     their logical axes) and tx's state; rng seeds both "params" and "dropout".
   """
   def init(rng):
     params = model.init({"params": rng, "dropout": rng}, *example_args, **example_kwargs)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    return TrainingState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return init
 
 
@@ -148,13 +150,13 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None)
     schedule: the learning-rate schedule, logged as metrics["learning_rate"] when given.
 
   Returns:
-    train_step(state, batch, rng) -> (new TrainState, metrics): metrics holds float32 scalars
+    train_step(state, batch, rng) -> (new TrainingState, metrics): metrics holds float32 scalars
     "train/loss", "grad_norm", "train/<name>" for each of loss_fn's metrics, "nonfinite"
     (int32 0/1) and, with a schedule, "learning_rate". rng is folded with the step.
   """
   grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
 
-  def train_step(state: TrainState, batch, rng):
+  def train_step(state: TrainingState, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     if accum_steps == 1:
       (loss, aux), grads = grad_fn(state.params, batch, rng)
@@ -174,8 +176,8 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None)
     grad_norm = optax.tree.norm(grads)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.tree.norm(updates)))  # e.g. a NaN learning rate
-    new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                     opt_state=opt_state)
+    new = TrainingState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                        opt_state=opt_state)
     new = jax.tree_util.tree_map(lambda n, old: jnp.where(finite, n, old), new, state)
     metrics = {"train/loss": loss, "grad_norm": grad_norm,
                **{f"train/{k}": v for k, v in aux.items()},
@@ -209,7 +211,7 @@ def jit_steps(train_step, eval_step, state_shardings, mesh):
   Args:
     train_step: from `make_train_step`.
     eval_step: from `make_eval_step`.
-    state_shardings: a TrainState of NamedShardings (e.g. from sharding.sharded_init).
+    state_shardings: a TrainingState of NamedShardings (e.g. from sharding.sharded_init).
     mesh: the mesh; batches are split by sharding.batch_sharding(mesh), rngs and metrics
       are replicated.
 

@@ -396,3 +396,71 @@ def test_causal_lm_loss_fn_applies_the_model_to_packed_windows():
   # Without positions and segments the second document would see the first: a different loss.
   plain = model.apply({"params": params}, inputs)
   assert abs(_reference_lm_loss(plain, batch["targets"], np.ones((2, 8)))[0] - ref_loss) > 1e-4
+
+
+# --- One meaning per name ---------------------------------------------------------------------
+
+def test_ambiguous_names_are_gone_from_the_public_api():
+  import flax.training.train_state
+  import fmjax
+  from fmjax import hf, training
+  # fmjax.hf.load_params (HF weights) vs fmjax.checkpoint.load_params (a workdir's params);
+  # fmjax.hf.load_tokenizer vs fmjax.data.load_tokenizer; fmjax.TrainState vs flax's.
+  for module, old, new in ((hf, "load_params", "read_weights"),
+                           (hf, "load_tokenizer", "tokenizer_from_pretrained"),
+                           (fmjax, "TrainState", "TrainingState")):
+    assert not hasattr(module, old) and old not in module.__all__ and old not in dir(module)
+    assert new in module.__all__ and callable(getattr(module, new))
+  assert fmjax.TrainingState is training.TrainingState
+  assert fmjax.TrainingState is not flax.training.train_state.TrainState
+  assert [f for f in training.TrainingState.__dataclass_fields__] == ["step", "params",
+                                                                     "opt_state"]
+
+
+def test_segment_ids_are_packed_documents_and_token_type_ids_sentence_pairs():
+  from fmjax import data as fdata
+  from fmjax.data import glue, squad
+  tok = fdata.load_tokenizer(ROOT / "tests" / "golden" / "hf" / "bert")
+  a, b = len(tok.encode("a film")), len(tok.encode("dull"))
+  arrays, _ = glue.encode_examples([glue.Example(("a film", "dull"), 1, "t:1")], tok,
+                                   max_seq_length=16)  # [CLS] A [SEP] B [SEP] PAD ...
+  np.testing.assert_array_equal(arrays["token_type_ids"],
+                                [[0] * (a + 2) + [1] * (b + 1) + [0] * (13 - a - b)])
+  q, c = len(tok.encode("who sat")), len(tok.encode("the cat sat"))
+  qa = squad.QAExample("q", "t", "the cat sat", "who sat", (("the cat", 0),), "s:1")
+  features, _ = squad.make_features([qa], tok, max_seq_length=20, doc_stride=4,
+                                    max_query_length=8)  # [CLS] question [SEP] context [SEP]
+  np.testing.assert_array_equal(features["token_type_ids"],
+                                [[0] * (q + 2) + [1] * (c + 1) + [0] * (17 - q - c)])
+  assert "segment_ids" not in arrays and "segment_ids" not in features
+  lm = fdata.make_batch(np.array([5, 0, 6, 7, 0]), np.array([0]), 4, eos_id=0)  # packed documents
+  np.testing.assert_array_equal(lm["segment_ids"], [[1, 1, 2, 2]])
+
+
+@pytest.mark.parametrize("model, files", [
+    ("bert", ("tokenizer.json", "tokenizer_config.json")),
+    ("bert", ("vocab.txt", "tokenizer_config.json")),  # WordPiece, as BertTokenizer
+    ("gpt2", ("vocab.json", "merges.txt", "tokenizer_config.json"))])  # byte-level BPE
+def test_data_load_tokenizer_reads_hugging_face_directories(model, files, tmp_path):
+  import shutil
+  from fmjax import data as fdata
+  from fmjax import hf
+  for name in files:
+    shutil.copy(ROOT / "tests" / "golden" / "hf" / model / name, tmp_path / name)
+  ours, theirs = fdata.load_tokenizer(tmp_path), hf.tokenizer_from_pretrained(tmp_path)
+  assert type(ours) is hf.HFTokenizer and ours.fingerprint == theirs.fingerprint
+  assert (ours.eos_id, ours.pad_id, ours.vocab_size) == (
+      theirs.eos_id, theirs.pad_id, theirs.vocab_size)
+  texts, pairs = ["Hello, world!", "a longer second text"], ["and a pair", "b"]
+  for key, value in theirs(texts, pairs, padding="longest").items():
+    np.testing.assert_array_equal(ours(texts, pairs, padding="longest")[key], value)
+  # An fmjax-saved tokenizer directory still restores by its kind.
+  ours.save(tmp_path / "saved")
+  assert fdata.load_tokenizer(tmp_path / "saved").fingerprint == theirs.fingerprint
+
+
+def test_data_load_tokenizer_names_both_kinds_of_directory(tmp_path):
+  from fmjax import data as fdata
+  with pytest.raises(FileNotFoundError, match=r"no fmjax_tokenizer.json in .*nor a Hugging Face "
+                                              r"tokenizer \(tokenizer.json, vocab.txt"):
+    fdata.load_tokenizer(tmp_path)

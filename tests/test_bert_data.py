@@ -19,7 +19,7 @@ WIKITEXT = pathlib.Path("/work/shared/data/wikitext-2/valid.txt")
 BERT_SPECIALS = dict(pad_piece="[PAD]", unk_piece="[UNK]",
                      special_tokens=("[CLS]", "[SEP]", "[MASK]"))
 FIELDS = {"input_ids": (128, np.int32), "input_mask": (128, np.int32),
-          "segment_ids": (128, np.int32), "masked_lm_positions": (20, np.int32),
+          "token_type_ids": (128, np.int32), "masked_lm_positions": (20, np.int32),
           "masked_lm_ids": (20, np.int32), "masked_lm_weights": (20, np.float32),
           "next_sentence_labels": (1, np.int32)}
 
@@ -110,7 +110,7 @@ def test_fields_dtypes_shapes_and_consistency(wiki_docs, tok, instances, ids):
     assert (ex["input_ids"][n:] == ids["[PAD]"]).all()
     # [CLS] A [SEP] -> 0, B [SEP] -> 1, padding -> 0.
     np.testing.assert_array_equal(
-        ex["segment_ids"], [0] * (x.num_a + 2) + [1] * (n - x.num_a - 2) + [0] * (128 - n))
+        ex["token_type_ids"], [0] * (x.num_a + 2) + [1] * (n - x.num_a - 2) + [0] * (128 - n))
     assert x.original[0] == ids["[CLS]"] and x.original[-1] == ids["[SEP]"]
     assert x.original[x.num_a + 1] == ids["[SEP]"] and x.original.count(ids["[SEP]"]) == 2
     assert x.num_a >= 1 and n - x.num_a - 3 >= 1
@@ -387,3 +387,15 @@ def test_prepare_pretraining_dataset_round_trip(tmp_path, sample_docs, tok):
   with pytest.raises(TypeError, match="mask_prob"):
     data.prepare_pretraining_dataset(sample_docs, tok, data_dir=tmp_path, max_seq_length=64,
                                      mask_prob=0.2)
+
+
+def test_data_prepared_before_the_token_type_rename_is_prepared_again(tmp_path, sample_docs, tok):
+  # Version 1.0.0 stored the sentence A/B ids as "segment_ids"; 1.1.0 as "token_type_ids".
+  kwargs = dict(max_seq_length=32, max_predictions_per_seq=5, dupe_factor=1, seed=0)
+  data.prepare_pretraining_dataset(sample_docs, tok, data_dir=tmp_path, **kwargs)
+  (config_dir,) = (tmp_path / "bert_pretraining_examples").iterdir()
+  assert [p.name for p in config_dir.iterdir()] == ["1.1.0"]
+  (config_dir / "1.1.0").rename(config_dir / "1.0.0")  # as an older fmjax left it
+  source = data.prepare_pretraining_dataset(sample_docs, tok, data_dir=tmp_path, **kwargs)
+  assert sorted(p.name for p in config_dir.iterdir()) == ["1.0.0", "1.1.0"]
+  assert "token_type_ids" in source[0] and "segment_ids" not in source[0]

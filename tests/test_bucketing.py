@@ -24,7 +24,7 @@ def examples(lengths, width=32):
   position = np.arange(width)[None]
   mask = (position < np.asarray(lengths)[:, None]).astype(np.int32)
   return {"input_ids": ((100 * np.arange(n)[:, None] + position + 1) * mask).astype(np.int32),
-          "segment_ids": (mask * (position % 2)).astype(np.int32), "input_mask": mask,
+          "token_type_ids": (mask * (position % 2)).astype(np.int32), "input_mask": mask,
           "id": np.arange(n), "weight": np.ones(n, np.float32)}
 
 
@@ -78,7 +78,7 @@ def test_each_batch_is_cut_to_the_bucket_of_its_longest_row():
     width = batch["input_ids"].shape[1]
     assert width == bucketing.bucket_length(longest, minimum=4, maximum=32) == it.length_at(step)
     widths.add(width)
-    for k in ("input_ids", "segment_ids", "input_mask"):  # only padding columns were cut
+    for k in ("input_ids", "token_type_ids", "input_mask"):  # only padding columns were cut
       np.testing.assert_array_equal(batch[k], arrays[k][rows, :width])
       assert not arrays[k][rows, width:].any()
     np.testing.assert_array_equal(batch["weight"], 1)

@@ -194,7 +194,7 @@ def test_init_from_a_hugging_face_bert_directory(env, tmp_path):
   proc = program(env, workdir, f"--config.init_from=hf:{directory}", "--config.train.steps=2",
                  "--config.train.learning_rate=0.0")
   check_ok(proc)
-  config, arrays = hf.load_params(str(directory))
+  config, arrays = hf.read_weights(str(directory))
   tuned = restore_params(workdir)
   assert json.load(open(workdir / "config.json"))["init_from"] == f"hf:{directory}"
   for key, value in checkpoint_flat(arrays["bert"]).items():

@@ -199,9 +199,9 @@ def test_pair_encoding_by_hand():
   arrays, truncated = glue.encode_examples(examples, tok, max_seq_length=8)
   # 5 + 2 tokens + 3 specials > 8: the longer text loses tokens from its end: (a b c) (f g)
   np.testing.assert_array_equal(arrays["input_ids"][0], [2, 5, 6, 7, 3, 10, 11, 3])
-  np.testing.assert_array_equal(arrays["segment_ids"][0], [0, 0, 0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(arrays["token_type_ids"][0], [0, 0, 0, 0, 0, 1, 1, 1])
   np.testing.assert_array_equal(arrays["input_ids"][1], [2, 5, 3, 6, 3, 0, 0, 0])
-  np.testing.assert_array_equal(arrays["segment_ids"][1], [0, 0, 0, 1, 1, 0, 0, 0])
+  np.testing.assert_array_equal(arrays["token_type_ids"][1], [0, 0, 0, 1, 1, 0, 0, 0])
   np.testing.assert_array_equal(arrays["input_mask"][1], [1, 1, 1, 1, 1, 0, 0, 0])
   np.testing.assert_array_equal(arrays["label"], [1, 0])
   assert truncated == 1

@@ -142,9 +142,9 @@ def test_gpt2_greedy_golden_is_argmax_rollout(gpt2):
 
 
 @pytest.mark.parametrize("which", ["bert", "bert_model", "gpt2"])
-def test_load_params_has_init_paths(which, tmp_path):
+def test_read_weights_has_init_paths(which, tmp_path):
   directory = {"bert": BERT_DIR, "gpt2": GPT2_DIR}.get(which) or bert_model_dir(tmp_path)
-  config, params = hf.load_params(directory)
+  config, params = hf.read_weights(directory)
   module = {"bert": BertForPreTraining, "bert_model": BertEncoder, "gpt2": GPT}[which]
   init = jax.eval_shape(module(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
   init = nn.meta.unbox(init["params"])
@@ -160,10 +160,10 @@ def test_load_params_has_init_paths(which, tmp_path):
                                   w.T.reshape(32, 2, 16))
 
 
-def test_load_params_scanned_and_bfloat16():
-  config, plain = hf.load_params(GPT2_DIR)
+def test_read_weights_scanned_and_bfloat16():
+  config, plain = hf.read_weights(GPT2_DIR)
   runtime = Runtime(scan_layers=True, param_dtype="bfloat16")
-  config_s, scanned = hf.load_params(GPT2_DIR, runtime)
+  config_s, scanned = hf.read_weights(GPT2_DIR, runtime=runtime)
   assert config_s == config  # the architecture; the layout and dtype are the runtime's
   init = jax.eval_shape(GPT(config_s, runtime).init, jax.random.key(0),
                         jnp.zeros((1, 1), jnp.int32))
@@ -221,7 +221,7 @@ def test_unused_tensors_are_named_in_a_warning(tmp_path):
   with pytest.warns(UserWarning, match=r"ignores 1 tensors of .*model.safetensors that a "
                                        r"BertForPreTraining does not have: "
                                        r"\['classifier.weight'\]"):
-    hf.load_params(d)
+    hf.read_weights(d)
 
 
 def test_export_scanned_bfloat16_round_trip(tmp_path):
@@ -311,7 +311,7 @@ def assert_matches_reference(tok, name):
 
 
 def test_bert_tokenizer_matches_transformers(tmp_path):
-  tok = hf.load_tokenizer(BERT_DIR)
+  tok = hf.tokenizer_from_pretrained(BERT_DIR)
   assert isinstance(tok, fm_tokenizers.Tokenizer) and tok.kind == "hf"
   ref = TOKENIZATIONS["bert"]
   assert_matches_reference(tok, "bert")
@@ -323,14 +323,14 @@ def test_bert_tokenizer_matches_transformers(tmp_path):
   # The WordPiece vocab.txt path, honouring do_lower_case from tokenizer_config.json.
   for f in ("vocab.txt", "tokenizer_config.json"):
     shutil.copy(BERT_DIR / f, tmp_path / f)
-  assert_matches_reference(hf.load_tokenizer(tmp_path), "bert")
+  assert_matches_reference(hf.tokenizer_from_pretrained(tmp_path), "bert")
   config = json.loads((tmp_path / "tokenizer_config.json").read_text())
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
-  assert hf.load_tokenizer(tmp_path).encode("Hello") != tok.encode("Hello")
+  assert hf.tokenizer_from_pretrained(tmp_path).encode("Hello") != tok.encode("Hello")
 
 
 def test_gpt2_tokenizer_matches_transformers(tmp_path):
-  tok = hf.load_tokenizer(GPT2_DIR)
+  tok = hf.tokenizer_from_pretrained(GPT2_DIR)
   ref = TOKENIZATIONS["gpt2"]
   assert_matches_reference(tok, "gpt2")
   assert tok.eos_id == tok.pad_id == ref["eos_id"] == tok.token_to_id("<|endoftext|>")
@@ -342,7 +342,7 @@ def test_gpt2_tokenizer_matches_transformers(tmp_path):
   # The vocab.json + merges.txt path.
   for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
     shutil.copy(GPT2_DIR / f, tmp_path / f)
-  from_files = hf.load_tokenizer(tmp_path)
+  from_files = hf.tokenizer_from_pretrained(tmp_path)
   assert_matches_reference(from_files, "gpt2")
   assert from_files.eos_id == tok.eos_id
   assert from_files.encode("a<|endoftext|>b") == tok.encode("a<|endoftext|>b")
@@ -350,7 +350,7 @@ def test_gpt2_tokenizer_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_tokenizer_save_restores_through_fmjax_data(name, tmp_path):
-  tok = hf.load_tokenizer(GOLDEN / name)
+  tok = hf.tokenizer_from_pretrained(GOLDEN / name)
   tok.save(tmp_path)
   assert json.loads((tmp_path / "fmjax_tokenizer.json").read_text())["kind"] == "hf"
   restored = fm_tokenizers.load_tokenizer(tmp_path)
@@ -358,12 +358,12 @@ def test_tokenizer_save_restores_through_fmjax_data(name, tmp_path):
   assert (restored.eos_id, restored.pad_id, restored.vocab_size) == (
       tok.eos_id, tok.pad_id, tok.vocab_size)
   assert_matches_reference(restored, name)
-  assert hf.load_tokenizer(GOLDEN / "gpt2").fingerprint != hf.load_tokenizer(
+  assert hf.tokenizer_from_pretrained(GOLDEN / "gpt2").fingerprint != hf.tokenizer_from_pretrained(
       GOLDEN / "bert").fingerprint
 
 
 def test_tokenizer_kind_restores_without_importing_fmjax_hf(tmp_path):
-  hf.load_tokenizer(GPT2_DIR).save(tmp_path)
+  hf.tokenizer_from_pretrained(GPT2_DIR).save(tmp_path)
   code = ("import sys; from fmjax.data import load_tokenizer; "
           "assert 'fmjax.hf' not in sys.modules; t = load_tokenizer(sys.argv[1]); "
           "print(type(t).__name__, t.eos_id)")
@@ -387,21 +387,21 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
     hf.from_pretrained(tmp_path / "nowhere")
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"empty has no config.json"):
-    hf.load_params(tmp_path / "empty")
+    hf.read_weights(tmp_path / "empty")
   d = copy_dir(GPT2_DIR, tmp_path / "llama", model_type="llama")
   with pytest.raises(ValueError, match=r"config.json has model_type='llama'; fmjax.hf supports "
                                        r"\['bert', 'gpt2'\]"):
-    hf.load_params(d)
+    hf.read_weights(d)
   d = copy_dir(BERT_DIR, tmp_path / "relu", hidden_act="relu")
   with pytest.raises(ValueError, match=r"hidden_act='relu'.*supports only hidden_act in "
                                        r"\['gelu', 'gelu_python'\]"):
-    hf.load_params(d)
+    hf.read_weights(d)
   d = copy_dir(BERT_DIR, tmp_path / "vocab", vocab_size=201)
   with pytest.raises(ValueError, match=r"model.safetensors: tensor "
                                        r"'bert.embeddings.word_embeddings.weight' has shape "
                                        r"\(200, 32\), but config.json \(vocab_size=201.*needs "
                                        r"\(201, 32\)"):
-    hf.load_params(d)
+    hf.read_weights(d)
   tensors = read_tensors(GPT2_DIR)
   del tensors["transformer.h.1.mlp.c_fc.bias"]
   d = write_model_dir(tmp_path / "missing", json.loads((GPT2_DIR / "config.json").read_text()),
@@ -409,17 +409,17 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
   with pytest.raises(ValueError, match=r"model.safetensors has no tensor "
                                        r"'transformer.h.1.mlp.c_fc.bias' \(fmjax "
                                        r"blocks/layer_1/mlp/wi/bias\).*Re-save it"):
-    hf.load_params(d)
+    hf.read_weights(d)
   (d / "model.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match=r"missing has no model.safetensors"):
-    hf.load_params(d)
+    hf.read_weights(d)
   tensors = read_tensors(GPT2_DIR)
   tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + 1
   d = write_model_dir(tmp_path / "untied", json.loads((GPT2_DIR / "config.json").read_text()),
                       tensors)
   with pytest.raises(ValueError, match=r"'lm_head.weight' differs from 'transformer.wte.weight', "
                                        r"but fmjax ties them"):
-    hf.load_params(d)
+    hf.read_weights(d)
   tensors = {k: v for k, v in read_tensors(BERT_DIR).items()
              if not k.startswith(("cls.seq_relationship", "bert.pooler"))}
   d = write_model_dir(tmp_path / "mlm", json.loads((BERT_DIR / "config.json").read_text()),
@@ -433,7 +433,7 @@ def test_pytorch_bin_without_torch_says_what_to_do(tmp_path, monkeypatch):
   (tmp_path / "pytorch_model.bin").write_bytes(b"")
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
   with pytest.raises(FileNotFoundError, match=r"has only pytorch_model.bin, which needs torch"):
-    hf.load_params(tmp_path)
+    hf.read_weights(tmp_path)
 
 
 def test_export_errors(gpt2, tmp_path):
@@ -453,13 +453,13 @@ def test_export_errors(gpt2, tmp_path):
 
 def test_tokenizer_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"nowhere is not a directory"):
-    hf.load_tokenizer(tmp_path / "nowhere")
+    hf.tokenizer_from_pretrained(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=r"has no tokenizer.json, vocab.txt \(WordPiece\) "
                                               r"or vocab.json \+ merges.txt"):
-    hf.load_tokenizer(tmp_path)
+    hf.tokenizer_from_pretrained(tmp_path)
   (tmp_path / "vocab.txt").write_text("a\nb\n##c\n")
   with pytest.raises(ValueError, match=r"cannot tell the end-of-sequence token.*set eos_token"):
-    hf.load_tokenizer(tmp_path)
+    hf.tokenizer_from_pretrained(tmp_path)
 
 
 # --- With transformers installed: fmjax's export loads in transformers and agrees. -------------

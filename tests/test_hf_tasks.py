@@ -205,8 +205,8 @@ def train(model, variables, batch, steps):
 
   step = jax.jit(training.make_train_step(loss_fn, tx))
   params = variables["params"]
-  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params))
+  state = training.TrainingState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(params))
   losses = []
   for _ in range(steps):
     state, metrics = step(state, batch, jax.random.key(1))
@@ -243,8 +243,8 @@ def test_classifier_on_a_pretrained_encoder_initialises_its_head(caplog):
   _, other = hf.from_pretrained(BERT_DIR, task="classification", num_labels=2, seed=4)
   np.testing.assert_array_equal(again["params"]["classifier"]["dense"]["kernel"], head["kernel"])
   assert not np.array_equal(other["params"]["classifier"]["dense"]["kernel"], head["kernel"])
-  # load_params returns the same tree, as numpy arrays.
-  config, params = hf.load_params(BERT_DIR, task="classification", num_labels=2, seed=3)
+  # read_weights returns the same tree, as numpy arrays.
+  config, params = hf.read_weights(BERT_DIR, task="classification", num_labels=2, seed=3)
   assert config == model.config
   assert_trees_equal(jax.tree_util.tree_map(jnp.asarray, params), variables["params"])
 
@@ -338,7 +338,7 @@ def test_errors(tmp_path):
   (d / "config.json").write_text(json.dumps({**read_config(CLS_DIR),
                                              "id2label": {"0": "no", "1": "yes"}}))
   one_line_error(r"'classifier.weight' has shape \(3, 16\), but num_labels=2 \(config.json's "
-                 r"id2label\) needs \(2, 16\)", hf.load_params, d)
+                 r"id2label\) needs \(2, 16\)", hf.read_weights, d)
   one_line_error(r"unknown task='summarization'; choose one of \['causal_lm', 'masked_lm', "
                  r"'classification', 'question_answering', 'image_classification'\], or "
                  r"task=None", hf.from_pretrained, BERT_DIR, task="summarization")

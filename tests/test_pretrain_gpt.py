@@ -85,7 +85,7 @@ def checkpoint_steps(workdir):
 
 
 def restore(workdir, step):
-  """(TrainState as a dict of numpy arrays, meta) of checkpoint `step`."""
+  """(TrainingState as a dict of numpy arrays, meta) of checkpoint `step`."""
   import jax
   import orbax.checkpoint as ocp
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "meta"))
@@ -371,7 +371,7 @@ def test_continue_pretraining_a_hugging_face_gpt2(env, tmp_path):
   proc = program(env, workdir, f"--config.init_from=hf:{directory}", "--config.train.steps=1",
                  "--config.train.learning_rate=0.0", "--config.sample.num_tokens=0")
   check_ok(proc)
-  config, params = hf.load_params(str(directory))
+  config, params = hf.read_weights(str(directory))
   state, meta = restore(workdir, 1)
   assert meta["model"]["vocab_size"] == config.vocab_size != 67  # not the char vocabulary
   for path in (("wte", "embedding"), ("blocks", "layer_1", "mlp", "wo", "kernel")):

@@ -62,7 +62,7 @@ WORDS = WordTokenizer("a b c d e f g h".split())  # a=4 ... h=11
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_ids_equal_transformers_goldens(name):
-  tok = hf.load_tokenizer(GOLDEN / name)
+  tok = hf.tokenizer_from_pretrained(GOLDEN / name)
   for case, want in zip(BATCH["cases"], BATCH[name]):
     got = as_lists(call(tok, case))
     assert got == want, case
@@ -72,7 +72,7 @@ def test_ids_equal_transformers_goldens(name):
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_bucket_padding_is_longest_padded_to_a_power_of_two(name):
-  tok = hf.load_tokenizer(GOLDEN / name)
+  tok = hf.tokenizer_from_pretrained(GOLDEN / name)
   for case, want in zip(BATCH["cases"], BATCH[name]):
     if case["padding"] != "longest":
       continue
@@ -113,7 +113,7 @@ def test_ids_equal_transformers_live(name):
     import make_tokenizer_goldens as make
   finally:
     sys.path.pop(0)
-  theirs, ours = make.hf_tokenizer(directory), hf.load_tokenizer(directory)
+  theirs, ours = make.hf_tokenizer(directory), hf.tokenizer_from_pretrained(directory)
   if name == "minilm":
     assert ours.special_tokens == SpecialTokens(prefix=(101,), middle=(102,), suffix=(102,))
   cases = make.CASES + [
@@ -227,7 +227,7 @@ def test_glue_encoding_is_the_batch_call():
   # 5 + 3 tokens in a room of 5: both cut, half each, the longer first text the odd token
   np.testing.assert_array_equal(arrays["input_ids"], [[2, 4, 5, 6, 3, 9, 10, 3],
                                                       [2, 4, 3, 5, 3, 0, 0, 0]])
-  np.testing.assert_array_equal(arrays["segment_ids"], [[0, 0, 0, 0, 0, 1, 1, 1],
+  np.testing.assert_array_equal(arrays["token_type_ids"], [[0, 0, 0, 0, 0, 1, 1, 1],
                                                         [0, 0, 0, 1, 1, 0, 0, 0]])
   np.testing.assert_array_equal(arrays["input_mask"].sum(1), [8, 5])
   assert truncated == 1

@@ -188,7 +188,7 @@ def test_hf_vit_model_directory_loads_as_encoder_and_ignores_its_pooler(tmp_path
   assert isinstance(model, vit.ViTEncoder)
   assert np.abs(np.asarray(apply(model, variables["params"], ref["images"]))
                 - ref["last_hidden_state"]).max() <= ATOL
-  _, params = hf.load_params(tmp_path, Runtime(scan_layers=True))  # stacked for nn.scan
+  _, params = hf.read_weights(tmp_path, runtime=Runtime(scan_layers=True))  # stacked for nn.scan
   assert params["encoder"]["blocks"]["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 2, 16)
 
 
@@ -205,7 +205,7 @@ def test_hf_vit_export_round_trip_is_exact(tmp_path):
   assert written["architectures"] == ["ViTForImageClassification"]
   assert (written["model_type"], written["image_size"], written["patch_size"],
           len(written["id2label"])) == ("vit", 16, 4, 5)
-  config, params = hf.load_params(tmp_path)
+  config, params = hf.read_weights(tmp_path)
   assert config == model.config
   flat = lambda t: {jax.tree_util.keystr(p): np.asarray(x)
                     for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
@@ -231,7 +231,7 @@ def test_hf_vit_shape_mismatch_names_tensor_and_config(tmp_path):
   with pytest.raises(ValueError, match=r"tensor 'vit.embeddings.position_embeddings' has shape "
                                        r"\(1, 17, 32\), but config.json \(image_size=20, "
                                        r"patch_size=4.*needs \(1, 26, 32\)"):
-    hf.load_params(tmp_path)
+    hf.read_weights(tmp_path)
 
 
 # Data -----------------------------------------------------------------------------------------
@@ -503,7 +503,7 @@ def test_finetune_from_hf_at_another_image_size_resizes_positions(tmp_path):
   final = classify_images.run(config, str(workdir))
   assert set(final) == {"eval/accuracy", "eval/loss"}
   assert final["eval/loss"] == pytest.approx(np.log(3), abs=1e-6)  # zero head: uniform
-  _, source = hf.load_params(VIT_DIR)
+  _, source = hf.read_weights(VIT_DIR)
   _, meta, _ = checkpoint.read_latest(str(workdir))
   assert meta["model"]["image_size"] == 32 and meta["model"]["num_classes"] == 3
   assert meta["model"]["embed_dim"] == 32 and meta["model"]["norm_eps"] == 1e-12  # the source's

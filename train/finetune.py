@@ -164,7 +164,7 @@ def build_model(config, encoder: bert.BertConfig, num_labels: int, runtime):
 
 def make_loss_fn(model, task: str):
   def loss_fn(params, batch, rng, train):
-    out = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
+    out = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
                       batch["input_mask"], train=train, rngs={"dropout": rng})
     if task == "qa":
       start, end = (mask_padding(x, batch["input_mask"]) for x in out)
@@ -178,7 +178,7 @@ def make_loss_fn(model, task: str):
 
 def make_predict_fn(model, task: str):
   def predict_fn(params, batch):
-    out = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
+    out = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
                       batch["input_mask"], train=False)
     if task == "qa":
       return {"start_logits": mask_padding(out[0], batch["input_mask"]),
@@ -306,7 +306,7 @@ def run(config, workdir: str):
                                  "num_labels": num_labels},
       loss_fn=make_loss_fn(model, config.task), train_data=train_data, eval_data=None,
       example_batch=train_data.batch_at(0),
-      init_args=lambda b: (b["input_ids"], b["segment_ids"], b["input_mask"]),
+      init_args=lambda b: (b["input_ids"], b["token_type_ids"], b["input_mask"]),
       flops_per_example=flops_per_example, tokens_per_example=float(np.mean(lengths)),
       predict_fn=make_predict_fn(model, config.task),
       score_fn=score_fn, new_params=(head,))

@@ -46,7 +46,7 @@ def build_tokenizer(config, workdir: str, documents, source) -> fdata.Tokenizer:
 
 def pretraining_loss_fn(model):
   def loss_fn(params, batch, rng, train):
-    outputs = model.apply({"params": params}, batch["input_ids"], batch["segment_ids"],
+    outputs = model.apply({"params": params}, batch["input_ids"], batch["token_type_ids"],
                           batch["input_mask"], batch["masked_lm_positions"], train=train,
                           rngs={"dropout": rng})
     labels = {**batch, "next_sentence_labels": batch["next_sentence_labels"].reshape(-1)}
@@ -149,7 +149,7 @@ def run(config, workdir: str):
     task = common.Task(
         model=model, model_config=model_config, loss_fn=pretraining_loss_fn(model),
         train_data=train_data, eval_data=eval_data, example_batch=train_data.batch_at(0),
-        init_args=lambda b: (b["input_ids"], b["segment_ids"], b["input_mask"],
+        init_args=lambda b: (b["input_ids"], b["token_type_ids"], b["input_mask"],
                              b["masked_lm_positions"]),
         flops_per_example=bert.flops_per_token(model_config, length) * length,
         tokens_per_example=length)

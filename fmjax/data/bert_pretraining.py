@@ -17,6 +17,8 @@ Shape key: T max_seq_length, P max_predictions_per_seq.
 
 Where this differs from the original, on purpose:
   - Ids are int32: the original writes int64 and its run_pretraining.py casts them to int32.
+  - The sentence A/B ids are "token_type_ids", as transformers names them; the original
+    calls them "segment_ids", which in fmjax are the document ids of packed LM batches.
   - The 10% random replacement draws from the vocabulary minus the special ids (PAD, EOS,
     UNK, [CLS], [SEP], [MASK], other control pieces); the original draws from all of it.
   - A random B never comes from the current document: when the original's 10 draws all hit
@@ -419,7 +421,7 @@ def create_pretraining_examples(documents: Sequence[Sequence[str]], tokenizer: T
   Returns:
     Examples in shuffled order, each a dict of numpy arrays:
       input_ids (T,) int32, padded with the [PAD] id; input_mask (T,) int32, 1 on tokens;
-      segment_ids (T,) int32, 0 for [CLS] A [SEP], 1 for B [SEP], 0 on padding;
+      token_type_ids (T,) int32, 0 for [CLS] A [SEP], 1 for B [SEP], 0 on padding;
       masked_lm_positions, masked_lm_ids (P,) int32, sorted by position, 0-padded;
       masked_lm_weights (P,) float32, 1.0 per prediction; next_sentence_labels (1,) int32,
       0 if B follows A in the document (IsNext), 1 if B is random (the original's labels).
@@ -439,7 +441,7 @@ def create_pretraining_examples(documents: Sequence[Sequence[str]], tokenizer: T
     examples.append({
         "input_ids": _pad(x.tokens, t, pad_id, np.int32),
         "input_mask": _pad([1] * n, t, 0, np.int32),
-        "segment_ids": _pad([0] * (x.num_a + 2) + [1] * (n - x.num_a - 2), t, 0, np.int32),
+        "token_type_ids": _pad([0] * (x.num_a + 2) + [1] * (n - x.num_a - 2), t, 0, np.int32),
         "masked_lm_positions": _pad(x.positions, p, 0, np.int32),
         "masked_lm_ids": _pad(x.labels, p, 0, np.int32),
         "masked_lm_weights": _pad([1.0] * len(x.positions), p, 0.0, np.float32),
@@ -506,7 +508,7 @@ class BertPretrainingConfig(tfds.core.BuilderConfig):
   """Feature shapes; the name is the fingerprint of documents, tokenizer and parameters.
 
   Attributes:
-    max_seq_length: T, the length of "input_ids", "input_mask" and "segment_ids".
+    max_seq_length: T, the length of "input_ids", "input_mask" and "token_type_ids".
     max_predictions_per_seq: P, the length of the "masked_lm_*" features.
   """
   max_seq_length: int = 128
@@ -530,7 +532,9 @@ class BertPretrainingExamples(tfds.core.GeneratorBasedBuilder, skip_registration
     DataError: (on preparing) a builder made without documents whose data is not prepared.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
+  # 1.1.0: the feature "segment_ids" renamed "token_type_ids"; data prepared at 1.0.0 is not
+  # read, but prepared again.
+  VERSION = tfds.core.Version("1.1.0")
 
   def __init__(self, *, documents=None, tokenizer=None, create_kwargs=None, **kwargs):
     self._documents, self._tokenizer = documents, tokenizer
@@ -548,7 +552,7 @@ class BertPretrainingExamples(tfds.core.GeneratorBasedBuilder, skip_registration
     return tfds.core.DatasetInfo(
         builder=self, description="BERT MLM+NSP examples (create_pretraining_examples)",
         features=tfds.features.FeaturesDict({
-            "input_ids": ints(t), "input_mask": ints(t), "segment_ids": ints(t),
+            "input_ids": ints(t), "input_mask": ints(t), "token_type_ids": ints(t),
             "masked_lm_positions": ints(p), "masked_lm_ids": ints(p),
             "masked_lm_weights": tfds.features.Tensor(shape=(p,), dtype=np.float32),
             "next_sentence_labels": ints(1)}),

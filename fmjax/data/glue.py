@@ -4,7 +4,7 @@ Shape key: N examples, T max_seq_length.
 
   local TSV / CSV / JSONL  --read_table-->  [Example(texts, label, where)]
   tfds catalog (glue/sst2) --read_tfds--/         |
-                                        encode_examples  ->  {"input_ids", "segment_ids",
+                                        encode_examples  ->  {"input_ids", "token_type_ids",
                                                               "input_mask", "label", "weight"} (N, T)
 
 Files differ in the details, so each is a setting: a header row or not, columns by name (or
@@ -14,8 +14,8 @@ Every problem is reported with its file and line.
 
 An example is encoded by the tokenizer's batch call (`tokenizer(texts, text_pairs, ...)`),
 as transformers and google-research/bert's run_classifier.py do:
-  [CLS] A [SEP]            segment 0 ...
-  [CLS] A [SEP] B [SEP]    segment 0 for [CLS] A [SEP], 1 for B [SEP]
+  [CLS] A [SEP]            token type 0 ...
+  [CLS] A [SEP] B [SEP]    token type 0 for [CLS] A [SEP], 1 for B [SEP]
 a pair too long for max_seq_length losing tokens from the end of the longer text first
 (fmjax.data.tokenizers.truncate: Hugging Face tokenizers' longest_first).
 """
@@ -339,7 +339,7 @@ def encode_examples(examples: Sequence[Example], tokenizer: Tokenizer,
     max_seq_length: T, the padded length, special tokens included.
 
   Returns:
-    ({"input_ids", "segment_ids", "input_mask": (N, T) int32, "label": (N,) int32 or float32
+    ({"input_ids", "token_type_ids", "input_mask": (N, T) int32, "label": (N,) int32 or float32
       (0 where unlabelled), "weight": (N,) float32 ones}, number of truncated examples).
 
   Raises:
@@ -356,6 +356,6 @@ def encode_examples(examples: Sequence[Example], tokenizer: Tokenizer,
   regression = any(isinstance(e.label, float) for e in examples)
   labels = np.array([0 if e.label is None else e.label for e in examples],
                     np.float32 if regression else np.int32)
-  return {"input_ids": encoded["input_ids"], "segment_ids": encoded["token_type_ids"],
+  return {"input_ids": encoded["input_ids"], "token_type_ids": encoded["token_type_ids"],
           "input_mask": encoded["attention_mask"], "label": labels,
           "weight": np.ones(len(examples), np.float32)}, truncated

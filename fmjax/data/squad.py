@@ -187,7 +187,7 @@ def make_features(examples: Sequence[QAExample], tokenizer: Tokenizer, *, max_se
     max_query_length: the question's tokens kept (the rest are cut from its end).
 
   Returns:
-    (arrays, spans): arrays = {"input_ids", "segment_ids", "input_mask": (F, T) int32,
+    (arrays, spans): arrays = {"input_ids", "token_type_ids", "input_mask": (F, T) int32,
     "start_position", "end_position": (F,) int32 (the first answer's tokens; 0 when it is
     not inside the window or the example has no answer), "weight": (F,) float32}, and one
     FeatureSpan per feature.
@@ -229,13 +229,13 @@ def make_features(examples: Sequence[QAExample], tokenizer: Tokenizer, *, max_se
       spans_out.append(FeatureSpan(index, tuple(token_offsets), tuple(max_context)))
   n = len(rows)
   arrays = {"input_ids": np.full((n, max_seq_length), tokenizer.pad_id, np.int32),
-            "segment_ids": np.zeros((n, max_seq_length), np.int32),
+            "token_type_ids": np.zeros((n, max_seq_length), np.int32),
             "input_mask": np.zeros((n, max_seq_length), np.int32),
             "start_position": np.zeros(n, np.int32), "end_position": np.zeros(n, np.int32),
             "weight": np.ones(n, np.float32)}
   for i, (ids, first, s, e) in enumerate(rows):
     arrays["input_ids"][i, :len(ids)] = ids
-    arrays["segment_ids"][i, first:len(ids)] = 1
+    arrays["token_type_ids"][i, first:len(ids)] = 1
     arrays["input_mask"][i, :len(ids)] = 1
     arrays["start_position"][i], arrays["end_position"][i] = s, e
   return arrays, spans_out

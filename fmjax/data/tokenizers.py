@@ -3,7 +3,8 @@
 Every tokenizer maps `str -> list[int]` and back, reserves an end-of-document id (`eos_id`,
 appended after each document when packing a corpus) and a padding id (`pad_id`), and saves
 itself into a directory with a `fmjax_tokenizer.json` that names its kind, so that
-`load_tokenizer(directory)` restores whichever kind a run used.
+`load_tokenizer(directory)` restores whichever kind a run used (and reads a Hugging Face
+tokenizer directory, through `fmjax.hf`).
 
 Calling a tokenizer on a batch of texts (or text pairs) gives padded model inputs, as
 transformers' `tokenizer(texts, text_pairs, padding=..., truncation=True, max_length=...)`:
@@ -669,21 +670,36 @@ _KINDS = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, SentencePieceT
 # Kinds whose class builds on this module elsewhere: (module, class), imported by name only
 # when such a tokenizer is restored, so that fmjax.data never imports fmjax.hf.
 _KINDS_ELSEWHERE = {"hf": ("fmjax.hf.tokenizer", "HFTokenizer")}
+# A directory without METADATA_FILE that holds one of these file sets is a Hugging Face
+# tokenizer directory, read by (module, function), imported by name as above.
+_HF_FILES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
+_HF_READER = ("fmjax.hf.tokenizer", "tokenizer_from_pretrained")
 
 
 def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-  """Restores the tokenizer that `Tokenizer.save(directory)` wrote.
+  """Reads the tokenizer in `directory`: one that `Tokenizer.save` wrote, or a Hugging Face one.
 
   Args:
-    directory: a directory containing `fmjax_tokenizer.json`.
+    directory: a directory containing `fmjax_tokenizer.json` (any kind), else a Hugging Face
+      tokenizer or model directory (tokenizer.json, vocab.txt, or vocab.json + merges.txt),
+      read by `fmjax.hf.tokenizer_from_pretrained`.
 
   Returns:
     A `CharTokenizer`, `ByteTokenizer`, `SentencePieceTokenizer` or `fmjax.hf.HFTokenizer`.
+
+  Raises:
+    FileNotFoundError: neither `fmjax_tokenizer.json` nor Hugging Face tokenizer files.
+    ValueError: an unknown kind in `fmjax_tokenizer.json`.
   """
   directory = pathlib.Path(directory)
   path = directory / METADATA_FILE
   if not path.is_file():
-    raise FileNotFoundError(f"no {METADATA_FILE} in {directory}; save a tokenizer there first")
+    if any(all((directory / f).is_file() for f in files) for files in _HF_FILES):
+      module, name = _HF_READER
+      return getattr(importlib.import_module(module), name)(directory)
+    raise FileNotFoundError(
+        f"no {METADATA_FILE} in {directory}, nor a Hugging Face tokenizer (tokenizer.json, "
+        "vocab.txt, or vocab.json + merges.txt); save a tokenizer there first")
   metadata = json.loads(path.read_text(encoding="utf-8"))
   kind = metadata.pop("kind", None)
   if kind in _KINDS_ELSEWHERE:

@@ -1,12 +1,15 @@
 """Hugging Face interop: BERT, GPT-2 and ViT checkpoints and tokenizers in and out of fmjax.
 
   model, variables = fmjax.hf.from_pretrained("path/to/bert-base-uncased", mesh=mesh)
-  config, params = fmjax.hf.load_params("path/to/gpt2")          # numpy, fmjax names
+  config, params = fmjax.hf.read_weights("path/to/gpt2")         # numpy, fmjax names
   fmjax.hf.save_pretrained(model, variables, "out/")             # transformers can load it
-  tokenizer = fmjax.hf.load_tokenizer("path/to/gpt2")            # an fmjax Tokenizer
+  tokenizer = fmjax.hf.tokenizer_from_pretrained("path/to/gpt2")  # an fmjax Tokenizer
   model, variables = fmjax.hf.from_pretrained("path/to/vit-base-patch16-224")  # a ViT classifier
   model, variables = fmjax.hf.from_pretrained("path/to/bert", task="classification", num_labels=3)
   fmjax.hf.save_pretrained(model, variables, "out/")  # an HF BertForSequenceClassification
+
+`fmjax.data.load_tokenizer(directory)` reads a Hugging Face tokenizer directory too (through
+tokenizer_from_pretrained), as well as the tokenizers fmjax saves.
 
 Needs only `safetensors` and `tokenizers` (torch only to read a legacy pytorch_model.bin).
 Reading order: tables.py (which HF tensor is which fmjax parameter), weights.py (files,
@@ -19,11 +22,11 @@ import importlib.util
 # name -> the submodule that defines it, imported on first use (PEP 562): the tokenizer does
 # not load safetensors and the weights do not load tokenizers.
 _MODULE_OF = {"ARCHITECTURES": "tables", "TASKS": "tables", "HFTokenizer": "tokenizer",
-              "load_tokenizer": "tokenizer", "from_pretrained": "weights",
-              "load_params": "weights", "save_pretrained": "weights"}
+              "tokenizer_from_pretrained": "tokenizer", "from_pretrained": "weights",
+              "read_weights": "weights", "save_pretrained": "weights"}
 
 __all__ = ["ARCHITECTURES", "HFTokenizer", "TASKS", "from_pretrained",
-           "load_params", "load_tokenizer", "save_pretrained"]
+           "read_weights", "save_pretrained", "tokenizer_from_pretrained"]
 
 
 def __getattr__(name: str):

@@ -270,7 +270,7 @@ class Variant:
     module: the fmjax module class.
     rules: fmjax config -> its `Rule`s, "{i}" not yet expanded.
       root: where the module's params sit in the canonical fmjax tree ("bert" for BertEncoder,
-      whose params load_params returns as {"bert": ...}); "" for the whole tree.
+      whose params read_weights returns as {"bert": ...}); "" for the whole tree.
     base_model: HF's base class, saved without the base prefix (BertModel, GPT2Model).
     head: canonical name prefixes of its task head: loaded when the checkpoint has them,
       initialised (seeded) when it has none of them (a classifier built on a pretrained

@@ -1,17 +1,19 @@
 """Hugging Face tokenizers (the `tokenizers` library) behind fmjax's Tokenizer interface.
 
-`load_tokenizer(directory)` reads a Hugging Face tokenizer directory: tokenizer.json, else a
-WordPiece vocab.txt (BERT; do_lower_case, strip_accents and tokenize_chinese_chars from
-tokenizer_config.json), else a byte-level BPE vocab.json + merges.txt (GPT-2). The special
-tokens come from tokenizer_config.json / special_tokens_map.json: EOS is eos_token, else BERT's
-sep_token ([SEP]); PAD is pad_token, else EOS (GPT-2 has no padding token).
+`tokenizer_from_pretrained(directory)` reads a Hugging Face tokenizer directory:
+tokenizer.json, else a WordPiece vocab.txt (BERT; do_lower_case, strip_accents and
+tokenize_chinese_chars from tokenizer_config.json), else a byte-level BPE vocab.json +
+merges.txt (GPT-2). The special tokens come from tokenizer_config.json /
+special_tokens_map.json: EOS is eos_token, else BERT's sep_token ([SEP]); PAD is pad_token,
+else EOS (GPT-2 has no padding token).
 
 Called on a batch (`tok(texts, text_pairs, max_length=..., padding=...)`, see
 `fmjax.data.tokenizers.Tokenizer.__call__`) it adds the special tokens of the tokenizer's own
 post-processor (BERT's [CLS] A [SEP] B [SEP]; none for GPT-2), as transformers does.
 
 Saved by `Tokenizer.save` as kind "hf" (fmjax_tokenizer.json + tokenizer.json), so that
-`fmjax.data.load_tokenizer` restores it.
+`fmjax.data.load_tokenizer` restores it. `fmjax.data.load_tokenizer` also reads a Hugging Face
+directory itself, by calling `tokenizer_from_pretrained`.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ class HFTokenizer(fm_tokenizers.Tokenizer):
     return cls(tok, eos_token=metadata["eos_token"], pad_token=metadata["pad_token"])
 
 
-def load_tokenizer(directory: str | os.PathLike) -> HFTokenizer:
+def tokenizer_from_pretrained(directory: str | os.PathLike) -> HFTokenizer:
   """Reads a Hugging Face tokenizer directory (see the module docstring for the files).
 
   Args:

@@ -39,10 +39,12 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 
 
 
-def load_params(directory: str | os.PathLike, *, task: str | None = None,
-                num_labels: int | None = None, seed: int = 0,
-                runtime: Runtime | None = None) -> tuple[Any, dict]:
+def read_weights(directory: str | os.PathLike, *, task: str | None = None,
+                 num_labels: int | None = None, seed: int = 0,
+                 runtime: Runtime | None = None) -> tuple[Any, dict]:
   """Reads a Hugging Face BERT, GPT-2 or ViT directory into fmjax's config and parameter names.
+
+  (An fmjax workdir's trained parameters are read by fmjax.checkpoint.load_params instead.)
 
   Args:
     directory: holds config.json and model.safetensors (or a sharded model.safetensors.index.json;
@@ -97,7 +99,7 @@ def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
   pixel_values.transpose(0, 2, 3, 1)).
 
   Args:
-    directory: a Hugging Face model directory (see load_params).
+    directory: a Hugging Face model directory (see read_weights).
     task: one of fmjax.hf.TASKS, or None for the model the checkpoint holds.
     num_labels: the label count of a classifier; default config.json's (the length of its
       id2label, else num_labels, else 2, as transformers). A checkpoint head of another size
@@ -114,7 +116,7 @@ def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
 
   Raises:
     ValueError: an unknown task, a task this model_type cannot serve (e.g. "classification"
-      of GPT-2), num_labels that differ from the checkpoint's head, and load_params' errors.
+      of GPT-2), num_labels that differ from the checkpoint's head, and read_weights' errors.
   """
   runtime = runtime or Runtime()
   if dtype is not None:
@@ -202,7 +204,7 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *
 
 def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
           seed=0) -> tuple[nn.Module, Variant, dict]:
-  """(model, variant, params) for load_params and from_pretrained."""
+  """(model, variant, params) for read_weights and from_pretrained."""
   if task is not None and task not in TASKS:
     raise ValueError(f"unknown task={task!r}; choose one of {list(TASKS)}, or task=None for "
                      "the model the checkpoint holds")

@@ -5,7 +5,7 @@ Understanding").
 Shape key: B batch, T length, D width, F MLP width, N heads, H head dim, V vocab,
 P masked predictions per sequence.
 
-tokens + positions + segments (token types) -> LayerNorm -> dropout
+tokens + positions + token types -> LayerNorm -> dropout
        -> L post-LN bidirectional blocks (exact erf GELU) -> sequence output (B, T, D)
        -> pooler: tanh(Dense(first token, [CLS]))                -> pooled output (B, D)
 Pretraining heads (section 3.1, appendix A.1):
@@ -125,7 +125,7 @@ class BertEncoder(nn.Module):
 
     Args:
       input_ids: (B, T) int token ids, T <= max_len.
-      token_type_ids: (B, T) int segment ids (0 = sentence A, 1 = sentence B); default 0.
+      token_type_ids: (B, T) int token types (0 = sentence A, 1 = sentence B); default 0.
       attention_mask: (B, T) 1 for real tokens, 0 for padding keys; default all 1.
       train: enables dropout.
     Returns:
