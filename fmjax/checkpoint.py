@@ -64,7 +64,7 @@ def _restore(manager, step: int, what: str, **items):
               "the previous one," if earlier else "Remove it to start afresh,")
     raise CheckpointReadError(
         f"checkpoint {path} cannot be read ({what}: {_cause(e)}): its files are incomplete "
-        f"or damaged. {advice} or use a new --workdir. Nothing was changed.") from e
+        f"or damaged. {advice} or use a new workdir. Nothing was changed.") from e
 
 
 def model_signature(model_config) -> dict:
@@ -174,7 +174,7 @@ class Checkpointer:
     if diffs:
       raise CheckpointMismatchError(
           f"{self.directory} holds a checkpoint (step {step}) of a different model: "
-          + "; ".join(diffs[:5]) + ". Use a new --workdir, or the config that wrote it. "
+          + "; ".join(diffs[:5]) + ". Use a new workdir, or the config that wrote it. "
           "Nothing was changed.")
     return meta
 

@@ -51,6 +51,7 @@ import numpy as np
 import tqdm
 
 from fmjax import checkpoint, metrics, sharding, sources, training
+from fmjax.errors import ArgumentError
 
 log = logging.getLogger("fmjax")
 _write_atomically = metrics.write_atomically  # BestTracker.update's `metrics` is a dict
@@ -134,25 +135,29 @@ def resolve_schedule(t, num_examples: int | None = None, *,
     The Schedule (steps, warmup_steps, accum_steps).
 
   Raises:
-    ValueError: neither steps nor epochs set, or epochs without num_examples.
+    ArgumentError: neither steps nor epochs set, a negative one, or epochs without
+      num_examples (argument "train.steps" or "train.epochs").
   """
   epochs = float(t.get("epochs", 0.0))
   steps = int(t.steps)
   if steps < 0 or epochs < 0:
-    raise ValueError(f"config.train.steps={t.steps} and epochs={epochs:g} must not be negative")
+    raise ArgumentError(f"train.steps={t.steps} and train.epochs={epochs:g} must not be "
+                        "negative", function="resolve_schedule",
+                        argument="train.steps" if steps < 0 else "train.epochs")
   if steps > 0 and epochs > 0:
-    log.warning("config.train.steps=%d is set: config.train.epochs=%g is ignored (set "
-                "steps=0 to train by epochs)", steps, epochs)
+    log.warning("train.steps=%d is set: train.epochs=%g is ignored (set train.steps=0 to "
+                "train by epochs)", steps, epochs)
   elif steps == 0 and epochs > 0:
     if num_examples is None:
-      raise ValueError("config.train.epochs is set but this program trains by steps: set "
-                       "config.train.steps instead")
+      raise ArgumentError("train.epochs is set, but this caller trains by steps (it passes no "
+                          "num_examples): set train.steps instead", function="resolve_schedule",
+                          argument="train.epochs")
     steps = max(1, math.ceil(epochs * num_examples / t.batch_size))
-    log.info("config.train.epochs=%g: %d steps of %d over %d examples", epochs, steps,
+    log.info("train.epochs=%g: %d steps of %d over %d examples", epochs, steps,
              t.batch_size, num_examples)
   elif steps == 0:
-    raise ValueError("config.train.steps=0 and config.train.epochs=0: set one of them (steps "
-                     "wins when both are set)")
+    raise ArgumentError("train.steps=0 and train.epochs=0: set one of them (steps wins when "
+                        "both are set)", function="resolve_schedule", argument="train.steps")
   fraction = float(t.get("warmup_fraction", 0.0))
   warmup = int(fraction * steps) if fraction > 0 else int(t.warmup_steps)
   return Schedule(steps=steps, warmup_steps=warmup,
@@ -434,10 +439,11 @@ def check_batch_size(batch_size: int, accum_steps: int, mesh) -> None:
   shards = sharding.batch_shards(mesh)
   if batch_size % accum_steps or (batch_size // accum_steps) % shards:
     accum = f" in {accum_steps} micro-batches" if accum_steps > 1 else ""
-    raise ValueError(
-        f"config.train.batch_size={batch_size} does not split evenly{accum} over the "
-        f"{shards} batch shards of the mesh {dict(mesh.shape)} (data x fsdp); use a multiple "
-        f"of {shards * accum_steps}, or another config.mesh")
+    raise ArgumentError(
+        f"batch_size={batch_size} does not split evenly{accum} over the {shards} batch shards "
+        f"of the mesh {dict(mesh.shape)} (data x fsdp); use a multiple of "
+        f"{shards * accum_steps}, or another mesh", function="check_batch_size",
+        argument="batch_size")
 
 
 def _close_quietly(closers):
@@ -584,12 +590,12 @@ class NonFiniteGuard:
     if self.skip:
       raise NonFiniteError(f"the last {self._run} steps (to step {steps[-1]}) were all "
                            f"non-finite and skipped ({what} at step {steps[0]}): training is "
-                           f"not recovering; {where}. Lower config.train.learning_rate or "
-                           "check the data")
+                           f"not recovering; {where}. Lower train.learning_rate or check "
+                           "the data")
     raise NonFiniteError(
         f"non-finite training step {steps[0]} ({what}): stopped, and nothing after step "
-        f"{steps[0] - 1} was saved; {where}. Lower config.train.learning_rate, raise "
-        "warmup_steps, set grad_clip, or pass --config.train.skip_nonfinite=True to skip "
+        f"{steps[0] - 1} was saved; {where}. Lower train.learning_rate, raise "
+        "train.warmup_steps, set train.grad_clip, or set train.skip_nonfinite=True to skip "
         "such steps")
 
   def logged(self) -> dict:
@@ -705,8 +711,9 @@ class BestTracker:
     if not self.metric:
       return
     if self.metric not in metrics:
-      raise ValueError(f"config.train.best_metric={self.metric!r} is not among the eval "
-                       f"metrics {sorted(k for k in metrics if k.startswith('eval/'))}")
+      raise ArgumentError(f"train.best_metric={self.metric!r} is not among the eval metrics "
+                          f"{sorted(k for k in metrics if k.startswith('eval/'))}",
+                          function="fit", argument="train.best_metric")
     value = float(metrics[self.metric])
     if not self.better(value):
       return

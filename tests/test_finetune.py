@@ -180,9 +180,9 @@ def test_bad_input_is_one_error_line(env, tmp_path):
   proc = program(env, tmp_path / "w", f"--config.data.train_path={bad}")
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
-  assert lines[-1] == (f"error: {bad}:3: 3 fields where the header has 2 (['sentence', 'label']); "
-                       "a ragged row, or a quote or tab inside a field (is "
-                       "config.data.quoting='none' right for this file?)")
+  assert lines[-1] == (f"error: --config.data.quoting: {bad}:3: 3 fields where the header has "
+                       "2 (['sentence', 'label']); a ragged row, or a quote or tab inside a field "
+                       "(is TableFormat.quoting='none' right for this file?)")
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 

@@ -210,8 +210,8 @@ def test_a_nan_step_stops_naming_it_and_the_last_good_checkpoint(tmp_path):
   assert str(e.value) == (
       "non-finite training step 3 (train/loss=nan, grad_norm=nan, learning_rate=0.1): stopped, "
       f"and nothing after step 2 was saved; the last good checkpoint is {workdir}/checkpoints/2 "
-      "(step 2), where rerunning resumes. Lower config.train.learning_rate, raise warmup_steps, "
-      "set grad_clip, or pass --config.train.skip_nonfinite=True to skip such steps")
+      "(step 2), where rerunning resumes. Lower train.learning_rate, raise train.warmup_steps, "
+      "set train.grad_clip, or set train.skip_nonfinite=True to skip such steps")
   assert checkpoint_steps(workdir) == [1, 2]
 
 
@@ -251,7 +251,7 @@ def test_skipping_gives_up_when_nothing_is_finite(tmp_path):
 
 def test_batch_that_does_not_split_over_the_mesh_is_refused_before_any_work(tmp_path):
   workdir = tmp_path / "run"
-  with pytest.raises(ValueError, match=r"config.train.batch_size=8 does not split evenly in 3 "
+  with pytest.raises(ValueError, match=r"batch_size=8 does not split evenly in 3 "
                                        r"micro-batches over the \d+ batch shards"):
     trainer.fit(fit_config(accum_steps=3), str(workdir), regression_task(Data()))
   assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
@@ -439,7 +439,7 @@ def test_truncated_checkpoint_is_one_error_line_and_nothing_changes(finished, en
       f"error: checkpoint {where} cannot be read (state: ")
   assert run.error_line().endswith(
       f"its files are incomplete or damaged. Move it aside (mv {where} {where}.damaged) to "
-      "resume from step 19, the previous one, or use a new --workdir. Nothing was changed.")
+      "resume from step 19, the previous one, or use a new workdir. Nothing was changed.")
   assert snapshot(finished / "checkpoints") == before
 
 

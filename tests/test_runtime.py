@@ -195,14 +195,14 @@ def test_explicit_steps_win_over_epochs(caplog):
   with caplog.at_level(logging.INFO, logger="fmjax"):
     s = trainer.resolve_schedule(train_block(steps=500, epochs=3.0), num_examples=714)
   assert s == trainer.Schedule(steps=500, warmup_steps=7, accum_steps=1)
-  assert "config.train.epochs=3 is ignored" in caplog.text
+  assert "train.epochs=3 is ignored" in caplog.text
   # steps 0: epochs count, ceil(3 * 714 / 8) = 268, warmup 10% of them
   s = trainer.resolve_schedule(train_block(epochs=3.0, warmup_fraction=0.1), num_examples=714)
   assert s == trainer.Schedule(steps=268, warmup_steps=26, accum_steps=1)
   assert trainer.resolve_schedule(train_block(steps=9), accum_steps=4).accum_steps == 4
-  with pytest.raises(ValueError, match="steps=0 and config.train.epochs=0: set one of them"):
+  with pytest.raises(ValueError, match="train.steps=0 and train.epochs=0: set one of them"):
     trainer.resolve_schedule(train_block())
-  with pytest.raises(ValueError, match="epochs is set but this program trains by steps"):
+  with pytest.raises(ValueError, match="epochs is set, but this caller trains by steps"):
     trainer.resolve_schedule(train_block(epochs=1.0))
   with pytest.raises(ValueError, match="Schedule.accum_steps=0"):
     trainer.Schedule(steps=1, accum_steps=0)

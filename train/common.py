@@ -20,7 +20,6 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from fmjax import sources  # noqa: F401  (re-exported for the programs)
-from fmjax.errors import ArgumentError
 from fmjax.runtime import Runtime
 from fmjax.trainer import (Interrupted, Schedule, Task, fit,  # noqa: F401  (re-exported)
                            resolve_schedule)
@@ -41,19 +40,27 @@ flags.DEFINE_integer("process_id", int(os.environ.get("FMJAX_PROCESS_ID", 0)),
 # file system's (a full disk, a failed checkpoint save), which name the file.
 EXPECTED_ERRORS = (ValueError, OSError, UnicodeDecodeError, KeyError)
 
-# fmjax's errors name a function's argument; where the run config sets that argument, the
-# program names the flag: (function, argument) -> flag.
+# fmjax's errors name a function's argument (ArgumentError, and a DataError that names the
+# argument to check); where the run config sets that argument, the program names the flag:
+# (function, argument) -> flag.
 ARGUMENT_FLAGS = {
     ("make_mesh", "sizes"): "--config.mesh",
     ("get_rules", "rules"): "--config.sharding",
     ("check_divisible", "mesh"): "--config.mesh (or --config.sharding, --config.model)",
+    ("check_batch_size", "batch_size"): "--config.train.batch_size (or --config.mesh)",
+    ("resolve_schedule", "train.steps"): "--config.train.steps",
+    ("resolve_schedule", "train.epochs"): "--config.train.epochs",
+    ("fit", "train.best_metric"): "--config.train.best_metric",
+    ("PairBatches", "batch_size"): "--config.train.batch_size",
+    **{("TableFormat", field): f"--config.data.{field}"
+       for field in ("format", "header", "quoting", "text_columns", "label_column",
+                     "label_names", "num_labels")},
 }
 
 
 def explain(error: BaseException) -> str:
   """The message of an expected error, led by the flag that sets the argument it names."""
-  flag = (ARGUMENT_FLAGS.get((error.function, error.argument))
-          if isinstance(error, ArgumentError) else None)
+  flag = ARGUMENT_FLAGS.get((getattr(error, "function", None), getattr(error, "argument", None)))
   return f"{flag}: {error}" if flag else str(error)
 
 

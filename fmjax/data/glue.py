@@ -34,6 +34,7 @@ import numpy as np
 
 from fmjax.data.text import DataError
 from fmjax.data.tokenizers import Tokenizer
+from fmjax.errors import ArgumentError
 
 FORMATS = ("tsv", "csv", "jsonl")
 QUOTING = {"none": csv.QUOTE_NONE, "csv": csv.QUOTE_MINIMAL}
@@ -68,6 +69,9 @@ class TableFormat:
     label_names: label strings in id order (e.g. ("entailment", "not_entailment")); empty:
       labels are written as ids 0..num_labels-1 (or floats for regression).
     num_labels: number of classes; 1 means regression (float labels).
+
+  Raises:
+    ArgumentError: a format or quoting not among the choices (the message lists them).
   """
   text_columns: tuple[str, ...]
   label_column: str = "label"
@@ -76,6 +80,12 @@ class TableFormat:
   quoting: str = "none"
   label_names: tuple[str, ...] = ()
   num_labels: int = 2
+
+  def __post_init__(self):
+    for name, choices in (("format", ("", *FORMATS)), ("quoting", tuple(QUOTING))):
+      if getattr(self, name) not in choices:
+        raise ArgumentError(f"TableFormat.{name}={getattr(self, name)!r}: choose one of "
+                            f"{list(choices)}", function="TableFormat", argument=name)
 
 
 def expand_paths(pattern: str) -> list[str]:
@@ -93,22 +103,23 @@ def expand_paths(pattern: str) -> list[str]:
   paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
   missing = [p for p in paths if not os.path.isfile(p)]
   if not paths or missing:
-    raise FileNotFoundError(f"{missing[0] if missing else pattern}: no such file; check "
-                            "config.data.train_path / eval_path")
+    where = missing[0] if missing else pattern
+    raise FileNotFoundError(f"{where}: no such file" + ("" if where == pattern else
+                                                        f" (matched by {pattern!r})")
+                            + f"; relative paths are taken from {os.getcwd()}")
   return paths
 
 
 def _format_of(path: str, fmt: str) -> str:
   if fmt:
-    if fmt not in FORMATS:
-      raise ValueError(f"config.data.format={fmt!r}: choose one of {FORMATS} (or '' to infer)")
-    return fmt
+    return fmt  # one of FORMATS (TableFormat checks)
   base = path[:-3] if path.endswith(".gz") else path
   ext = os.path.splitext(base)[1].lstrip(".").lower()
   ext = {"json": "jsonl", "txt": "tsv"}.get(ext, ext)
   if ext not in FORMATS:
-    raise ValueError(f"{path}: cannot tell the format from the extension {ext!r}; set "
-                     f"config.data.format to one of {FORMATS}")
+    raise ArgumentError(f"{path}: cannot tell the format from the extension {ext!r}; set "
+                        f"TableFormat.format to one of {list(FORMATS)}", function="TableFormat",
+                        argument="format")
   return ext
 
 
@@ -140,11 +151,13 @@ def parse_label(value, fmt: TableFormat, where: str) -> int | float:
     if text.isdigit() and int(text) < len(fmt.label_names):  # exported with ids already
       return int(text)
     raise DataError(f"{where}: label {text!r} is not one of {list(fmt.label_names)}; fix the "
-                    "row or set config.data.label_names")
+                    "row or set TableFormat.label_names", function="TableFormat",
+                    argument="label_names")
   if text.lstrip("-").isdigit() and 0 <= int(text) < fmt.num_labels:
     return int(text)
   raise DataError(f"{where}: label {text!r} is not in the label set 0..{fmt.num_labels - 1}; "
-                  "set config.data.num_labels, or config.data.label_names for named labels")
+                  "set TableFormat.num_labels, or TableFormat.label_names for named labels",
+                  function="TableFormat", argument="num_labels")
 
 
 def _check_text(text, column: str, where: str) -> str:
@@ -180,9 +193,12 @@ def read_table(path: str, fmt: TableFormat, *, labelled: bool = True) -> list[Ex
     raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _field_naming(column: str, fmt: TableFormat) -> str:
+  """"text_columns" or "label_column": the TableFormat field that asked for `column`."""
+  return "text_columns" if column in fmt.text_columns else "label_column"
+
+
 def _read_delimited(f, path, kind, fmt, labelled):
-  if fmt.quoting not in QUOTING:
-    raise ValueError(f"config.data.quoting={fmt.quoting!r}: choose one of {sorted(QUOTING)}")
   reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",", quoting=QUOTING[fmt.quoting])
   rows = iter(reader)
   if fmt.header:
@@ -196,12 +212,14 @@ def _read_delimited(f, path, kind, fmt, labelled):
   def column(name: str) -> int:
     if names is not None:
       if name not in names:
+        field = _field_naming(name, fmt)
         raise DataError(f"{path}:1: no column {name!r} in the header {names}; set "
-                        "config.data.text_columns / label_column")
+                        f"TableFormat.{field}", function="TableFormat", argument=field)
       return names.index(name)
     if not name.isdigit():
-      raise DataError(f"{path}: config.data.header is False, so columns are 0-based indices, "
-                      f"but {name!r} is not a number")
+      raise DataError(f"{path}: TableFormat.header is False, so columns are 0-based indices, "
+                      f"but {name!r} is not a number", function="TableFormat",
+                      argument=_field_naming(name, fmt))
     return int(name)
 
   text_idx = [column(c) for c in fmt.text_columns]
@@ -217,7 +235,8 @@ def _read_delimited(f, path, kind, fmt, labelled):
     if width is not None and len(row) != width:
       raise DataError(f"{where}: {len(row)} fields where the header has {width} "
                       f"({names}); a ragged row, or a quote or tab inside a field (is "
-                      f"config.data.quoting={fmt.quoting!r} right for this file?)")
+                      f"TableFormat.quoting={fmt.quoting!r} right for this file?)",
+                      function="TableFormat", argument="quoting")
     needed = max(text_idx + ([label_idx] if label_idx is not None else []))
     if len(row) <= needed:
       raise DataError(f"{where}: {len(row)} fields, but column {needed} is needed")
@@ -241,8 +260,9 @@ def _read_jsonl(f, path, fmt, labelled):
       raise DataError(f"{where}: a JSON {type(record).__name__}, expected an object per line")
     for name in fmt.text_columns + ((fmt.label_column,) if labelled and fmt.label_column else ()):
       if name not in record:
+        field = _field_naming(name, fmt)
         raise DataError(f"{where}: no key {name!r} (keys: {sorted(record)}); set "
-                        "config.data.text_columns / label_column")
+                        f"TableFormat.{field}", function="TableFormat", argument=field)
     texts = tuple(_check_text(record[c], c, where) for c in fmt.text_columns)
     label = (parse_label(record[fmt.label_column], fmt, where)
              if fmt.label_column and fmt.label_column in record else None)

@@ -31,7 +31,18 @@ _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*(?:\n[ \t\r\f\v]*)*\n")
 
 
 class DataError(ValueError):
-  """Unusable input data; the message names the file and what to do about it."""
+  """Unusable input data; the message names the file and what to do about it.
+
+  Attributes:
+    function, argument: when the data may be fine but an argument read it wrongly, the
+      function and argument the message suggests checking (as fmjax.errors.ArgumentError
+      has them, e.g. "TableFormat", "quoting"); None otherwise.
+  """
+
+  def __init__(self, message: str, *, function: str | None = None,
+               argument: str | None = None):
+    super().__init__(message)
+    self.function, self.argument = function, argument
 
 
 def resolve_files(patterns: str | Sequence[str]) -> list[str]:

@@ -38,8 +38,7 @@ def read_lines(path: str) -> list[str]:
     DataError: a missing, empty or non-UTF-8 file (names the line).
   """
   if not os.path.isfile(path):
-    raise DataError(f"{path}: no such file; check config.data paths (relative paths are "
-                    f"taken from {os.getcwd()})")
+    raise DataError(f"{path}: no such file (relative paths are taken from {os.getcwd()})")
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:
     raw = f.read()
@@ -106,7 +105,7 @@ def read_tfds(name: str, split: str, source_lang: str, target_lang: str,
     missing = [k for k in (source_lang, target_lang) if k not in record]
     if missing:
       raise KeyError(f"tfds:{name}/{split}[{i}] has no feature {missing[0]!r} (features: "
-                     f"{sorted(record)}); set config.data.source_lang / target_lang")
+                     f"{sorted(record)}); pass source_lang and target_lang naming two of them")
     pairs.append((_to_str(record[source_lang]), _to_str(record[target_lang])))
   return pairs
 
@@ -227,7 +226,8 @@ class PairBatches(batches.Batches):
     import grain
     if len(sources) < batch_size:
       raise DataError(f"{len(sources)} training pairs are fewer than one batch of "
-                      f"{batch_size}; lower config.train.batch_size")
+                      f"{batch_size}; pass a smaller batch_size", function="PairBatches",
+                      argument="batch_size")
     self.sources, self.targets = sources, targets
     self.batch_size, self.seed, self.pool = batch_size, seed, pool
     self.pad_id, self.start_id, self.multiple = pad_id, start_id, length_multiple
