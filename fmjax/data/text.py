@@ -33,10 +33,11 @@ _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*(?:\n[ \t\r\f\v]*)*\n")
 class DataError(ValueError):
   """Unusable input data; the message names the file and what to do about it.
 
-  Attributes:
+  Args:
+    message: one line naming the file (and line) and what to do.
     function, argument: when the data may be fine but an argument read it wrongly, the
       function and argument the message suggests checking (as fmjax.errors.ArgumentError
-      has them, e.g. "TableFormat", "quoting"); None otherwise.
+      has them, e.g. "TableFormat", "quoting"); None otherwise. Kept as attributes.
   """
 
   def __init__(self, message: str, *, function: str | None = None,
