@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 		--temperature=0.8 --top_k=40
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests -n 2 --durations=25
+	$(PY) -m pytest tests -n 2 -rs --durations=25
 
 # pdoc, from the docstrings; a warning about an fmjax object fails it (docs/build.py says which).
 docs: $(VENV)/.installed
