@@ -6,6 +6,10 @@ does the rest, identically for every task:
   mesh + rules -> (restore | sharded init) -> jit once -> loop:
       batch -> train_step -> [log: metrics.jsonl, TensorBoard, tqdm] -> [eval] -> [save]
 
+Throughput (tokens_per_second, mfu) leaves out the steps that compiled (the first, and the
+first of each new batch shape): their time is logged on its own. Where stderr is not a
+terminal, the tqdm bar gives way to one plain line per logged row (`Progress`).
+
 Run config keys read here (see configs/*.py): seed, mesh.{data,fsdp,tensor}, sharding,
 train.{batch_size, learning_rate, decay, end_factor, weight_decay, b1, b2, eps, grad_clip,
 log_every, eval_every, save_every, keep_checkpoints, skip_nonfinite}. What a program resolves
@@ -39,6 +43,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -51,6 +56,7 @@ import numpy as np
 import tqdm
 
 from fmjax import checkpoint, metrics, sharding, sources, training
+from fmjax import workdir as workdir_lock
 from fmjax.errors import ArgumentError
 
 log = logging.getLogger("fmjax")
@@ -231,8 +237,10 @@ def fit(config, workdir: str, task: Task, *, schedule: Schedule | None = None,
     Interrupted: on SIGTERM/SIGINT, after saving (see the module docstring).
     NonFiniteError: a non-finite step without config.train.skip_nonfinite.
     checkpoint.CheckpointWriteError: a save failed (e.g. disk full).
+    fmjax.workdir.WorkdirInUse: another process holds `workdir` (one run per workdir).
   """
-  with StopSignals() as stop:  # from the start: a signal during setup stops after step one
+  one_run = workdir_lock.hold(workdir)  # re-entrant: a program's run() holds it already
+  with one_run, StopSignals() as stop:  # from the start: a signal in setup stops after step one
     return _fit(config, workdir, task, schedule or resolve_schedule(config.train), source,
                 until, stop)
 
@@ -297,6 +305,7 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
     log.info("%s", note)
 
   ckpt.remove_unfinished()  # a save that a killed run left half-written (only now: as above)
+  workdir_lock.held(workdir).keep()  # training starts: a failure from here on keeps the workdir
   if jax.process_index() == 0:  # recorded only now: a run refused above changes nothing
     resolved = resolved_config(config, plan, runtime, source, task.model_config)
     metrics.write_atomically(os.path.join(workdir, "config.json"),
@@ -305,10 +314,10 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
   ran = {"runtime": dataclasses.asdict(runtime)} if runtime is not None else {}
   meta = lambda: {"model": signature, **ran, "data": task.train_data.get_state(),
                   "seed": config.seed, **nonfinite.logged(), **task.extra_meta}
-  bar = tqdm.tqdm(total=end, initial=start, desc="train", dynamic_ncols=True,
-                  disable=jax.process_index() != 0)
+  bar = Progress(end, start, enabled=jax.process_index() == 0)
   last, window_start, window_steps = writer.last, time.perf_counter(), 0
   step, began = start, time.perf_counter()
+  compiled = set()  # the batch shapes the train step was compiled for
   closers = [bar.close, ckpt.close, best.close, writer.close]
   # XLA's CPU runtime runs every device's part of a step on one shared thread pool. With
   # several steps in flight (and, with length buckets, several executables), the pool's
@@ -320,11 +329,23 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
     with sharding.context(mesh, rules):
       while step < end:
         batch = sharding.shard_batch(next(task.train_data), mesh)
+        shape = _batch_shape(batch)
+        compiles = shape not in compiled  # the first step, and the first of each bucket
+        if compiles:
+          compiled.add(shape)
+          jax.block_until_ready(state)  # the steps before this one are the window's
+          compile_began = time.perf_counter()
         state, step_metrics = p_train(state, batch, rng)
-        if one_in_flight:
+        if one_in_flight or compiles:
           jax.block_until_ready(step_metrics)
         step += 1
-        window_steps += 1
+        if compiles:  # its time is left out of the throughput, and logged on its own
+          compile_s = time.perf_counter() - compile_began
+          window_start += compile_s
+          log.info("compiled the train step for batch shape %s in %.1f s (step %d; left out "
+                   "of tokens_per_second and mfu)", _describe_shape(shape), compile_s, step)
+        else:
+          window_steps += 1
         bar.update(1)
         nonfinite.add(step, step_metrics)
         out_of_time = bool(t.time_budget_s) and time.perf_counter() - began > t.time_budget_s
@@ -337,17 +358,16 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
           m = jax.device_get(step_metrics)  # waits for the step: the window's time is all compute
           m.pop("nonfinite")
           m.update(nonfinite.logged())
-          examples_per_s = window_steps * t.batch_size / (time.perf_counter() - window_start)
-          m["tokens_per_second"] = examples_per_s * task.tokens_per_example
-          m["mfu"] = examples_per_s * task.flops_per_example / peak_total
+          if window_steps:  # none when every step since the last row compiled
+            examples_per_s = window_steps * t.batch_size / (time.perf_counter() - window_start)
+            m["tokens_per_second"] = examples_per_s * task.tokens_per_example
+            m["mfu"] = examples_per_s * task.flops_per_example / peak_total
           if step % t.eval_every == 0 or final:
             m.update(evaluate_if(task, p_eval, p_predict, state, mesh))
             best.update(step, m, state)
           writer.write(step, m)
           last = m
-          bar.set_postfix({k.split("/")[-1] if k.startswith("train/") else k: f"{float(v):.4g}"
-                           for k, v in m.items() if k in ("train/loss", "eval/loss",
-                                                          "tokens_per_second", "mfu")})
+          bar.show(step, m)
         if ckpt.save(step, state, meta(), force=final or signalled) or step % t.log_every == 0:
           window_start, window_steps = time.perf_counter(), 0  # eval and saving are not throughput
         if out_of_time:
@@ -368,6 +388,92 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
   for close in closers:
     close()
   return state, last
+
+
+class Progress:
+  """The training loop's progress: tqdm's bar where it is seen live (a terminal, a notebook);
+  elsewhere, e.g. a log redirected to a file, one plain line per logged row (`progress_line`),
+  since the bar's carriage returns would make the whole log one huge line.
+
+  Args:
+    total: the step the run ends at.
+    initial: the step it starts from.
+    enabled: show anything at all (process 0 of a multi-process run).
+  """
+
+  def __init__(self, total: int, initial: int, *, enabled: bool = True):
+    live = sys.stderr.isatty() or "ipykernel" in sys.modules  # tqdm writes to stderr
+    self.total, self.began, self.lines = total, time.perf_counter(), enabled and not live
+    self.bar = tqdm.tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
+                         disable=not (enabled and live))
+
+  def update(self, steps: int) -> None:
+    """Advances the bar.
+
+    Args:
+      steps: the steps just done.
+    """
+    self.bar.update(steps)
+
+  def show(self, step: int, row: dict) -> None:
+    """Shows a logged metrics row: the bar's postfix, or a plain line on the fmjax logger.
+
+    Args:
+      step: the step the row is of.
+      row: its metrics.
+    """
+    self.bar.set_postfix({k.split("/")[-1] if k.startswith("train/") else k: f"{float(v):.4g}"
+                          for k, v in row.items() if k in ("train/loss", "eval/loss",
+                                                           "tokens_per_second", "mfu")})
+    if self.lines:
+      log.info("%s", progress_line(step, self.total, row, time.perf_counter() - self.began))
+
+  def close(self) -> None:
+    """Closes the bar."""
+    self.bar.close()
+
+
+def progress_line(step: int, total: int, row: dict, elapsed: float) -> str:
+  """One plain-text progress line, e.g.
+  "step 20/100: loss 2.345, eval/loss 2.401, 1.23e+04 tokens/s, mfu 0.0123, 12.3 s elapsed".
+
+  Args:
+    step: the step just done.
+    total: the step the run ends at.
+    row: the step's logged metrics (train/loss, eval/..., tokens_per_second, mfu: any
+      may be missing).
+    elapsed: seconds since the training loop began.
+
+  Returns:
+    The line (no carriage return, no newline).
+  """
+  parts = [f"loss {_number(row['train/loss'])}"] if "train/loss" in row else []
+  parts += [f"{k} {_number(v)}" for k, v in row.items() if k.startswith("eval/")]
+  if "tokens_per_second" in row:
+    parts.append(f"{row['tokens_per_second']:.4g} tokens/s")
+  if "mfu" in row:
+    parts.append(f"mfu {row['mfu']:.3g}")
+  parts.append(f"{elapsed:.1f} s elapsed")
+  return f"step {step}/{total}: " + ", ".join(parts)
+
+
+def _number(value) -> str:
+  """A metric for a log line: 4 significant digits when it is a number (numpy ones included)."""
+  try:
+    return f"{float(value):.4g}"
+  except (TypeError, ValueError):
+    return str(value)
+
+
+def _batch_shape(batch) -> tuple:
+  """What the train step is compiled for: each leaf's path, shape and dtype."""
+  return tuple((jax.tree_util.keystr(path), tuple(x.shape), str(x.dtype))
+               for path, x in jax.tree_util.tree_leaves_with_path(batch))
+
+
+def _describe_shape(shape: tuple) -> str:
+  """The distinct array shapes of a `_batch_shape`, e.g. "(32, 64)" or "(32, 48), (32, 64)"."""
+  return ", ".join(dict.fromkeys(str(s) for _, s, _ in shape))
 
 
 def _restore_other_layout(ckpt, step, task, tx, rng, mesh, rules, target, saved_runtime):

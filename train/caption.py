@@ -37,6 +37,12 @@ def load_split(config, split: str):
   return fcaptions.shapes(n, image_size=size, seed=config.seed + (0 if split == "train" else 1))
 
 
+def tokenizer_settings(config) -> list[str]:
+  """The config keys that decide the tokenizer `build_tokenizer` makes (fixed on resume)."""
+  del config
+  return ["data.vocab_size"]
+
+
 def build_tokenizer(config, workdir: str, texts):
   saved = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(saved, fdata.tokenizers.METADATA_FILE)):
@@ -83,8 +89,10 @@ def caption_images(predict, images, batch_size: int, tok) -> list[str]:
   return out
 
 
+@common.holds_workdir
 def run(config, workdir: str):
   common.prepare_workdir(config, workdir)
+  common.refuse_changed_settings(config, workdir, tokenizer_settings)
   d, t = config.data, config.train
   train_images, train_texts = load_split(config, "train")
   eval_images, eval_texts = load_split(config, "eval")

@@ -235,6 +235,7 @@ def score(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 # The program ------------------------------------------------------------------------------------
 
+@common.holds_workdir
 def run(config, workdir: str):
   common.prepare_workdir(config, workdir)
   d, t = config.data, config.train

@@ -7,8 +7,10 @@ errors) and --workdir, and turns expected failures into one line on stderr and e
 SIGTERM/SIGINT stop training after a checkpoint (fmjax.trainer) and exit with 143/130.
 """
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from fmjax import sources  # noqa: F401  (re-exported for the programs)
+from fmjax import workdir as fworkdir
 from fmjax.runtime import Runtime
 from fmjax.trainer import (Interrupted, Schedule, Task, fit,  # noqa: F401  (re-exported)
                            resolve_schedule)
@@ -77,10 +80,12 @@ def initialize_distributed() -> None:
 
 
 def prepare_workdir(config, workdir: str) -> None:
-  """Creates the workdir, refusing an unwritable one.
+  """Creates the workdir, refusing an unwritable one or one that another run holds.
 
-  The resolved config is recorded (config.json) by `fit`, once the run has passed its
-  checks, so a refused run leaves the workdir as it found it.
+  A program's run holds the workdir from its start (`holds_workdir`); called outside one,
+  this only checks that no other process holds it. The resolved config is recorded
+  (config.json) by `fit`, once the run has passed its checks, so a refused run leaves the
+  workdir as it found it.
   """
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -89,8 +94,94 @@ def prepare_workdir(config, workdir: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(f"workdir {workdir!r} is not writable ({e.strerror}); "
-                          "pass a --workdir you can write to") from None
+    raise _unwritable(workdir, e) from None
+  with _in_use_names_the_flag():
+    fworkdir.check_free(workdir)
+
+
+def _unwritable(workdir: str, error: OSError) -> PermissionError:
+  return PermissionError(f"workdir {workdir!r} is not writable ({error.strerror}); "
+                         "pass a --workdir you can write to")
+
+
+@contextlib.contextmanager
+def _in_use_names_the_flag():
+  try:
+    yield
+  except fworkdir.WorkdirInUse as e:
+    raise fworkdir.WorkdirInUse(e.path, e.owner, advice="wait for it to finish or pass "
+                                "another --workdir") from None
+
+
+def holds_workdir(run):
+  """Decorates a program's `run(config, workdir)` to hold the workdir for the whole run.
+
+  The workdir is made when missing and locked (fmjax.workdir.hold): a second run on it is
+  refused at once, naming the process that holds it; a run that fails before training
+  leaves no new workdir behind.
+  """
+  @functools.wraps(run)
+  def run_holding_workdir(config, workdir: str, *args, **kwargs):
+    with contextlib.ExitStack() as stack:
+      try:
+        with _in_use_names_the_flag():
+          stack.enter_context(fworkdir.hold(workdir))
+      except fworkdir.WorkdirInUse:
+        raise
+      except OSError as e:
+        raise _unwritable(workdir, e) from None
+      return run(config, workdir, *args, **kwargs)
+  return run_holding_workdir
+
+
+def refuse_changed_settings(config, workdir: str, settings) -> None:
+  """Refuses to resume `workdir` with other values of the settings its saved work depends on.
+
+  A resumed run keeps what the earlier one saved: its tokenizer, and checkpoints whose
+  embeddings are that tokenizer's ids. A changed tokenizer setting would be half-applied
+  (ignored, yet recorded in config.json), so it is refused instead, before anything is
+  read or written. Compared with the earlier run's WORKDIR/config.json; a new workdir (no
+  config.json) passes.
+
+  Args:
+    config: this run's config.
+    workdir: the workdir.
+    settings: config -> the config keys ("data.tokenizer", ...) that decide the tokenizer
+      a run with that config builds; the keys of both runs are compared.
+
+  Raises:
+    ValueError: a changed key, named as its flag with both values and what to do.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = ml_collections.ConfigDict(json.load(f))
+  try:
+    keys = dict.fromkeys([*settings(config), *settings(saved)])
+  except (KeyError, AttributeError):  # a config.json of an older version, without a key
+    keys = dict.fromkeys(settings(config))
+  for key in keys:
+    old, new = _lookup(saved, key), _lookup(config, key)
+    if old is not _MISSING and old != new:
+      raise ValueError(
+          f"--config.{key}={new!r}: the run in {workdir} was made with {key}={old!r} (its "
+          f"config.json), and resuming it keeps the tokenizer and checkpoints it saved; set "
+          f"it back to {old!r} (drop the override) to resume, or pass a new --workdir to "
+          f"start a run with {new!r}")
+
+
+_MISSING = object()
+
+
+def _lookup(config, key: str):
+  """config's value at the dotted `key`, or _MISSING."""
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
 
 
 def model_config(cls, cfg, tokenizer):
@@ -174,12 +265,12 @@ def report(workdir: str, last: dict) -> None:
           "eval/spearman", "eval/exact_match", "eval/masked_lm_accuracy",
           "eval/next_sentence_accuracy", "tokens_per_second", "mfu")
   summary = ", ".join(f"{k}={last[k]:.4g}" for k in keys if k in last)
-  print(f"\nfinal: {summary}\n"
-        f"workdir: {os.path.abspath(workdir)}\n"
-        f"  metrics:     {os.path.join(workdir, 'metrics.jsonl')} (and loss_curve.png)\n"
-        f"  tensorboard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}\n"
-        f"  checkpoints: {os.path.join(workdir, 'checkpoints')}\n"
-        f"  tokenizer:   {os.path.join(workdir, 'tokenizer')}")
+  where = [("metrics.jsonl", "metrics:     {} (and loss_curve.png)"),
+           ("tensorboard", "tensorboard: tensorboard --logdir {}"),
+           ("checkpoints", "checkpoints: {}"), ("tokenizer", "tokenizer:   {}")]
+  lines = [f"  {line.format(os.path.join(workdir, name))}" for name, line in where
+           if os.path.exists(os.path.join(workdir, name))]  # e.g. ViT has no tokenizer
+  print(f"\nfinal: {summary}\nworkdir: {os.path.abspath(workdir)}\n" + "\n".join(lines))
 
 
 def fail(message: str, *, at_once: bool = False) -> None:

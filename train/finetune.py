@@ -123,6 +123,15 @@ def texts_of(config, examples):
 
 # Tokenizer and model ----------------------------------------------------------------------------
 
+def tokenizer_settings(config) -> list[str]:
+  """The config keys that decide the tokenizer `build_tokenizer` makes (fixed on resume)."""
+  if config.init_from:
+    return ["init_from"]
+  if config.data.tokenizer_dir:
+    return ["init_from", "data.tokenizer_dir"]
+  return ["init_from", "data.tokenizer_dir", "data.vocab_size", "data.lowercase"]
+
+
 def build_tokenizer(config, workdir: str, train_examples, source) -> fdata.Tokenizer:
   """The encoder's own tokenizer (the source's), the workdir's when resuming, else
   config.data.tokenizer_dir's, else one trained on the training texts."""
@@ -268,10 +277,12 @@ def write_predictions(config, path: str, outputs, examples, spans, label_names) 
 
 # The program -------------------------------------------------------------------------------------
 
+@common.holds_workdir
 def run(config, workdir: str):
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r}: choose one of {TASKS}")
   common.prepare_workdir(config, workdir)
+  common.refuse_changed_settings(config, workdir, tokenizer_settings)
   d, t = config.data, config.train
   train_examples, eval_examples = load_data(config)
   source = common.sources.parse(config.init_from)

@@ -23,6 +23,15 @@ from train import common
 SPECIAL = ("[CLS]", "[SEP]", "[MASK]")
 
 
+def tokenizer_settings(config) -> list[str]:
+  """The config keys that decide the tokenizer `build_tokenizer` makes (fixed on resume)."""
+  if config.init_from:
+    return ["init_from"]
+  if config.data.tokenizer_path:
+    return ["init_from", "data.tokenizer_path", "data.lowercase"]
+  return ["init_from", "data.tokenizer_path", "data.vocab_size", "data.lowercase"]
+
+
 def build_tokenizer(config, workdir: str, documents, source) -> fdata.Tokenizer:
   """Loaded from the workdir when resuming, else the source's (init_from), else an existing
   model file or trained on the corpus."""
@@ -103,8 +112,10 @@ def instances(config, tokenizer, documents, data_dir, *, max_seq_length, max_pre
   return source, mask
 
 
+@common.holds_workdir
 def run(config, workdir: str):
   common.prepare_workdir(config, workdir)
+  common.refuse_changed_settings(config, workdir, tokenizer_settings)
   d, t = config.data, config.train
   data_dir = d.data_dir or os.path.join(workdir, "data")
   documents = [doc for doc in fdata.read_pretraining_documents(d.train_path) if doc]

@@ -21,6 +21,17 @@ from fmjax.models import gpt
 from train import common
 
 
+def tokenizer_settings(config) -> list[str]:
+  """The config keys that decide the tokenizer `build_tokenizer` makes (fixed on resume)."""
+  d = config.data
+  if config.init_from:
+    return ["init_from"]
+  if d.tokenizer_path:
+    return ["init_from", "data.tokenizer_path"]
+  return ["init_from", "data.tokenizer_path", "data.tokenizer",
+          *(["data.vocab_size"] if d.tokenizer == "sentencepiece" else [])]
+
+
 def build_tokenizer(config, workdir: str, documents, source) -> fdata.Tokenizer:
   """The run's tokenizer: loaded from the workdir when resuming, else the source's (init_from),
   else made (and saved there)."""
@@ -46,9 +57,11 @@ def build_tokenizer(config, workdir: str, documents, source) -> fdata.Tokenizer:
   return tok
 
 
+@common.holds_workdir
 def run(config, workdir: str):
   """Trains per `config` in `workdir`; returns (state, tokenizer, model, last metrics)."""
   common.prepare_workdir(config, workdir)
+  common.refuse_changed_settings(config, workdir, tokenizer_settings)
   d, t = config.data, config.train
   data_dir = d.data_dir or os.path.join(workdir, "data")
   source = dict(data_dir=data_dir, train_path=d.train_path or None, eval_path=d.eval_path or None,

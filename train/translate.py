@@ -51,6 +51,12 @@ def read_split(config, split: str) -> list[translation.Pair]:
                    "(line-aligned files) or config.data.tfds_name (a tfds catalog name)")
 
 
+def tokenizer_settings(config) -> list[str]:
+  """The config keys that decide the tokenizers `build_tokenizers` makes (fixed on resume)."""
+  del config
+  return ["data.vocab_size", "data.shared_vocab"]
+
+
 def build_tokenizers(config, workdir: str, train_pairs):
   """(source, target) tokenizers: the workdir's when resuming, else learned on train_pairs."""
   d = config.data
@@ -139,8 +145,10 @@ def translate(predict, sources, batch_size: int, length: int, target_tok) -> lis
 
 # The program ------------------------------------------------------------------------------------
 
+@common.holds_workdir
 def run(config, workdir: str):
   common.prepare_workdir(config, workdir)
+  common.refuse_changed_settings(config, workdir, tokenizer_settings)
   d, t, e = config.data, config.train, config.eval
   train_pairs = read_split(config, "train")
   if d.max_train_examples:
