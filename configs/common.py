@@ -50,6 +50,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.eval_batches = 20
   t.save_every = 500
   t.keep_checkpoints = 3
+  # Resume from this checkpoint step (0: the newest intact one; a damaged one is passed over).
+  # The newer steps are kept aside as checkpoints/superseded-N; rerunning with it rewinds again.
+  t.restore_step = 0
   t.best_metric = ""  # e.g. "eval/accuracy": keep the best evaluation's params in WORKDIR/best
   t.time_budget_s = 0.0  # >0: stop (and save) after this many seconds of training
   # A step with a NaN/inf loss, gradient or update never changes the state (fmjax/training.py).

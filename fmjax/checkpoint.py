@@ -16,15 +16,24 @@ restored and which the next training run removes (`Checkpointer.remove_unfinishe
 save that fails (disk full) or a checkpoint that cannot be read (truncated, corrupted
 files) raises one of the errors below, naming the step, the directory and the checkpoints
 that are still good.
+
+Integrity: once a step's save is complete, process 0 records the size and CRC-32 of each of
+its files in `<step>/fmjax_checksums.json` (in a background thread, so training goes on).
+Restoring checks them first: a step whose files do not match (flipped bits, a truncated or
+deleted file) is reported by name, and a run resumes from the newest intact step instead,
+moving the damaged one aside to `damaged-<step>` (a name orbax does not read, so nothing is
+lost). A step written before checksums were recorded restores unverified, with a note.
 """
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
 import threading
 import time
+import zlib
 from typing import Any, NoReturn
 
 import jax
@@ -32,6 +41,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fmjax import runtime as fruntime
+from fmjax.errors import ArgumentError
+
+log = logging.getLogger("fmjax")
+
+CHECKSUMS = "fmjax_checksums.json"  # in each step's directory, next to orbax's items
 
 
 class CheckpointMismatchError(ValueError):
@@ -65,6 +79,192 @@ def _restore(manager, step: int, what: str, **items):
     raise CheckpointReadError(
         f"checkpoint {path} cannot be read ({what}: {_cause(e)}): its files are incomplete "
         f"or damaged. {advice} or use a new workdir. Nothing was changed.") from e
+
+
+_CHUNK = 4 << 20  # bytes read at a time: CRC-32 runs at memory speed, a file never in memory
+
+
+def _crc32(path: str) -> tuple[int, str]:
+  """(size, CRC-32 as 8 hex digits) of a file, read in chunks."""
+  crc, size, buffer = 0, 0, bytearray(_CHUNK)
+  view = memoryview(buffer)
+  with open(path, "rb", buffering=0) as f:
+    while n := f.readinto(view):
+      crc, size = zlib.crc32(view[:n], crc), size + n
+  return size, f"{crc:08x}"
+
+
+def _step_files(step_dir: str) -> list[str]:
+  """The files under a step's directory, as sorted '/'-joined relative paths (not the
+  checksums file itself or its temporaries)."""
+  names = []
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      if not name.startswith(CHECKSUMS):
+        names.append(os.path.relpath(os.path.join(root, name), step_dir).replace(os.sep, "/"))
+  return sorted(names)
+
+
+def write_checksums(step_dir: str) -> dict:
+  """Records the size and CRC-32 of every file of a complete checkpoint step.
+
+  Written atomically to `step_dir/fmjax_checksums.json`; `Checkpointer` calls it once orbax
+  has finished a save.
+
+  Args:
+    step_dir: a complete checkpoint step's directory, e.g. "WORKDIR/checkpoints/40".
+
+  Returns:
+    The record written: {"algorithm": "crc32", "files": {relative path: {"size", "crc32"}}}.
+  """
+  files = {}
+  for name in _step_files(step_dir):
+    size, crc = _crc32(os.path.join(step_dir, name))
+    files[name] = {"size": size, "crc32": crc}
+  record = {"algorithm": "crc32", "files": files}
+  temporary = os.path.join(step_dir, f"{CHECKSUMS}.tmp-{os.getpid()}")
+  with open(temporary, "w") as f:
+    json.dump(record, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, os.path.join(step_dir, CHECKSUMS))
+  return record
+
+
+def verify_step(step_dir: str) -> str | None:
+  """What is wrong with a checkpoint step's files, checked against its recorded checksums.
+
+  Args:
+    step_dir: a checkpoint step's directory, e.g. "WORKDIR/checkpoints/40".
+
+  Returns:
+    None when every recorded file is there with its size and CRC-32, or when the step has no
+    checksums (saved before fmjax recorded them: see `has_checksums`); else the first problem
+    as a phrase naming the file, e.g. "state/ocdbt.process_0/d/1a2b does not match its
+    checksum".
+  """
+  try:
+    with open(os.path.join(step_dir, CHECKSUMS)) as f:
+      files = json.load(f)["files"]
+    expected = {name: (int(v["size"]), str(v["crc32"])) for name, v in files.items()}
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    return f"{CHECKSUMS} cannot be read ({_cause(e)})"
+  for name, (size, _) in sorted(expected.items()):  # the cheap checks first
+    path = os.path.join(step_dir, name)
+    if not os.path.isfile(path):
+      return f"{name} is missing"
+    if os.path.getsize(path) != size:
+      return (f"{name} does not match its checksum ({os.path.getsize(path)} bytes, "
+              f"{size} when saved)")
+  for name, want in sorted(expected.items()):
+    try:
+      got = _crc32(os.path.join(step_dir, name))
+    except OSError as e:
+      return f"{name} cannot be read ({_cause(e)})"
+    if got != want:
+      return f"{name} does not match its checksum"
+  return None
+
+
+def has_checksums(step_dir: str) -> bool:
+  """Whether a checkpoint step has its checksums recorded (steps saved by older fmjax do not).
+
+  Args:
+    step_dir: a checkpoint step's directory.
+
+  Returns:
+    True when `step_dir/fmjax_checksums.json` exists.
+  """
+  return os.path.exists(os.path.join(step_dir, CHECKSUMS))
+
+
+# Steps verified by this process (their directory and every file's size and mtime): `restore`
+# after `restorable_step`, or `restore_params` after `read_latest`, read the files only once.
+_verified: set = set()
+
+
+def _agree(value: int) -> int:
+  """Process 0's `value` on every process (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _check(directory: str, step: int) -> str | None:
+  """verify_step of `directory/step` on process 0 (once per process), agreed by all.
+
+  Returns:
+    None when intact or unverified; the problem otherwise (other processes: a pointer to
+    process 0's log).
+  """
+  step_dir = os.path.join(directory, str(step))
+  key = _signature(step_dir)
+  problem = None
+  if jax.process_index() == 0 and (key is None or key not in _verified):
+    problem = verify_step(step_dir)
+  if _agree(problem is not None):
+    return problem or "see process 0's log"
+  if key is not None:
+    _verified.add(key)
+  return None
+
+
+def _signature(step_dir: str) -> tuple | None:
+  """A step's directory with every file's name, size and mtime; None if it cannot be listed."""
+  try:
+    return (step_dir, has_checksums(step_dir), tuple(
+        (name, st.st_size, st.st_mtime_ns) for name in _step_files(step_dir)
+        for st in [os.stat(os.path.join(step_dir, name))]))
+  except OSError:
+    return None
+
+
+def _newest_intact(directory: str, steps) -> tuple[int | None, list[tuple[int, str]]]:
+  """(the newest of `steps` whose files match their checksums or None, [(newer damaged
+  step, its problem), ...] newest first); a chosen step without checksums gets a note."""
+  damaged = []
+  for step in sorted(steps, reverse=True):
+    problem = _check(directory, step)
+    if problem is None:
+      _note_unverified(directory, step)
+      return step, damaged
+    damaged.append((step, problem))
+  return None, damaged
+
+
+def _note_unverified(directory: str, step: int) -> None:
+  """The one-line note for a step restored without checksums to check (process 0)."""
+  if jax.process_index() == 0 and not has_checksums(os.path.join(directory, str(step))):
+    log.warning("checkpoint step %d in %s has no checksums (saved by an earlier fmjax): not "
+                "verified", step, directory)
+
+
+def _reader_step(directory: str, steps) -> int:
+  """The newest intact of `steps` for a reader (which moves nothing), newer damaged steps
+  reported by a warning; raises CheckpointReadError when all are damaged."""
+  if not steps:
+    raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+  chosen, damaged = _newest_intact(directory, steps)
+  if chosen is None:
+    raise _nothing_intact(directory, damaged, "read another directory's checkpoints")
+  if jax.process_index() == 0:
+    for bad, why in damaged:
+      log.warning("checkpoint step %d in %s is damaged: %s; reading step %d, the newest "
+                  "intact one", bad, directory, why, chosen)
+  return chosen
+
+
+def _nothing_intact(directory: str, damaged, advice: str) -> CheckpointReadError:
+  """The error for a directory whose every checkpoint step is damaged, ending in `advice`."""
+  problems = "; ".join(f"step {s}: {why}" for s, why in damaged)
+  steps = ", ".join(str(s) for s, _ in damaged)
+  return CheckpointReadError(
+      f"no intact checkpoint in {directory}: step{'s' if len(damaged) > 1 else ''} {steps} "
+      f"{'are' if len(damaged) > 1 else 'is'} damaged ({problems}). Nothing was changed; "
+      f"{advice}")
 
 
 def model_signature(model_config) -> dict:
@@ -115,18 +315,94 @@ class Checkpointer:
         enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
+    self._keep = keep
     self._saving = None  # the step of the last save started (async: maybe not committed)
+    self._unsummed = None  # a step saved whose checksums are not being written yet
+    self._summing = None  # the thread writing a finished step's checksums
+    self._set_aside = []  # (step, new name): passed over by restorable_step, for this run
 
   def remove_unfinished(self) -> None:
-    """Removes the temporary step directories of saves that never finished (a process
-    killed while saving). For the run that writes here, before its first save (process 0
-    only; every process makes its Checkpointer before the collective first step); never
-    for a reader, which would remove a live run's save in progress."""
-    if jax.process_index() != 0 or not os.path.isdir(self.directory):
-      return
-    for name in os.listdir(self.directory):
-      if ".orbax-checkpoint-tmp" in name:
-        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    """Readies the directory for this run's saves, before its first one.
+
+    Removes the temporary step directories of saves that never finished (a process killed
+    while saving), and moves the steps newer than the one `restorable_step` chose aside
+    (kept, under names orbax does not read: damaged-<step>, superseded-<step>), so that this
+    run saves those steps afresh. For the run that writes here (process 0 moves; every
+    process makes its Checkpointer and calls this before the collective first step); never
+    for a reader, which would remove a live run's save in progress.
+    """
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in os.listdir(self.directory):
+        if ".orbax-checkpoint-tmp" in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+      for step, name in self._set_aside:
+        os.rename(os.path.join(self.directory, str(step)), os.path.join(self.directory, name))
+    if self._set_aside:
+      if jax.process_count() > 1:  # every process lists the directory after the moves
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices("fmjax checkpoints set aside")
+      self._manager.reload()
+      self._set_aside = []
+
+  def restorable_step(self, step: int = 0) -> int | None:
+    """The checkpoint step to resume from, checked against its checksums.
+
+    Newer steps are passed over (for `remove_unfinished` to move aside): with `step` 0, the
+    damaged ones, each reported by a warning naming its bad file; with an explicit `step`,
+    all of them. A step saved without checksums is taken unverified, with a note.
+
+    Args:
+      step: 0 for the newest intact step; N > 0 for step N, which must be intact.
+
+    Returns:
+      The step, or None when the directory holds no checkpoint.
+
+    Raises:
+      ArgumentError: `step` is negative, not among the checkpoints, or damaged.
+      CheckpointReadError: every checkpoint is damaged (nothing is moved).
+    """
+    steps = list(self._manager.all_steps())
+    if step < 0 or (step and step not in steps):
+      raise ArgumentError(
+          f"step={step}: {self.directory} holds no checkpoint step {step} (its steps: "
+          f"{sorted(steps) or 'none'}); pass one of them, or 0 for the newest intact one",
+          function="restorable_step", argument="step")
+    if not steps:
+      return None
+    if step:
+      problem = _check(self.directory, step)
+      if problem is not None:
+        raise ArgumentError(
+            f"step={step}: checkpoint step {step} in {self.directory} is damaged: {problem}; "
+            f"pass another of its steps {sorted(steps)}, or 0 for the newest intact one",
+            function="restorable_step", argument="step")
+      _note_unverified(self.directory, step)
+      chosen, damaged = step, []
+    else:
+      chosen, damaged = _newest_intact(self.directory, steps)
+      if chosen is None:
+        raise _nothing_intact(self.directory, damaged, "use a new workdir, or move "
+                              f"{self.directory} aside to start afresh")
+    taken = set(os.listdir(self.directory))
+    self._set_aside = []
+    for newer in sorted(s for s in steps if s > chosen):
+      name = f"{'damaged' if any(s == newer for s, _ in damaged) else 'superseded'}-{newer}"
+      while name in taken:  # an earlier run moved a step of that number aside
+        name = f"{name}+"
+      taken.add(name)
+      self._set_aside.append((newer, name))
+    moved = dict(self._set_aside)
+    if jax.process_index() == 0:
+      for bad, why in damaged:
+        log.warning("checkpoint step %d in %s is damaged: %s; resuming from step %d, the "
+                    "newest intact one (step %d will be kept as %s)", bad, self.directory, why,
+                    chosen, bad, os.path.join(self.directory, moved[bad]))
+      superseded = [s for s, name in self._set_aside if name.startswith("superseded")]
+      if superseded:
+        log.warning("resuming from step %d as asked: the newer steps %s will be kept as %s",
+                    chosen, superseded, ", ".join(os.path.join(self.directory, moved[s])
+                                                  for s in superseded))
+    return chosen
 
   def latest_step(self) -> int | None:
     """The latest complete checkpoint's step.
@@ -184,16 +460,23 @@ class Checkpointer:
     Args:
       abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` set — the layout to
         restore into, which may differ from the one that saved (another mesh or topology).
-      step: the checkpoint step to restore; None for the latest.
+      step: the checkpoint step to restore, checked against its checksums; None for the
+        newest intact one (see `restorable_step`).
 
     Returns:
       (state, meta): the state pytree of jax.Arrays in `abstract_state`'s shapes, dtypes and
       shardings, and the checkpoint's JSON meta dict.
 
     Raises:
-      CheckpointReadError: the checkpoint's files are incomplete or damaged.
+      CheckpointReadError: the checkpoint's files are incomplete or damaged (a file that does
+        not match its checksum is named).
     """
-    step = self.latest_step() if step is None else step
+    if step is None:
+      step = _reader_step(self.directory, self._manager.all_steps())
+    problem = _check(self.directory, step)
+    if problem is not None:
+      raise CheckpointReadError(f"checkpoint step {step} in {self.directory} is damaged: "
+                                f"{problem}. Nothing was changed")
     restored = _restore(self._manager, step, "state",
                         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
     return restored["state"], restored["meta"]
@@ -214,16 +497,20 @@ class Checkpointer:
       CheckpointWriteError: this save, or the previous asynchronous one, failed.
     """
     try:
+      if (force or self.due(step)) and self._unsummed is not None:
+        self._manager.wait_until_finished()  # as orbax's save would: the previous one is done
+      self._sum_finished()
       saved = self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
     except Exception as e:  # also the previous async save's failure, reported here
       self._failed(self._saving if self._saving is not None else step, e)
     if saved:
-      self._saving = step
+      self._saving = self._unsummed = step
+      self._sum_finished()  # a synchronous save is finished already
     return saved
 
   def wait(self) -> None:
-    """Blocks until the asynchronous saves in flight are committed.
+    """Blocks until the asynchronous saves in flight are committed and their checksums written.
 
     Raises:
       CheckpointWriteError: the save in flight failed.
@@ -232,6 +519,38 @@ class Checkpointer:
       self._manager.wait_until_finished()
     except Exception as e:
       self._failed(self._saving, e)
+    self._sum_finished()
+    if self._summing is not None:
+      self._summing.join()
+
+  def _sum_finished(self) -> None:
+    """Starts writing the checksums of the last save once orbax has finished it (process 0;
+    the files of every process are in the one directory). In a thread: reading the files
+    costs the training loop nothing, and the previous step's thread is joined first."""
+    if self._unsummed is None or self._manager.is_saving_in_progress():
+      return
+    step, self._unsummed = self._unsummed, None
+    if jax.process_index() != 0:
+      return
+    if self._summing is not None:
+      self._summing.join()
+    self._summing = threading.Thread(target=self._write_checksums, args=(step,),
+                                     name=f"fmjax checksums {step}", daemon=True)
+    self._summing.start()
+    if self._keep == 1:  # the next save deletes this step: not while it is being read
+      self._summing.join()
+
+  def _write_checksums(self, step: int) -> None:
+    """write_checksums of a finished step; a failure (the disk, or the step gone: its save
+    failed) leaves it without checksums, to be restored unverified, and says so."""
+    step_dir = os.path.join(self.directory, str(step))
+    if not os.path.isdir(step_dir):
+      return
+    try:
+      write_checksums(step_dir)
+    except OSError as e:
+      log.warning("the checksums of checkpoint step %d in %s could not be written (%s): it "
+                  "will be restored unverified", step, self.directory, _cause(e))
 
   def close(self) -> None:
     """Waits for the saves in flight (see `wait`), then closes the orbax manager.
@@ -412,20 +731,22 @@ def convert_layout(flat: dict, scanned: bool, stack=np.stack) -> dict:
 
 
 def read_latest(workdir: str) -> tuple[int, dict, dict]:
-  """(step, meta, params metadata by path) of a workdir's latest checkpoint, read-only.
+  """(step, meta, params metadata by path) of a workdir's newest intact checkpoint, read-only.
 
-  The params metadata maps each path to an object with `.shape` and `.dtype`.
+  The params metadata maps each path to an object with `.shape` and `.dtype`. A newer step
+  whose files do not match their checksums is passed over with a warning naming the file.
 
   Args:
     workdir: a training run's workdir (the checkpoints are in `workdir/checkpoints`).
 
   Returns:
-    (step, meta, params): the latest step, its JSON meta dict, and slash-joined param path ->
-    metadata with `.shape` and `.dtype` (no array is read).
+    (step, meta, params): the newest intact step, its JSON meta dict, and slash-joined param
+    path -> metadata with `.shape` and `.dtype` (no array is read).
 
   Raises:
     FileNotFoundError: no checkpoints/ directory, or no complete checkpoint in it.
-    CheckpointReadError: the checkpoint's meta or array list cannot be read.
+    CheckpointReadError: every step is damaged, or the checkpoint's meta or array list cannot
+      be read.
   """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
   if not os.path.isdir(directory):
@@ -433,9 +754,9 @@ def read_latest(workdir: str) -> tuple[int, dict, dict]:
                             "training run wrote (or hf:DIRECTORY for a Hugging Face model)")
   manager = ocp.CheckpointManager(directory, item_names=("state", "meta"), item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-  step = manager.latest_step()
-  if step is None:
+  if manager.latest_step() is None:
     raise FileNotFoundError(f"{directory} holds no complete checkpoint")
+  step = _reader_step(directory, manager.all_steps())
   meta = _restore(manager, step, "meta", meta=ocp.args.JsonRestore())["meta"]
   try:
     tree = manager.item_metadata(step)["state"]
@@ -455,16 +776,20 @@ def restore_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStr
 
   Args:
     workdir: a training run's workdir.
-    step: the checkpoint step to read.
+    step: the checkpoint step to read, checked against its checksums.
     targets: slash-joined param path -> jax.ShapeDtypeStruct with a sharding.
 
   Returns:
     Dict of path -> jax.Array in the target's shape, dtype and sharding.
 
   Raises:
-    CheckpointReadError: the checkpoint's files are incomplete or damaged.
+    CheckpointReadError: the checkpoint's files are incomplete or damaged (a file that does
+      not match its checksum is named).
   """
   directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  problem = _check(directory, step)
+  if problem is not None:
+    raise CheckpointReadError(f"checkpoint step {step} in {directory} is damaged: {problem}")
   item = {"params": unflatten_params(targets)}
   manager = ocp.CheckpointManager(directory, item_names=("state",),
                                   item_handlers={"state": ocp.PyTreeCheckpointHandler()})
@@ -476,7 +801,7 @@ def restore_params(workdir: str, step: int, targets: dict[str, jax.ShapeDtypeStr
 
 
 def load_params(workdir: str, prefix: str = "") -> dict:
-  """The params of `workdir`'s latest checkpoint as a nested dict on one device.
+  """The params of `workdir`'s newest intact checkpoint as a nested dict on one device.
 
   To apply a trained model outside its program: a notebook, an export.
 

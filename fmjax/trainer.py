@@ -256,7 +256,7 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=t.save_every,
                                  keep=t.keep_checkpoints)
   signature = checkpoint.model_signature(task.model_config)
-  start = ckpt.latest_step()
+  start = ckpt.restorable_step(t.get("restore_step", 0))  # checked against its checksums
   end = plan.steps if until is None else until
   if start is not None:  # refuse another model's checkpoint before touching anything
     saved_meta = ckpt.check_compatible(signature, start)

@@ -54,6 +54,7 @@ ARGUMENT_FLAGS = {
     ("resolve_schedule", "train.steps"): "--config.train.steps",
     ("resolve_schedule", "train.epochs"): "--config.train.epochs",
     ("fit", "train.best_metric"): "--config.train.best_metric",
+    ("restorable_step", "step"): "--config.train.restore_step",
     ("PairBatches", "batch_size"): "--config.train.batch_size",
     **{("TableFormat", field): f"--config.data.{field}"
        for field in ("format", "header", "quoting", "text_columns", "label_column",
