@@ -23,6 +23,7 @@ from fmjax import sources  # noqa: F401  (re-exported for the programs)
 from fmjax.runtime import Runtime
 from fmjax.trainer import (Interrupted, Schedule, Task, fit,  # noqa: F401  (re-exported)
                            resolve_schedule)
+from train import checks
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/gpt.py:tiny",
@@ -77,11 +78,13 @@ def initialize_distributed() -> None:
 
 
 def prepare_workdir(config, workdir: str) -> None:
-  """Creates the workdir, refusing an unwritable one.
+  """Checks the run config (train/checks.py), then creates the workdir, refusing an
+  unwritable one.
 
   The resolved config is recorded (config.json) by `fit`, once the run has passed its
   checks, so a refused run leaves the workdir as it found it.
   """
+  checks.validate(config)  # before anything is created, read or compiled
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # processes may share it
