@@ -9,16 +9,29 @@ a workdir's checkpoints resumable.
 """
 
 import dataclasses
+import typing
 
 import ml_collections
+from ml_collections import config_dict
 
 from fmjax.runtime import Runtime
 
 
 def model_config(preset) -> ml_collections.ConfigDict:
   """A model preset (frozen dataclass) as a ConfigDict: every field overridable from the CLI,
-  and a mistyped field is an error."""
-  return ml_collections.ConfigDict(dataclasses.asdict(preset))
+  and a mistyped field is an error.
+
+  A field whose value is None (e.g. GPTConfig.num_kv_heads) becomes a placeholder of its
+  annotated type (`int | None` -> int), so --config.model.num_kv_heads=2 can set it; the
+  ConfigDict still reads back as None until it is set.
+  """
+  fields = dataclasses.asdict(preset)
+  hints = typing.get_type_hints(type(preset))
+  for name, value in fields.items():
+    types = [t for t in typing.get_args(hints[name]) if t is not type(None)]
+    if value is None and len(types) == 1:
+      fields[name] = config_dict.placeholder(types[0])
+  return ml_collections.ConfigDict(fields)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -37,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.batch_size = 32  # global batch (all hosts)
   t.accum_steps = 1  # gradient accumulation: micro-batches per optimizer step
   t.learning_rate = 1e-3
+  t.allow_nonpositive_learning_rate = False  # True: a learning rate <= 0 is not refused
   t.warmup_steps = 100
   t.decay = "cosine"  # cosine | linear | constant
   t.end_factor = 0.1  # final learning rate = end_factor * learning_rate

@@ -152,7 +152,8 @@ def restore_params(workdir):
 def test_init_from_a_pretraining_workdir_loads_the_encoder(pretrained, env, tmp_path):
   workdir = tmp_path / "ft"
   proc = program(env, workdir, f"--config.init_from={pretrained}", "--config.train.steps=2",
-                 "--config.train.learning_rate=0.0")
+                 "--config.train.learning_rate=0.0",
+                 "--config.train.allow_nonpositive_learning_rate=true")
   check_ok(proc)
   assert "initialised" in proc.stderr and "not used: ['mlm_bias'" in proc.stderr
   source, tuned = restore_params(pretrained), restore_params(workdir)
@@ -192,7 +193,8 @@ def test_init_from_a_hugging_face_bert_directory(env, tmp_path):
   directory = REPO / "tests" / "golden" / "hf" / "bert"
   workdir = tmp_path / "hf"
   proc = program(env, workdir, f"--config.init_from=hf:{directory}", "--config.train.steps=2",
-                 "--config.train.learning_rate=0.0")
+                 "--config.train.learning_rate=0.0",
+                 "--config.train.allow_nonpositive_learning_rate=true")
   check_ok(proc)
   config, arrays = hf.read_weights(str(directory))
   tuned = restore_params(workdir)

@@ -369,7 +369,8 @@ def test_continue_pretraining_a_hugging_face_gpt2(env, tmp_path):
   directory = REPO / "tests" / "golden" / "hf" / "gpt2"
   workdir = tmp_path / "gpt2"
   proc = program(env, workdir, f"--config.init_from=hf:{directory}", "--config.train.steps=1",
-                 "--config.train.learning_rate=0.0", "--config.sample.num_tokens=0")
+                 "--config.train.learning_rate=0.0", "--config.sample.num_tokens=0",
+                 "--config.train.allow_nonpositive_learning_rate=true")
   check_ok(proc)
   config, params = hf.read_weights(str(directory))
   state, meta = restore(workdir, 1)

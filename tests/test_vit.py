@@ -498,7 +498,8 @@ def test_finetune_from_hf_at_another_image_size_resizes_positions(tmp_path):
   config.model.image_size = 32
   config.data.update(train_images="", train_labels="", train_dir=str(tmp_path / "train"),
                      eval_dir=str(tmp_path / "eval"), eval_start=0, eval_stop=0, train_stop=0)
-  config.train.update(steps=1, batch_size=4, learning_rate=0.0, log_every=1, eval_every=1)
+  config.train.update(steps=1, batch_size=4, learning_rate=0.0, log_every=1, eval_every=1,
+                      allow_nonpositive_learning_rate=True)
   workdir = tmp_path / "run"
   final = classify_images.run(config, str(workdir))
   assert set(final) == {"eval/accuracy", "eval/loss"}

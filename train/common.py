@@ -26,6 +26,7 @@ from fmjax import workdir as fworkdir
 from fmjax.runtime import Runtime
 from fmjax.trainer import (Interrupted, Schedule, Task, fit,  # noqa: F401  (re-exported)
                            resolve_schedule)
+from train import checks
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/gpt.py:tiny",
@@ -81,13 +82,15 @@ def initialize_distributed() -> None:
 
 
 def prepare_workdir(config, workdir: str) -> None:
-  """Creates the workdir, refusing an unwritable one or one that another run holds.
+  """Checks the run config (train/checks.py), then creates the workdir, refusing an
+  unwritable one or one that another run holds.
 
   A program's run holds the workdir from its start (`holds_workdir`); called outside one,
   this only checks that no other process holds it. The resolved config is recorded
   (config.json) by `fit`, once the run has passed its checks, so a refused run leaves the
   workdir as it found it.
   """
+  checks.validate(config)  # before anything is created, read or compiled
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # processes may share it
