@@ -52,6 +52,8 @@ ARGUMENT_FLAGS = {
     ("resolve_schedule", "train.epochs"): "--config.train.epochs",
     ("fit", "train.best_metric"): "--config.train.best_metric",
     ("PairBatches", "batch_size"): "--config.train.batch_size",
+    ("train_sentencepiece", "vocab_size"): "--config.data.vocab_size",
+    ("check_labels", "num_classes"): "--config.model.num_classes",
     **{("TableFormat", field): f"--config.data.{field}"
        for field in ("format", "header", "quoting", "text_columns", "label_column",
                      "label_names", "num_labels")},
