@@ -323,6 +323,21 @@ def test_preparing_local_files_is_logged_as_local_not_as_a_download(tmp_path, ca
   assert "Downloading" not in out + err and "downloaded" not in out + err
 
 
+def test_preparing_bert_examples_is_not_called_a_download(tmp_path, caplog, capfd):
+  docs = [[f"sentence {i} of document {d} ." for i in range(4)] for d in range(3)]
+  tok = data.train_sentencepiece([" ".join(doc) for doc in docs], vocab_size=60,
+                                 pad_piece="[PAD]", unk_piece="[UNK]",
+                                 special_tokens=("[CLS]", "[SEP]", "[MASK]"))
+  with caplog.at_level(logging.INFO, logger="fmjax"):
+    source = data.prepare_pretraining_dataset(docs, tok, data_dir=tmp_path, max_seq_length=16,
+                                              max_predictions_per_seq=2, dupe_factor=1)
+  (config_dir,) = (tmp_path / "bert_pretraining_examples").iterdir()
+  assert [r.getMessage() for r in caplog.records if r.name == "fmjax"] == [
+      f"preparing {len(source)} BERT pretraining examples into {config_dir / '1.1.0'}"]
+  out, err = capfd.readouterr()
+  assert "Downloading" not in out + err and "downloaded" not in out + err
+
+
 # ------------------------------------------------------------------------ the program
 
 
