@@ -18,7 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from fmjax import evaluation, generate, heads, trainer
+from fmjax import errors, evaluation, generate, heads, trainer
 from fmjax import data as fdata
 from fmjax.data import captions as fcaptions
 from fmjax.data import translation
@@ -138,11 +138,14 @@ def run(config, workdir: str):
   predict = trainer.make_predict(task.predict_fn, params)
   hypotheses = caption_images(predict, eval_arrays["images"], t.batch_size, tok)
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "predictions"), exist_ok=True)
-    with open(os.path.join(workdir, "predictions", "eval.tsv"), "w", encoding="utf-8") as f:
-      f.write("prediction\treference\n")
-      f.write("".join(f"{h}\t{r}\n" for h, r in zip(hypotheses, eval_texts)))
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+    path = os.path.join(workdir, "predictions", "eval.tsv")
+    with errors.writing(path, "predictions"):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path, "w", encoding="utf-8") as f:
+        f.write("prediction\treference\n")
+        f.write("".join(f"{h}\t{r}\n" for h, r in zip(hypotheses, eval_texts)))
+    path = os.path.join(workdir, "eval_results.json")
+    with errors.writing(path, "evaluation results"), open(path, "w") as f:
       json.dump({k: float(v) for k, v in last.items() if k.startswith("eval/")}, f, indent=1)
   common.report(workdir, last)
   print(f"  predictions: {os.path.join(workdir, 'predictions', 'eval.tsv')}")

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmjax import trainer
+from fmjax import errors, trainer
 from fmjax import data as fdata
 from fmjax.data import images
 from fmjax.models import vit
@@ -125,6 +125,15 @@ def gather(source, index) -> dict[str, np.ndarray]:
     return {k: v[index] for k, v in source.arrays.items()}
   examples = [source[int(i)] for i in index]
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def label_source(d, split: str) -> str:
+  """What holds the split's labels, for messages: the IDX file, the folder or the tfds split."""
+  if d.train_images:
+    return d.eval_labels or d.train_labels if split == "eval" else d.train_labels
+  if d.train_dir:
+    return d[f"{split}_dir"]
+  return f"tfds:{d.tfds_name}/{d[f'{split}_split']}"
 
 
 def labels_of(source) -> np.ndarray:
@@ -246,12 +255,14 @@ def run(config, workdir: str):
   size = config.model.image_size
   train_source, eval_source, classes = load_data(config, size, channels)
   labels = labels_of(eval_source)
-  seen = labels if config.data.tfds_name and not d.in_memory else np.concatenate(
-      [labels, labels_of(train_source)])
-  c = model_config(config, len(classes) if classes else 1 + int(seen.max()), source)
-  if seen.max() >= c.num_classes:
-    raise ValueError(f"the data has label {int(seen.max())} but config.model.num_classes="
-                     f"{c.num_classes}; use -1 to take the number of classes from the data")
+  # A label outside the classes (a byte of 200 among MNIST's 0..9) is named, not learned.
+  parts = ([] if d.tfds_name and not d.in_memory else
+           [(label_source(d, "train"), labels_of(train_source), d.train_start)]) + [
+               (label_source(d, "eval"), labels, d.eval_start)]
+  given = (config.model.num_classes if config.model.num_classes != -1 else
+           len(classes) if classes else None)  # folders: one class each, present or not
+  num_classes = images.check_labels(parts, given)
+  c = model_config(config, num_classes, source)
   weights = adapt(weights, c)
   model = vit.ViT(c, common.runtime(config))
   n_train = len(train_source)
@@ -281,7 +292,8 @@ def run(config, workdir: str):
   final = score(collect(trainer.make_predict(task.predict_fn, params), eval_source, eval_batch),
                 labels)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+    path = os.path.join(workdir, "eval_results.json")
+    with errors.writing(path, "evaluation results"), open(path, "w") as f:
       json.dump({"best_metric": t.best_metric, **final}, f, indent=1)
   common.report(workdir, {**last, **final})
   return final

@@ -57,6 +57,8 @@ ARGUMENT_FLAGS = {
     ("fit", "train.best_metric"): "--config.train.best_metric",
     ("restorable_step", "step"): "--config.train.restore_step",
     ("PairBatches", "batch_size"): "--config.train.batch_size",
+    ("train_sentencepiece", "vocab_size"): "--config.data.vocab_size",
+    ("check_labels", "num_classes"): "--config.model.num_classes",
     **{("TableFormat", field): f"--config.data.{field}"
        for field in ("format", "header", "quoting", "text_columns", "label_column",
                      "label_names", "num_labels")},

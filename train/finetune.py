@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fmjax import evaluation, heads, trainer
+from fmjax import errors, evaluation, heads, trainer
 from fmjax import data as fdata
 from fmjax.data import bucketing, glue, squad
 from fmjax.models import bert
@@ -251,6 +251,11 @@ def score(config, outputs, arrays, examples, spans) -> dict[str, float]:
 
 def write_predictions(config, path: str, outputs, examples, spans, label_names) -> None:
   """One JSON line per example (classification, regression), or SQuAD's {id: answer} JSON."""
+  with errors.writing(path, "predictions"):
+    _write_predictions(config, path, outputs, examples, spans, label_names)
+
+
+def _write_predictions(config, path: str, outputs, examples, spans, label_names) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   if config.task == "qa":
     answers = squad.best_answers(examples, spans, outputs["start_logits"],
@@ -345,7 +350,8 @@ def run(config, workdir: str):
       write_predictions(config, os.path.join(workdir, "predictions", name + suffix),
                         predict(arrays), examples, spans, label_names)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+    path = os.path.join(workdir, "eval_results.json")
+    with errors.writing(path, "evaluation results"), open(path, "w") as f:
       json.dump({"best_metric": t.best_metric, **final}, f, indent=1)
   common.report(workdir, {**last, **final})
   print(f"  predictions: {os.path.join(workdir, 'predictions')}")

@@ -9,6 +9,7 @@ sample. Rerunning the same command resumes from DIR/checkpoints. config.init_fro
 workdir, or hf:DIR of a Hugging Face GPT-2) brings its architecture, tokenizer and weights.
 """
 
+import itertools
 import os
 import sys
 
@@ -32,9 +33,12 @@ def tokenizer_settings(config) -> list[str]:
           *(["data.vocab_size"] if d.tokenizer == "sentencepiece" else [])]
 
 
-def build_tokenizer(config, workdir: str, documents, source) -> fdata.Tokenizer:
+def build_tokenizer(config, workdir: str, documents, source,
+                    eval_documents=()) -> fdata.Tokenizer:
   """The run's tokenizer: loaded from the workdir when resuming, else the source's (init_from),
-  else made (and saved there)."""
+  else made. A char vocabulary is learned on all the text (as nanoGPT's shakespeare_char):
+  `documents` and `eval_documents`; a SentencePiece one on `documents`. `run` saves it in
+  the workdir once the prompt and the corpus have been checked against it."""
   d = config.data
   saved = os.path.join(workdir, "tokenizer")
   if os.path.exists(os.path.join(saved, "fmjax_tokenizer.json")):
@@ -45,16 +49,52 @@ def build_tokenizer(config, workdir: str, documents, source) -> fdata.Tokenizer:
     tok = (fdata.SentencePieceTokenizer.from_file(d.tokenizer_path)
            if d.tokenizer_path.endswith(".model") else fdata.load_tokenizer(d.tokenizer_path))
   elif d.tokenizer == "char":
-    tok = fdata.CharTokenizer.from_text(iter(documents))
+    tok = fdata.CharTokenizer.from_text(itertools.chain(documents, eval_documents))
   elif d.tokenizer == "byte":
     tok = fdata.ByteTokenizer()
   elif d.tokenizer == "sentencepiece":
     tok = fdata.train_sentencepiece(iter(documents), vocab_size=d.vocab_size)
   else:
     raise ValueError(f"config.data.tokenizer={d.tokenizer!r}: choose char, byte or sentencepiece")
-  if jax.process_index() == 0:
-    tok.save(saved)
   return tok
+
+
+def check_prompt(config, tokenizer: fdata.Tokenizer, resumed: bool = False) -> None:
+  """Refuses, before any training, a sample prompt the tokenizer cannot encode (resumed: the
+  tokenizer is the workdir's, so another one needs another workdir)."""
+  s = config.sample
+  if s.num_tokens <= 0:
+    return
+  fixes = ("give another --config.sample.prompt, skip the sample with "
+           "--config.sample.num_tokens=0")
+  if not s.prompt:
+    raise ValueError(f"--config.sample.prompt is empty; {fixes}")
+  missing = tokenizer.missing_characters(s.prompt)
+  if missing:
+    chars = ", ".join(repr(c) for c in missing)
+    raise ValueError(
+        f"--config.sample.prompt={s.prompt!r}: the {tokenizer.kind} tokenizer cannot encode "
+        f"{chars} (not in the training text); {fixes}, or use --config.data.tokenizer=byte"
+        f"{' in a new --workdir' if resumed else ''}, which encodes any text")
+
+
+def token_stream(config, workdir: str, tokenizer, split: str, source: dict,
+                 resumed: bool = False):
+  """The split's token stream; a character the tokenizer lacks is named with the fix."""
+  try:
+    return fdata.load_token_stream(tokenizer, split=split, **source)
+  except fdata.tokenizers.UnknownCharacter as e:
+    d = config.data
+    origin = ("the tokenizer" if not (resumed or config.init_from or d.tokenizer_path) else
+              f"the tokenizer saved in {os.path.join(workdir, 'tokenizer')} (resuming)" if resumed
+              else f"--config.init_from={config.init_from}'s tokenizer" if config.init_from
+              else f"the tokenizer of --config.data.tokenizer_path={d.tokenizer_path}")
+    raise ValueError(
+        f"{e.where}: character {e.char!r} (U+{ord(e.char):04X}) is not in {origin} "
+        f"({e.vocabulary} characters); rerun{' in a new --workdir' if resumed else ''} with "
+        "--config.data.tokenizer=byte" + (" --config.init_from=''" if config.init_from else "")
+        + (" --config.data.tokenizer_path=''" if d.tokenizer_path else "")
+        + " (it encodes any text), or remove the character") from None
 
 
 @common.holds_workdir
@@ -68,8 +108,12 @@ def run(config, workdir: str):
                 tfds_name=d.tfds_name or None, text_key=d.text_key,
                 val_fraction=0.0 if d.eval_path else d.val_fraction, document_split=d.document_split)
   train_docs = fdata.load_documents(split="train", **source)
+  eval_docs = fdata.load_documents(split="validation", **source)
   weights = common.sources.parse(config.init_from)
-  tokenizer = build_tokenizer(config, workdir, train_docs, weights)
+  saved = os.path.join(workdir, "tokenizer", "fmjax_tokenizer.json")
+  resumed = os.path.exists(saved)
+  tokenizer = build_tokenizer(config, workdir, train_docs, weights, eval_docs)
+  check_prompt(config, tokenizer, resumed)
   # The source's architecture (init_from), else config.model's.
   model_config = (weights.architecture(gpt.GPTConfig)
                   or common.model_config(gpt.GPTConfig, config.model, tokenizer))
@@ -84,8 +128,10 @@ def run(config, workdir: str):
                    batch_size=t.batch_size), common.runtime(config))
   model = gpt.GPT(model_config, runtime)
 
-  train_tokens = fdata.load_token_stream(tokenizer, split="train", **source)
-  eval_tokens = fdata.load_token_stream(tokenizer, split="validation", **source)
+  train_tokens = token_stream(config, workdir, tokenizer, "train", source, resumed)
+  eval_tokens = token_stream(config, workdir, tokenizer, "validation", source, resumed)
+  if jax.process_index() == 0 and not resumed:
+    tokenizer.save(os.path.dirname(saved))  # now that it encodes the prompt and the corpus
   train_data = fdata.LMBatchIterator(
       train_tokens, batch_size=t.batch_size, seq_len=d.seq_len, seed=config.seed, mode=d.mode,
       eos_id=tokenizer.eos_id, process_index=jax.process_index(),

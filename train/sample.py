@@ -72,7 +72,12 @@ def sample(workdir: str, prompt: str, **settings) -> str:
   generate.GenerateConfig(**{k: v for k, v in settings.items() if k != "seed"})  # check first
   _check_workdir(workdir)
   tokenizer = fdata.load_tokenizer(os.path.join(workdir, "tokenizer"))
-  ids = tokenizer.encode(prompt)  # a character outside the vocabulary fails here, early
+  missing = tokenizer.missing_characters(prompt)  # checked before loading the model
+  if missing:
+    raise ValueError(f"--prompt={prompt!r}: the {tokenizer.kind} tokenizer of {workdir} cannot "
+                     f"encode {', '.join(repr(c) for c in missing)} (not in its training text); "
+                     "give a prompt of characters the corpus has")
+  ids = tokenizer.encode(prompt)
   if not ids:
     raise ValueError(f"--prompt={prompt!r} encodes to no tokens; give some text")
   model, params, context = load(workdir)

@@ -23,7 +23,7 @@ import sys
 import jax
 import numpy as np
 
-from fmjax import evaluation, generate, heads, trainer
+from fmjax import errors, evaluation, generate, heads, trainer
 from fmjax import data as fdata
 from fmjax.data import translation
 from fmjax.models import seq2seq
@@ -209,11 +209,14 @@ def run(config, workdir: str):
     results[f"{split}/bleu"] = bleu["bleu"]
     results[f"{split}/bleu_detail"] = bleu
     if jax.process_index() == 0:
-      os.makedirs(os.path.join(workdir, "predictions"), exist_ok=True)
-      with open(os.path.join(workdir, "predictions", f"{split}.txt"), "w", encoding="utf-8") as f:
-        f.write("".join(h + "\n" for h in hypotheses))
+      path = os.path.join(workdir, "predictions", f"{split}.txt")
+      with errors.writing(path, "predictions"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+          f.write("".join(h + "\n" for h in hypotheses))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+    path = os.path.join(workdir, "eval_results.json")
+    with errors.writing(path, "evaluation results"), open(path, "w") as f:
       json.dump(results, f, indent=1)
   common.report(workdir, last)
   print("  " + ", ".join(f"{k}={v:.2f}" for k, v in results.items() if k.endswith("/bleu"))

@@ -48,7 +48,7 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 
-from fmjax.data.text import DataError, prepare_once, read_text_file, resolve_files
+from fmjax.data.text import DataError, log, prepare_once, read_text_file, resolve_files
 from fmjax.data.tokenizers import SentencePieceTokenizer, Tokenizer
 
 BERT_TOKENS = ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
@@ -563,7 +563,17 @@ class BertPretrainingExamples(tfds.core.GeneratorBasedBuilder, skip_registration
       raise DataError(f"{self.builder_config.name} is not prepared under {self.data_dir}; "
                       "make it with prepare_pretraining_dataset(documents, tokenizer, ...)")
     examples = create_pretraining_examples(self._documents, self._tokenizer, **self._create_kwargs)
+    # (self.data_dir is tfds's temporary "incomplete.*" folder while preparing.)
+    log.info("preparing %d BERT pretraining examples into %s", len(examples), os.path.join(
+        self.data_dir_root, self.name, self.builder_config.name, str(self.version)))
     return {"train": self._generate_examples(examples)}
+
+  # Not tfds's "Downloading and preparing dataset ...": nothing is downloaded.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _generate_examples(self, examples):
     yield from enumerate(examples)

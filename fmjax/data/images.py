@@ -126,6 +126,59 @@ def read_idx_dataset(images_path: str, labels_path: str, *, start: int = 0,
                       "label": labels[keep].astype(np.int32)})
 
 
+def check_labels(parts, num_classes: int | None = None) -> int:
+  """Checks class labels against the model's classes; returns the number of classes.
+
+  A label byte of 200 among MNIST's 0..9 would otherwise silently make a 201-class model:
+  with `num_classes` given, every label must be below it; without, the class count is 1 +
+  the largest label, and every class below it must occur (no gap such as {0..9, 200}).
+
+  Args:
+    parts: (name, labels, first) triples, one per label source: its name for messages
+      (e.g. the IDX labels file), its (N,) integer labels, and the index its first label
+      has in that source (labels [first, first + N) of the file).
+    num_classes: the classes the model has, or None to take them from the labels.
+
+  Returns:
+    num_classes, or 1 + the largest label.
+
+  Raises:
+    DataError: a label >= num_classes, or (num_classes None) class ids that never occur
+      below the largest label; names the source, the first offending index and its label.
+      Its `function` and `argument` are "check_labels", "num_classes".
+  """
+  parts = [(name, np.asarray(labels), first) for name, labels, first in parts]
+  seen = np.unique(np.concatenate([labels for _, labels, _ in parts] or [np.zeros(0, int)]))
+  if not len(seen):
+    raise DataError(f"{', '.join(name for name, _, _ in parts) or 'check_labels'}: no labels "
+                    "to check", function="check_labels", argument="num_classes")
+  first_bad = lambda bound: next(
+      (name, first + int(np.argmax(labels >= bound)), int(labels[labels >= bound][0]))
+      for name, labels, first in parts if (labels >= bound).any())
+  if num_classes is not None:
+    if seen[-1] >= num_classes:
+      name, index, label = first_bad(num_classes)
+      raise DataError(f"{name}: label {label} at index {index} is not a class id below "
+                      f"num_classes={num_classes}; fix the labels, or raise num_classes",
+                      function="check_labels", argument="num_classes")
+    return num_classes
+  missing = np.setdiff1d(np.arange(seen[-1] + 1), seen)
+  if len(missing):
+    name, index, label = first_bad(missing[0] + 1)
+    if len(missing) == 1:
+      absent = f"class {missing[0]} never occurs"
+    elif missing[-1] - missing[0] + 1 == len(missing):
+      absent = f"classes {missing[0]}..{missing[-1]} ({len(missing)} of them) never occur"
+    else:
+      absent = (f"{len(missing)} classes ({', '.join(map(str, missing[:4]))}, ...) never "
+                "occur")
+    raise DataError(
+        f"{name}: label {label} at index {index} would make {int(seen[-1]) + 1} classes, but "
+        f"{absent} in the labels; fix the labels, or give num_classes if those classes are "
+        "really absent from these examples", function="check_labels", argument="num_classes")
+  return int(seen[-1]) + 1
+
+
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """(h, w, C) uint8 -> (size, size, C): the shorter side scaled to `size`, then the centre crop.
 

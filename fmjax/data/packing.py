@@ -21,7 +21,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from fmjax.data.text import Documents, load_documents
-from fmjax.data.tokenizers import Tokenizer
+from fmjax.data.tokenizers import Tokenizer, UnknownCharacter
+from fmjax.errors import writing
 
 _CHUNK_DOCUMENTS = 256  # documents encoded per call: lets batched tokenizers use threads
 
@@ -50,38 +51,56 @@ def pack_documents(documents: Iterable[str], tokenizer: Tokenizer, *,
 
   Returns:
     (L,) token ids, `token_dtype(tokenizer.vocab_size)`; a read-only memmap when cached.
+
+  Raises:
+    UnknownCharacter: a character the tokenizer lacks, located in the documents' files
+      (`Documents.locate`), e.g. "at corpus.txt line 3".
+    fmjax.errors.WriteError: the cache could not be written (names it; "disk full").
   """
   dtype = token_dtype(tokenizer.vocab_size)
   if cache_path is not None and os.path.exists(cache_path):
     return _open(cache_path, dtype)
 
   def chunks():
-    batch = []
+    batch, start = [], 0
     for doc in documents:
       batch.append(doc)
       if len(batch) == _CHUNK_DOCUMENTS:
-        yield batch
-        batch = []
+        yield start, batch
+        start, batch = start + len(batch), []
     if batch:
-      yield batch
+      yield start, batch
 
   def encoded():
-    for batch in chunks():
-      ids = [i for doc_ids in tokenizer.encode_batch(batch) for i in (*doc_ids, tokenizer.eos_id)]
+    for start, batch in chunks():
+      try:
+        encoded_batch = tokenizer.encode_batch(batch)
+      except UnknownCharacter as e:
+        raise _located(e, documents, start, batch) from None
+      ids = [i for doc_ids in encoded_batch for i in (*doc_ids, tokenizer.eos_id)]
       yield np.asarray(ids, dtype=dtype)
 
   if cache_path is None:
     return np.concatenate([np.zeros(0, dtype), *encoded()])
   tmp_path = f"{cache_path}.tmp-{uuid.uuid4().hex}"
   try:
-    with open(tmp_path, "wb") as f:
+    with writing(cache_path, "token cache"), open(tmp_path, "wb") as f:
       for array in encoded():
-        array.tofile(f)
-    os.replace(tmp_path, cache_path)
+        f.write(memoryview(array))  # not ndarray.tofile: its short write has no errno
+    with writing(cache_path, "token cache"):
+      os.replace(tmp_path, cache_path)
   finally:
     if os.path.exists(tmp_path):
       os.remove(tmp_path)
   return _open(cache_path, dtype)
+
+
+def _located(error: UnknownCharacter, documents, start: int, batch) -> UnknownCharacter:
+  """`error` (met encoding documents[start:start + len(batch)]) saying where in the corpus."""
+  index = start + next((i for i, doc in enumerate(batch) if error.char in doc), 0)
+  where = (documents.locate(error.char, index) if isinstance(documents, Documents)
+           else f"document {index}")
+  return UnknownCharacter.at(error.char, where, error.vocabulary)
 
 
 def _open(path: str, dtype: np.dtype) -> np.ndarray:

@@ -18,12 +18,17 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
 
 import jax
 import tensorflow_datasets as tfds
+
+from fmjax.errors import disk_full, write_error
+
+log = logging.getLogger("fmjax")
 
 DOCUMENT_SPLITS = ("file", "blank_line")
 _READ_CHUNK = 1024  # documents per ArrayRecord read when iterating a corpus
@@ -221,7 +226,21 @@ class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if not docs:
         raise DataError(f"split {name!r} of {config.train_files + config.eval_files} is empty; "
                         "lower val_fraction or add text")
+    # Said once the files have been read and found good: a refused file is one error line.
+    # (self.data_dir is tfds's temporary "incomplete.*" folder while preparing.)
+    files = config.train_files + config.eval_files
+    log.info("preparing local files %s into %s", ", ".join(files[:3]) + (
+        f" (and {len(files) - 3} more)" if len(files) > 3 else ""),
+        os.path.join(self.data_dir_root, self.name, config.name, str(self.version)))
     return {name: self._generate_examples(docs) for name, docs in splits.items()}
+
+  # tfds announces "Downloading and preparing dataset ..." and "... downloaded and prepared":
+  # nothing is downloaded here, and _split_generators says what is prepared.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _generate_examples(self, documents):
     for i, text in enumerate(documents):
@@ -234,9 +253,11 @@ class Documents(collections.abc.Sequence):
   Attributes:
     cache_dir: directory of the prepared tfds data, where derived caches (token streams) go.
     name: "dataset/config/version:split", for messages.
+    files: the local files the documents were read from (empty for a tfds catalog dataset).
   """
 
-  def __init__(self, source, *, text_key: str, cache_dir: str, name: str):
+  def __init__(self, source, *, text_key: str, cache_dir: str, name: str,
+               files: Sequence[str] = ()):
     """Wraps a data source; `load_documents` builds it.
 
     Args:
@@ -244,8 +265,30 @@ class Documents(collections.abc.Sequence):
       text_key: the record key holding the text (bytes or str).
       cache_dir: sets the `cache_dir` attribute.
       name: sets the `name` attribute.
+      files: sets the `files` attribute.
     """
     self._source, self.text_key, self.cache_dir, self.name = source, text_key, cache_dir, name
+    self.files = tuple(files)
+
+  def locate(self, text: str, index: int | None = None) -> str:
+    """Where `text` (e.g. a character a tokenizer lacks) first occurs, for a message.
+
+    Args:
+      text: what to look for.
+      index: the document it was found in, if known.
+
+    Returns:
+      "FILE line N" for the first of `files` holding it, else the name (and the document).
+    """
+    for path in self.files:
+      try:
+        with open(path, encoding="utf-8") as f:
+          for number, line in enumerate(f, 1):
+            if text in line:
+              return f"{path} line {number}"
+      except (OSError, UnicodeDecodeError):
+        continue
+    return self.name + ("" if index is None else f" document {index}")
 
   def __len__(self) -> int:
     return len(self._source)
@@ -297,6 +340,7 @@ def load_documents(*, data_dir: str, split: str = "train", train_path=None, eval
   """
   if (train_path is None) == (tfds_name is None):
     raise ValueError("pass exactly one of train_path (local files) or tfds_name (catalog)")
+  files = ()
   if train_path is not None:
     config = LocalTextConfig.for_files(train_path, eval_path, document_split=document_split,
                                        val_fraction=val_fraction)
@@ -304,12 +348,15 @@ def load_documents(*, data_dir: str, split: str = "train", train_path=None, eval
       raise DataError(f"no validation split for {list(config.train_files)}: "
                       "set eval_path or val_fraction (e.g. 0.1)")
     make = lambda: LocalText(config=config, data_dir=data_dir, file_format="array_record")
+    files = (config.eval_files if split.startswith("validation") and config.eval_files
+             else config.train_files)
   else:
     make = lambda: tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
   builder = prepare_once(make)
   source = builder.as_data_source(split=split)
   name = f"{builder.info.full_name}:{split}"
-  return Documents(source, text_key=text_key, cache_dir=os.fspath(builder.data_dir), name=name)
+  return Documents(source, text_key=text_key, cache_dir=os.fspath(builder.data_dir), name=name,
+                   files=files)
 
 
 def prepare_once(make_builder) -> tfds.core.DatasetBuilder:
@@ -342,6 +389,10 @@ def _prepare(builder: tfds.core.DatasetBuilder) -> None:
   """download_and_prepare in ArrayRecord, turning a missing module into advice."""
   try:
     builder.download_and_prepare(file_format="array_record")
+  except OSError as e:  # a full disk or an unwritable data_dir: name the folder
+    if not (disk_full(e) or isinstance(e, PermissionError)):
+      raise  # e.g. a catalog's failed download
+    raise write_error(e, builder.data_dir, "prepared dataset") from e
   except DataError:
     # tfds created the dataset folders before our generator found the bad file: remove the
     # empty ones so a refused corpus leaves nothing behind.

@@ -45,6 +45,7 @@ import numpy as np
 import sentencepiece as spm
 
 from fmjax.data.bucketing import bucket_length
+from fmjax.errors import ArgumentError, writing
 
 METADATA_FILE = "fmjax_tokenizer.json"
 PADDING = ("longest", "max_length", "bucket")
@@ -92,6 +93,41 @@ class SpecialTokens:
     first = [*self.prefix, *a, *self.middle]
     second = [*b, *self.suffix]
     return first + second, [0] * len(first) + [self.pair_type] * len(second)
+
+
+class UnknownCharacter(ValueError):
+  """A character a tokenizer without an unknown-token id (CharTokenizer) cannot encode.
+
+  Attributes:
+    char: the character.
+    where: where it was met, e.g. "corpus.txt line 3" or "position 5" (of the encoded text).
+    vocabulary: how many characters the tokenizer has.
+
+  Args:
+    message: the whole message.
+    char, where, vocabulary: set the attributes.
+  """
+
+  def __init__(self, message: str, *, char: str, where: str, vocabulary: int):
+    super().__init__(message)
+    self.char, self.where, self.vocabulary = char, where, vocabulary
+
+  @classmethod
+  def at(cls, char: str, where: str, vocabulary: int) -> UnknownCharacter:
+    """The error for `char` met at `where`, with the message saying what to do.
+
+    Args:
+      char: the character.
+      where: where it was met (a file and line, or a position).
+      vocabulary: how many characters the tokenizer has.
+
+    Returns:
+      The UnknownCharacter.
+    """
+    return cls(f"character {char!r} (U+{ord(char):04X}) at {where} is not in this "
+               f"CharTokenizer's {vocabulary}-character vocabulary; build the tokenizer on all "
+               "the text (CharTokenizer.from_text), or use ByteTokenizer, which encodes any text",
+               char=char, where=where, vocabulary=vocabulary)
 
 
 class Tokenizer(abc.ABC):
@@ -157,6 +193,26 @@ class Tokenizer(abc.ABC):
       One list of ids per text, as `encode` gives.
     """
     return [self.encode(t) for t in texts]
+
+  def missing_characters(self, text: str) -> list[str]:
+    """The distinct characters of `text` this tokenizer cannot encode faithfully.
+
+    Those whose encoding fails (a CharTokenizer's unknown characters); kinds with an
+    unknown-token id override this to add those that encode to it (SentencePiece).
+
+    Args:
+      text: the text, e.g. a prompt.
+
+    Returns:
+      The characters, in order of first appearance; empty when all of `text` encodes.
+    """
+    missing = []
+    for ch in dict.fromkeys(text):
+      try:
+        self.encode(ch)
+      except ValueError:
+        missing.append(ch)
+    return missing
 
   def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Returns `encode(text)` and, per token, the character span of `text` it came from.
@@ -285,13 +341,17 @@ class Tokenizer(abc.ABC):
       directory: the directory; `fmjax_tokenizer.json` is written into it last.
     """
     directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     metadata = {"kind": self.kind, **self._metadata()}
     # Written last (subclasses write their files first) and renamed into place: a process
     # killed while saving leaves no METADATA_FILE, so the rerun makes the tokenizer again.
     tmp = directory / f"{METADATA_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(metadata, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, directory / METADATA_FILE)
+    with writing(directory / METADATA_FILE, "tokenizer"):
+      try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(metadata, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, directory / METADATA_FILE)
+      finally:
+        tmp.unlink(missing_ok=True)
 
 
 class CharTokenizer(Tokenizer):
@@ -338,10 +398,10 @@ class CharTokenizer(Tokenizer):
       return [self._ids[c] for c in text]
     except KeyError as e:
       ch = e.args[0]
-      raise ValueError(
-          f"character {ch!r} (U+{ord(ch):04X}) at position {text.index(ch)} is not in this "
-          f"CharTokenizer's {len(self.chars)}-character vocabulary; build the tokenizer with "
-          "CharTokenizer.from_text on text that contains it, or use ByteTokenizer") from None
+      raise UnknownCharacter.at(ch, f"position {text.index(ch)}", len(self.chars)) from None
+
+  def missing_characters(self, text: str) -> list[str]:
+    return [ch for ch in dict.fromkeys(text) if ch not in self._ids]
 
   def decode(self, ids: Iterable[int]) -> str:
     return "".join(self.chars[i] for i in ids if i < self.eos_id)
@@ -448,6 +508,11 @@ class SentencePieceTokenizer(Tokenizer):
     # batched calls run multithreaded in C++
     return self._sp.encode([self._normalize(t) for t in texts])
 
+  def missing_characters(self, text: str) -> list[str]:
+    # SentencePiece encodes an unknown character as its UNK id, silently.
+    unk = self._sp.unk_id()
+    return [ch for ch in dict.fromkeys(text) if unk in self.encode(ch)]
+
   def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     normalized = self._normalize(text)  # same length as text: offsets carry over
     proto = self._sp.encode(normalized, return_type="proto")
@@ -485,8 +550,10 @@ class SentencePieceTokenizer(Tokenizer):
     return self.model_proto
 
   def save(self, directory: str | os.PathLike) -> None:
-    pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(directory) / self.MODEL_FILE).write_bytes(self.model_proto)
+    path = pathlib.Path(directory) / self.MODEL_FILE
+    with writing(path, "tokenizer"):
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(self.model_proto)
     super().save(directory)  # the metadata last: see Tokenizer.save
 
   @classmethod
@@ -559,14 +626,34 @@ def train_sentencepiece(
   try:
     spm.SentencePieceTrainer.train(sentence_iterator=lines(), model_writer=model, **options)
   except RuntimeError as e:
-    limit = re.search(r"value <= (\d+)", str(e))
-    if limit is None:
-      raise
-    raise ValueError(
-        f"vocab_size={vocab_size} is too large for this corpus: SentencePiece can make at most "
-        f"{limit.group(1)} pieces from it. Use vocab_size <= {limit.group(1)}, a larger corpus, "
-        "or CharTokenizer / ByteTokenizer.") from e
+    raise _vocab_size_error(e, vocab_size) from None
   return SentencePieceTokenizer(model.getvalue(), lowercase=lowercase)
+
+
+def _vocab_size_error(error: RuntimeError, vocab_size: int) -> Exception:
+  """SentencePiece's failure (a C++ check, its source line included) as one sentence that
+  names vocab_size and the bound to respect; `error` itself when it is about something else."""
+  message = str(error)
+  too_large = re.search(r"value <= (\d+)", message)
+  if too_large:
+    return ArgumentError(
+        f"vocab_size={vocab_size} is too large for this corpus: SentencePiece can make at most "
+        f"{too_large.group(1)} pieces from it. Use vocab_size <= {too_large.group(1)}, a larger "
+        "corpus, or CharTokenizer / ByteTokenizer.",
+        function="train_sentencepiece", argument="vocab_size")
+  # "... smaller than required_chars. 30 vs 70." (every character, plus the reserved pieces)
+  # and "... larger than the number of meta pieces (5)" (the reserved pieces alone).
+  too_small = (re.search(r"required_chars\. \d+ vs (\d+)", message)
+               or re.search(r"number of meta pieces \((\d+)\)", message))
+  if too_small or "vocab_size" in message:
+    need = (f"at least {int(too_small.group(1)) + (0 if 'required' in message else 1)}"
+            if too_small else "more")
+    return ArgumentError(
+        f"vocab_size={vocab_size} is too small for this corpus: SentencePiece needs {need} "
+        "pieces (one per distinct character, plus the reserved and special ones). Raise "
+        f"vocab_size to {need.replace('at least ', '')} or more, or use CharTokenizer / "
+        "ByteTokenizer.", function="train_sentencepiece", argument="vocab_size")
+  return error
 
 
 def truncate(first: Sequence[int], second: Sequence[int] | None, room: int,
