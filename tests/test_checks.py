@@ -86,7 +86,8 @@ CASES = [
     ("gpt", {"train.b2": 1.0}, "--config.train.b2=1.0: must be a number in [0, 1)"),
     ("gpt", {"train.eps": 0.0}, "--config.train.eps=0.0: must be a number > 0"),
     ("gpt", {"train.end_factor": 2.0}, "--config.train.end_factor=2.0: must be a number in [0, 1]"),
-    ("gpt", {"train.weight_decay": -0.1}, "--config.train.weight_decay=-0.1: must be a number >= 0"),
+    ("gpt", {"train.weight_decay": -0.1},
+     "--config.train.weight_decay=-0.1: must be a number >= 0"),
     ("gpt", {"train.grad_clip": -1.0}, "--config.train.grad_clip=-1.0: must be a number >= 0"),
     ("gpt", {"train.time_budget_s": -5.0},
      "--config.train.time_budget_s=-5.0: must be a number >= 0 (0: no budget)"),
@@ -95,9 +96,11 @@ CASES = [
      "--config.runtime.dropout_rate=1.0: must be a number in [0, 1)"),
     ("gpt", {"seed": -1}, "--config.seed=-1: must be an integer >= 0"),
     ("gpt", {"mesh.data": 0}, "--config.mesh.data=0: must be an integer >= 1, or -1"),
-    ("gpt", {"data.val_fraction": 1.0}, "--config.data.val_fraction=1.0: must be a number in [0, 1)"),
+    ("gpt", {"data.val_fraction": 1.0},
+     "--config.data.val_fraction=1.0: must be a number in [0, 1)"),
     ("gpt", {"sample.num_tokens": -1}, "--config.sample.num_tokens=-1: must be an integer >= 0"),
-    ("gpt", {"sample.temperature": -0.5}, "--config.sample.temperature=-0.5: must be a number >= 0"),
+    ("gpt", {"sample.temperature": -0.5},
+     "--config.sample.temperature=-0.5: must be a number >= 0"),
     ("gpt", {"sample.top_k": -1}, "--config.sample.top_k=-1: must be an integer >= 0"),
     ("bert", {"data.max_seq_length": 4},
      "--config.data.max_seq_length=4: must be an integer >= 5 (room for [CLS] A [SEP] B [SEP]"),
@@ -156,7 +159,8 @@ CASES = [
     ("gpt", {"model.position": "rotary"}, "--config.model.position='rotary' is not one of"),
     ("gpt", {"model.position": "rope", "model.num_heads": 64, "model.embed_dim": 64},
      "--config.model: rotary positions rotate pairs of dimensions"),
-    ("vit", {"model.patch_size": 5}, "--config.model.image_size=28 is not a multiple of patch_size=5"),
+    ("vit", {"model.patch_size": 5},
+     "--config.model.image_size=28 is not a multiple of patch_size=5"),
     ("caption", {"vit.num_heads": 3}, "--config.vit.embed_dim=64 is not divisible by num_heads=3"),
     # settings checked together
     ("gpt", {"train.batch_size": 10, "train.accum_steps": 4},
@@ -184,8 +188,10 @@ CASES = [
      "--config.data.tokenizer_dir=data/finetune_tiny/sentiment_train.tsv: is a file, not a folder"),
     ("translate", {"data.train_source": "data/missing.de"},
      "--config.data.train_source=data/missing.de: no such file"),
-    ("caption", {"data.train_folder": "nowhere"}, "--config.data.train_folder=nowhere: no such folder"),
-    ("vit", {"data.eval_labels": "data"}, "--config.data.eval_labels=data: is a folder, not a file"),
+    ("caption", {"data.train_folder": "nowhere"},
+     "--config.data.train_folder=nowhere: no such folder"),
+    ("vit", {"data.eval_labels": "data"},
+     "--config.data.eval_labels=data: is a folder, not a file"),
 ]
 
 
@@ -206,6 +212,9 @@ def test_a_bad_value_is_one_line_naming_the_key(name, overrides, expected):
     ("finetune", {"train.steps": 0, "train.epochs": 1.0}),  # by epochs
     ("vit", {"model.num_classes": -1, "data.train_stop": 0}),
     ("translate", {"model.source_vocab_size": 0}),
+    # init_from brings the architecture: the model's own checks wait for it (classify_images
+    # keeps only the run's image_size and num_classes)
+    ("vit", {"init_from": "hf:tests/golden/hf/vit", "model.image_size": 32}),
 ])
 def test_good_values_pass(name, overrides):
   checks.validate(config_of(name, **overrides))

@@ -17,7 +17,8 @@ nothing. Three passes, each only once the one before found nothing:
               the devices, index ranges, label names against num_labels, init_from.
   MODELS      config.model (and caption's config.vit) built into its model dataclass, sizes
               taken from the data (-1) stood in for, so the model's own checks (heads that
-              divide the width, patches that tile the image, ...) run now, not after the data.
+              divide the width, patches that tile the image, ...) run now, not after the data
+              (not with init_from: the source brings its architecture).
 What needs the data (a prompt's characters against the tokenizer, labels against
 num_labels) is checked where the data is read.
 """
@@ -414,7 +415,8 @@ def _init_from(config) -> str | None:
   spec = config.get("init_from", "")
   path = spec[len("hf:"):] if spec.startswith("hf:") else spec
   if path and "://" not in path and not os.path.isdir(os.path.expanduser(path)):
-    return f"{flag('init_from', spec)}: no such folder (relative paths are taken from {os.getcwd()})"
+    return (f"{flag('init_from', spec)}: no such folder; check the spelling (relative paths "
+            f"are taken from {os.getcwd()})")
   return None
 
 
@@ -430,8 +432,8 @@ FROM_DATA = {"vocab_size": 1, "source_vocab_size": 0, "num_classes": 0}
 
 def _model(block: str) -> Callable:
   def check(config) -> str | None:
-    if block not in config or not hasattr(config[block], "keys"):
-      return None
+    if block not in config or not hasattr(config[block], "keys") or config.get("init_from"):
+      return None  # with init_from, the source's architecture (config.model barely counts)
     fields = dict(config[block])
     cls = next((c for c in MODEL_CLASSES
                 if {f.name for f in dataclasses.fields(c)} == set(fields)), None)
