@@ -249,6 +249,7 @@ RULES: dict[str, Callable] = {
     "train.eval_batches": POSITIVE,
     "train.save_every": POSITIVE,
     "train.keep_checkpoints": Int(1, note="0 would keep no checkpoint: a rerun starts over"),
+    "train.restore_step": Int(0, note="0: the newest intact checkpoint"),
     "train.time_budget_s": Float(0, note="0: no budget"),
     "train.skip_nonfinite": Bool(),
     "train.auto_memory": Bool(),
