@@ -214,9 +214,11 @@ def test_no_chat_template_is_a_clear_error():
 
 
 def _train(tmp_path, kind: str):
-  """A tiny tokenizer trained offline and saved as transformers would find it, with the
-  Llama 3 (byte-level BPE, BOS added by the post-processor) or Gemma (SentencePiece-style
-  BPE with byte fallback, BOS added) layout."""
+  """A tiny tokenizer trained offline and saved as transformers would find it, in the layout
+  of Llama 3 (byte-level BPE), Llama 2 / Mistral (SentencePiece-style BPE with byte fallback
+  and a "▁" prepended) or Gemma (the same without the prepended "▁"); all add a BOS, and
+  tokenizer_config.json names the class the real checkpoints name (transformers 5 rebuilds
+  the Llama and Gemma ones from the vocabulary)."""
   import tokenizers
   from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
   text = ["What is artificial intelligence? It is a field of computer science.",
@@ -229,7 +231,7 @@ def _train(tmp_path, kind: str):
     tok.train_from_iterator(text, trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bos, eos, template = "<|begin_of_text|>", "<|eot_id|>", LLAMA3
+    bos, eos, template, cls = "<|begin_of_text|>", "<|eot_id|>", LLAMA3, "PreTrainedTokenizerFast"
   else:
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     base = tokenizers.Tokenizer(models.BPE())
@@ -242,9 +244,16 @@ def _train(tmp_path, kind: str):
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
     tok = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True,
                                           fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse()])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if kind.startswith("llama2"):
+      tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                             normalizers.Replace(" ", "▁")])
+      tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)])
+      cls = "LlamaTokenizer"
+    else:
+      tok.normalizer = normalizers.Replace(" ", "▁")
+      tok.decoder = decoders.Sequence(steps)
+      cls = "GemmaTokenizer"
     tok.add_special_tokens(specials)
     bos, eos, template = "<bos>", "<eos>", GEMMA
   tok.post_processor = processors.TemplateProcessing(
@@ -253,17 +262,18 @@ def _train(tmp_path, kind: str):
   d.mkdir()
   tok.save(str(d / "tokenizer.json"))
   (d / "tokenizer_config.json").write_text(json.dumps({
-      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+      "tokenizer_class": cls, "bos_token": bos, "legacy": kind == "llama2-legacy", "eos_token": eos,
       "chat_template": template}))
   return d
 
 
 TEXTS = ["Hello there", "What is artificial intelligence?", "  spaces\tand\nlines ",
-         "Ünïcode 東京 café 🙂 ☃ unseen words", "<|eot_id|><end_of_turn> inline specials", ""]
+         "Ünïcode 東京 café 🙂 ☃ unseen words", "<|eot_id|><end_of_turn> inline specials",
+         "a <start_of_turn>user\nhi<end_of_turn>\n", ""]
 
 
 @needs_transformers
-@pytest.mark.parametrize("kind", ["llama3", "gemma"])
+@pytest.mark.parametrize("kind", ["llama3", "llama2", "llama2-legacy", "gemma"])
 def test_trained_tokenizers_equal_transformers(tmp_path, kind):
   d = _train(tmp_path, kind)
   ref = transformers.AutoTokenizer.from_pretrained(str(d))

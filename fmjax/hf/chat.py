@@ -81,6 +81,9 @@ def select_template(templates: str | Mapping[str, str] | None, chat_template: st
     chat_template: None for the tokenizer's own; a template's name; or Jinja source.
     tools: when given and the tokenizer has a "tool_use" template, that one is the default.
 
+  Returns:
+    The Jinja source to render.
+
   Raises:
     ValueError: the tokenizer has no chat template and none was given, or several and none
       is named "default".
@@ -256,7 +259,11 @@ class GenerationDefaults:
   max_new_tokens: int | None = None
 
   def sampling(self) -> dict[str, Any]:
-    """{"temperature", "top_k", "top_p"} for fmjax.generate.generate."""
+    """The sampling settings as fmjax.generate.generate's keyword arguments.
+
+    Returns:
+      {"temperature": float, "top_k": int, "top_p": float}.
+    """
     return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
 
@@ -321,7 +328,12 @@ class TextStream:
   """
 
   def __init__(self, tokenizer, *, skip: Iterable[int] = ()):
-    """Args: tokenizer: has decode(ids); skip: ids never shown (e.g. the stop ids)."""
+    """Starts an empty stream.
+
+    Args:
+      tokenizer: has decode(ids) -> str.
+      skip: ids never shown (e.g. the stop ids).
+    """
     self._tok = tokenizer
     self._skip = set(int(i) for i in skip)
     self._ids: list[int] = []
@@ -329,7 +341,14 @@ class TextStream:
     self.text = ""  # all text emitted so far
 
   def push(self, token: int) -> str:
-    """Adds one id; returns the text it completes ("" while a character is unfinished)."""
+    """Adds one id.
+
+    Args:
+      token: the next token id.
+
+    Returns:
+      The text it completes ("" while a character is unfinished, or for a skipped id).
+    """
     if int(token) in self._skip:
       return ""
     self._ids.append(int(token))
@@ -339,7 +358,11 @@ class TextStream:
     return self._emit(text)
 
   def flush(self) -> str:
-    """The text still held back (an unfinished character at the end)."""
+    """Ends the stream.
+
+    Returns:
+      The text still held back (an unfinished character at the end), else "".
+    """
     return self._emit(self._tok.decode(self._ids)) if self._ids else ""
 
   def _emit(self, text: str) -> str:

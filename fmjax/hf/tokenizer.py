@@ -95,8 +95,16 @@ class HFTokenizer(fm_tokenizers.Tokenizer):
     return self._tok
 
   def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    """The ids of `text`; add_special_tokens=True adds those of the model input (e.g. Llama's
-    BOS), as transformers' `tokenizer(text)["input_ids"]` does."""
+    """Tokenizes one text.
+
+    Args:
+      text: the text (special tokens written in it, e.g. "<|im_start|>", become their ids).
+      add_special_tokens: add those of a model input (e.g. Llama's BOS), as transformers'
+        `tokenizer(text)["input_ids"]` does; False (the default) adds none.
+
+    Returns:
+      The token ids.
+    """
     return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
   def apply_chat_template(self, messages: Sequence[dict[str, Any]], *,
@@ -223,6 +231,8 @@ def tokenizer_from_pretrained(directory: str | os.PathLike) -> HFTokenizer:
     # add_bos_token / add_eos_token do not apply here: transformers 5 drops them when there is
     # a tokenizer.json, whose post-processor says what a model input gets.
     tok = tokenizers.Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+    if config.get("tokenizer_class") in _LLAMA_CLASSES and _is_sentencepiece_bpe(tok):
+      _llama_pretokenizer(tok, config)
   elif (directory / "vocab.txt").is_file():
     tok = _wordpiece(directory / "vocab.txt", config)
   elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
@@ -250,6 +260,35 @@ def tokenizer_from_pretrained(directory: str | os.PathLike) -> HFTokenizer:
   named = {k: v for k, v in specials.items() if v is not None}
   return HFTokenizer(tok, eos_token=eos, pad_token=pad, bos_token=bos, named_tokens=named,
                      chat_template=chat.read_chat_template(directory, config))
+
+
+# transformers 5 rebuilds these classes' normalizer, pre-tokenizer and decoder in code rather
+# than reading tokenizer.json's (tokenization_llama.py); Llama 2, Mistral v0.x, TinyLlama.
+_LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _is_sentencepiece_bpe(tok: tokenizers.Tokenizer) -> bool:
+  """A BPE with byte fallback ("<0x0A>" tokens), as converted from SentencePiece."""
+  state = json.loads(tok.to_str())["model"]
+  return state.get("type") == "BPE" and bool(state.get("byte_fallback"))
+
+
+def _llama_pretokenizer(tok: tokenizers.Tokenizer, config: dict) -> None:
+  """Sets the text handling transformers 5's LlamaTokenizer uses on this vocabulary.
+
+  tokenizer.json (as SentencePiece) puts "▁" before every piece of text between special
+  tokens and before leading spaces; LlamaTokenizer does so only at the start of the text
+  (prepend_scheme "first"), unless tokenizer_config.json says legacy: true ("always") or
+  add_prefix_space: false ("never"). Ids must equal transformers', so its rule is used.
+  """
+  prefix = config.get("add_prefix_space")
+  prefix = True if prefix is None else bool(prefix)
+  scheme = ("always" if config.get("legacy", False) else "first") if prefix else "never"
+  tok.normalizer = None
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme,
+                                               split=False)
+  steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+  tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
 
 
 def _add_bos_eos(tok: tokenizers.Tokenizer, bos: str | None, eos: str | None) -> None:
