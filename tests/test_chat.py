@@ -370,3 +370,33 @@ def test_chat_and_sample_programs_in_process(gpt2_chat_dir):
   # and is not shown.
   prompt = "s: Be brief.\nu: Hello there\na:"
   assert sample.sample_hf(str(gpt2_chat_dir), prompt, max_new_tokens=20) == prompt + "::::"
+
+
+def test_interactive_chat_keeps_the_conversation(gpt2_chat_dir, monkeypatch, capsys):
+  import io
+  from train import chat as chat_program
+  # Two turns, then an empty line ends; the second turn's prompt is the whole conversation.
+  # (Greedy, the tiny model answers "Hello there" with 26 26 26: ":::".)
+  monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\nOk\n\n"))
+  calls = []
+  real = chat_program.reply
+  monkeypatch.setattr(chat_program, "reply",
+                      lambda *a, **k: (calls.append([dict(m) for m in a[3]]), real(*a, **k))[1])
+  chat_program.run(str(gpt2_chat_dir), max_new_tokens=3)
+  lines = capsys.readouterr().out.split("\n")
+  assert lines[0] == "> :::" and lines[1].startswith("> ") and lines[2] == "> "
+  assert calls[1] == [{"role": "user", "content": "Hello there"},
+                      {"role": "assistant", "content": ":::"},
+                      {"role": "user", "content": "Ok"}]
+
+
+def test_stream_equals_generate_when_sampling(gpt2_chat_dir):
+  # The same seed gives the same tokens, and a stop id ends the stream right after it.
+  from fmjax import generate
+  model, variables = hf.from_pretrained(gpt2_chat_dir, task="causal_lm")
+  settings = dict(max_new_tokens=10, temperature=2.0, top_k=50, top_p=0.95, seed=3)
+  expected = generate.generate(model, variables["params"], [CHAT_IDS], **settings)[0]
+  stop = expected[5]  # 213 with jax 0.10's PRNG: [63, 21, 21, 142, 174, 213, 131, ...]
+  assert expected.index(stop) >= 4  # so that several sampled tokens are compared
+  got = list(generate.stream(model, variables["params"], CHAT_IDS, stop_tokens=[stop], **settings))
+  assert got == expected[:expected.index(stop) + 1]

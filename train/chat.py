@@ -81,15 +81,17 @@ def _answer(model, params, tokenizer, messages, out, **kwargs) -> str:
 
 
 def run(directory: str, *, prompt: str | None = None, system: str | None = None,
-        out=sys.stdout, **given) -> None:
+        out=None, **given) -> None:
   """One answer to `prompt`, or (prompt None) an interactive chat on stdin, streamed to `out`.
 
   Args:
     directory: a Hugging Face chat model directory.
     prompt: the user's message; None reads turns from stdin until an empty line or EOF.
     system: an optional system message.
+    out: where the answers go (default: sys.stdout at the time of the call).
     **given: max_new_tokens, temperature, top_k, top_p, seed; None keeps the checkpoint's.
   """
+  out = sys.stdout if out is None else out
   if prompt is not None and not prompt.strip():
     raise ValueError("--prompt is empty; give the user's message, e.g. --prompt='Hello!'")
   tokenizer = hf.tokenizer_from_pretrained(directory)
