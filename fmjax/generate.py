@@ -16,6 +16,8 @@ row's first real token, so a row's tokens do not depend on how much padding it g
 Compile once: `generate` (lists of ids in, lists of ids out) jits one function per model,
 batch, prompt bucket, max_new_tokens, `GenerateConfig` and mesh, and reuses it;
 `generate_tokens` is the traceable core to call inside your own jit.
+`stream` yields one prompt's new tokens as they are chosen (for chat: the same tokens as
+`generate`, one jitted step per token).
 
 The model interface (GPT has it): `model.init_cache(batch=, length=)` returns a pytree of
 (..., B, K, S, H) buffers, and `model.apply(variables, tokens, cache, index=, positions=,
