@@ -16,6 +16,8 @@ row's first real token, so a row's tokens do not depend on how much padding it g
 Compile once: `generate` (lists of ids in, lists of ids out) jits one function per model,
 batch, prompt bucket, max_new_tokens, `GenerateConfig` and mesh, and reuses it;
 `generate_tokens` is the traceable core to call inside your own jit.
+`stream` yields one prompt's new tokens as they are chosen (for chat: the same tokens as
+`generate`, one jitted step per token).
 
 The model interface (GPT has it): `model.init_cache(batch=, length=)` returns a pytree of
 (..., B, K, S, H) buffers, and `model.apply(variables, tokens, cache, index=, positions=,
@@ -455,6 +457,68 @@ def complete(model, params, prompt: Sequence[int], *, max_new_tokens: int, conte
       break
     chunk += 1
   return new
+
+
+# ------------------------------------------------------------------------------ streaming
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_new"))
+def _stream_prefill(params, prompt, lengths, *, model, num_new):
+  return _prefill(model, params, prompt, lengths, num_new)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config"), donate_argnames=("cache",))
+def _stream_step(params, logits, cache, kv_mask, prompt_lengths, rng, i, index, *, model,
+                 config):
+  """Token i from `logits` (as generate_tokens picks it), then its next-token logits (the
+  last token's forward pass is not needed, but its slot T + N - 1 exists, and one compiled
+  step serves every token)."""
+  tok = select_tokens(logits, jax.random.fold_in(rng, i), temperature=config.temperature,
+                      top_k=config.top_k, top_p=config.top_p)
+  logits, cache = model.apply({"params": params}, tok[:, None], cache, index=index,
+                              positions=(prompt_lengths + i)[:, None], kv_mask=kv_mask,
+                              method="decode")
+  return tok, logits, cache
+
+
+def stream(model, params, prompt: Sequence[int], *, max_new_tokens: int,
+           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           stop_tokens: Sequence[int] = (), seed: int = 0, pad_id: int = 0):
+  """Continues one prompt, yielding each new token id as soon as it is chosen (for chat).
+
+  The same prefill, cache and token choice as `generate` (the same seed gives the same
+  tokens), but the decoding loop runs in Python, one jitted step per token, so the caller
+  can show text while it is made; `generate` is faster for whole answers and batches.
+
+  Args:
+    model, params: as for `generate` (one device).
+    prompt: token ids, at least one.
+    max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, pad_id: as for `generate`
+      (no beam search).
+
+  Yields:
+    New token ids (int); the last is a stop token when one came.
+  """
+  config = GenerateConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, stop_tokens=tuple(stop_tokens))
+  prompt = list(prompt)
+  if not prompt:
+    raise ValueError("the prompt is empty; give at least one token to continue")
+  _check_positions(model, len(prompt), max_new_tokens)
+  T = bucket_length(len(prompt))
+  tokens = np.full((1, T), pad_id, np.int32)
+  tokens[0, T - len(prompt):] = prompt
+  lengths = np.asarray([len(prompt)], np.int32)
+  logits, cache, kv_mask, lengths = _stream_prefill(params, tokens, lengths, model=model,
+                                                    num_new=max_new_tokens)
+  rng = jax.random.key(seed)
+  for i in range(max_new_tokens):
+    tok, logits, cache = _stream_step(params, logits, cache, kv_mask, lengths, rng,
+                                      np.int32(i), np.int32(T + i), model=model, config=config)
+    tok = int(tok[0])
+    yield tok
+    if tok in config.stop_tokens:
+      return
 
 
 # ------------------------------------------------------------------------------ fill-mask

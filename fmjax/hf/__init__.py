@@ -4,6 +4,8 @@
   config, params = fmjax.hf.read_weights("path/to/gpt2")         # numpy, fmjax names
   fmjax.hf.save_pretrained(model, variables, "out/")             # transformers can load it
   tokenizer = fmjax.hf.tokenizer_from_pretrained("path/to/gpt2")  # an fmjax Tokenizer
+  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)  # chat models
+  stop = fmjax.hf.generation_config("path/to/model").stop_tokens    # generation_config.json
   model, variables = fmjax.hf.from_pretrained("path/to/vit-base-patch16-224")  # a ViT classifier
   model, variables = fmjax.hf.from_pretrained("path/to/bert", task="classification", num_labels=3)
   fmjax.hf.save_pretrained(model, variables, "out/")  # an HF BertForSequenceClassification
@@ -23,10 +25,11 @@ import importlib.util
 # not load safetensors and the weights do not load tokenizers.
 _MODULE_OF = {"ARCHITECTURES": "tables", "TASKS": "tables", "HFTokenizer": "tokenizer",
               "tokenizer_from_pretrained": "tokenizer", "from_pretrained": "weights",
-              "read_weights": "weights", "save_pretrained": "weights"}
+              "read_weights": "weights", "save_pretrained": "weights",
+              "generation_config": "chat", "GenerationDefaults": "chat"}
 
-__all__ = ["ARCHITECTURES", "HFTokenizer", "TASKS", "from_pretrained",
-           "read_weights", "save_pretrained", "tokenizer_from_pretrained"]
+__all__ = ["ARCHITECTURES", "GenerationDefaults", "HFTokenizer", "TASKS", "from_pretrained",
+           "generation_config", "read_weights", "save_pretrained", "tokenizer_from_pretrained"]
 
 
 def __getattr__(name: str):
