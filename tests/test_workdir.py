@@ -241,6 +241,10 @@ def test_a_lock_of_a_killed_process_blocks_nothing(tmp_path):
         pass
     assert str(e.value) == (f"workdir {tmp_path} is in use by process {holder.pid} (started "
                             "then, command x); wait for it to finish or use another workdir")
+    from train import common  # outside a program's run, prepare_workdir checks it too
+    with pytest.raises(fworkdir.WorkdirInUse, match=r"x\); wait for it to finish or pass "
+                       "another --workdir$"):
+      common.prepare_workdir(None, str(tmp_path))
   finally:
     holder.kill()
     holder.wait()
@@ -300,6 +304,19 @@ def test_progress_line():
       "step 1/8: loss 4.195, 0.5 s elapsed")
 
 
+def test_a_terminal_keeps_the_tqdm_bar(monkeypatch):
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+  monkeypatch.setattr(sys, "stderr", Terminal())
+  progress = trainer.Progress(20, 0)
+  assert not progress.bar.disable and not progress.lines
+  assert trainer.Progress(20, 0, enabled=False).bar.disable  # process 1 of 2: nothing
+  monkeypatch.setattr(sys, "stderr", io.StringIO())
+  progress = trainer.Progress(20, 0)
+  assert progress.bar.disable and progress.lines
+
+
 def test_report_names_only_the_folders_that_exist(tmp_path, capsys):
   from train import common
   (tmp_path / "checkpoints").mkdir()
@@ -310,3 +327,13 @@ def test_report_names_only_the_folders_that_exist(tmp_path, capsys):
       "final: eval/accuracy=0.5", f"workdir: {tmp_path}",
       f"  metrics:     {tmp_path / 'metrics.jsonl'} (and loss_curve.png)",
       f"  checkpoints: {tmp_path / 'checkpoints'}"]
+
+
+def test_each_process_of_a_run_locks_its_own_file_and_only_process_0_removes(monkeypatch,
+                                                                           tmp_path):
+  monkeypatch.setattr(fworkdir, "_process_index", lambda: 1)
+  with pytest.raises(RuntimeError):
+    with fworkdir.hold(str(tmp_path / "new")):
+      assert os.listdir(tmp_path / "new") == [".lock.1"]
+      raise RuntimeError("refused before training")
+  assert os.listdir(tmp_path / "new") == []  # process 0 removes a refused run's new workdir

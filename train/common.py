@@ -101,8 +101,10 @@ def prepare_workdir(config, workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise _unwritable(workdir, e) from None
-  with _in_use_names_the_flag():
+  try:
     fworkdir.check_free(workdir)
+  except fworkdir.WorkdirInUse as e:
+    raise _in_use(e) from None
 
 
 def _unwritable(workdir: str, error: OSError) -> PermissionError:
@@ -110,13 +112,9 @@ def _unwritable(workdir: str, error: OSError) -> PermissionError:
                          "pass a --workdir you can write to")
 
 
-@contextlib.contextmanager
-def _in_use_names_the_flag():
-  try:
-    yield
-  except fworkdir.WorkdirInUse as e:
-    raise fworkdir.WorkdirInUse(e.path, e.owner, advice="wait for it to finish or pass "
-                                "another --workdir") from None
+def _in_use(error: fworkdir.WorkdirInUse) -> fworkdir.WorkdirInUse:
+  return fworkdir.WorkdirInUse(error.path, error.owner,
+                               advice="wait for it to finish or pass another --workdir")
 
 
 def holds_workdir(run):
@@ -130,10 +128,9 @@ def holds_workdir(run):
   def run_holding_workdir(config, workdir: str, *args, **kwargs):
     with contextlib.ExitStack() as stack:
       try:
-        with _in_use_names_the_flag():
-          stack.enter_context(fworkdir.hold(workdir))
-      except fworkdir.WorkdirInUse:
-        raise
+        stack.enter_context(fworkdir.hold(workdir))
+      except fworkdir.WorkdirInUse as e:
+        raise _in_use(e) from None
       except OSError as e:
         raise _unwritable(workdir, e) from None
       return run(config, workdir, *args, **kwargs)
