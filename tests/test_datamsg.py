@@ -293,7 +293,7 @@ def test_classify_images_refuses_a_label_byte_of_200_before_building_a_model(idx
   config = vit_configs.get_config("tiny")
   config.data.update(train_images=idx_200[0], train_labels=idx_200[1], train_stop=32,
                      eval_start=32, eval_stop=0)
-  config.model.image_size = 8
+  config.model.image_size, config.model.patch_size = 8, 4
   with pytest.raises(data.DataError) as e:
     classify_images.run(config, str(tmp_path / "w"))
   assert common.explain(e.value) == (

@@ -241,10 +241,11 @@ def test_a_lock_of_a_killed_process_blocks_nothing(tmp_path):
         pass
     assert str(e.value) == (f"workdir {tmp_path} is in use by process {holder.pid} (started "
                             "then, command x); wait for it to finish or use another workdir")
+    from configs import gpt
     from train import common  # outside a program's run, prepare_workdir checks it too
     with pytest.raises(fworkdir.WorkdirInUse, match=r"x\); wait for it to finish or pass "
                        "another --workdir$"):
-      common.prepare_workdir(None, str(tmp_path))
+      common.prepare_workdir(gpt.get_config("tiny"), str(tmp_path))
   finally:
     holder.kill()
     holder.wait()
