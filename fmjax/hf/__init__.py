@@ -21,7 +21,7 @@ import importlib.util
 
 # name -> the submodule that defines it, imported on first use (PEP 562): the tokenizer does
 # not load safetensors and the weights do not load tokenizers.
-_MODULE_OF = {"ARCHITECTURES": "tables", "TASKS": "tables", "HFTokenizer": "tokenizer",
+_MODULE_OF = {"ARCHITECTURES": "weights", "TASKS": "weights", "HFTokenizer": "tokenizer",
               "tokenizer_from_pretrained": "tokenizer", "from_pretrained": "weights",
               "read_weights": "weights", "save_pretrained": "weights"}
 

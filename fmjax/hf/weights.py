@@ -25,8 +25,8 @@ import safetensors.numpy
 
 from fmjax import sharding
 from fmjax.checkpoint import stack_layers, unflatten_params, unstack_layers
-from fmjax.hf.tables import (ARCHITECTURES, TASKS, Architecture, Variant, expand, labels_to_hf,
-                              num_labels_of)
+from fmjax.hf import decoders, tables
+from fmjax.hf.tables import Architecture, Variant, expand, labels_to_hf, num_labels_of
 from fmjax.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
+# Every model_type fmjax reads: tables.py's (bert, gpt2, vit) and decoders.py's families.
+ARCHITECTURES = {**tables.ARCHITECTURES, **decoders.ARCHITECTURES}
+TASKS = {**tables.TASKS, "causal_lm": {**tables.TASKS["causal_lm"], **decoders.CAUSAL_LM}}
 
 
 def read_weights(directory: str | os.PathLike, *, task: str | None = None,
@@ -403,7 +406,7 @@ def _read_torch(directory: pathlib.Path) -> dict[str, np.ndarray]:
 def _architecture_of(model: nn.Module) -> tuple[Architecture, Variant]:
   for arch in ARCHITECTURES.values():
     for variant in arch.variants:
-      if type(model) is variant.module:
+      if type(model) is variant.module and arch.owns(model.config):
         return arch, variant
   known = [v.module.__name__ for a in ARCHITECTURES.values() for v in a.variants]
   raise ValueError(f"fmjax.hf cannot export a {type(model).__name__}; exportable models: {known}")
