@@ -261,7 +261,14 @@ class OffsetRMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    """Normalises the last axis of x (float32 inside), returns x's shape in `dtype`."""
+    """Normalises the last axis of x (statistics in float32).
+
+    Args:
+      x: (..., D) float.
+
+    Returns:
+      (..., D) in `dtype`: x / sqrt(mean(x^2) + epsilon) * (1 + scale).
+    """
     w = self.param("scale", partitioned(nn.initializers.zeros, self.axes), (x.shape[-1],),
                    self.param_dtype)
     y = x.astype(jnp.float32)
@@ -365,7 +372,15 @@ class Rope:
 
 
 def rope_frequencies(head_dim: int, max_wavelength: float = 10_000.0):
-  """(H/2,) float32 rotary frequencies max_wavelength ** (-2i / H)."""
+  """The plain rotary frequencies max_wavelength ** (-2i / H), i = 0 .. H/2 - 1.
+
+  Args:
+    head_dim: H, even.
+    max_wavelength: the base (theta).
+
+  Returns:
+    (H/2,) float32 array.
+  """
   return max_wavelength ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
 
 
