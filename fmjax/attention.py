@@ -80,10 +80,10 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
     dropout_rate, dropout_rng: dropout on the attention probabilities, applied only when
       rate > 0 and an rng is given; only "xla" supports it.
     chunk_size: block length of "chunked" (queries and keys); any S, padded internally.
-    window: sliding-window length (int >= 1) or None; see the module docstring. xla, chunked
-      and cudnn (as a dense mask) support it; splash refuses it; auto picks xla or chunked.
+    window: sliding-window length (int >= 1) or None; see the module docstring. Every kernel
+      supports it (splash as a local mask, cudnn as a dense mask; auto does not pick cudnn).
     softcap: logit cap (float > 0) or None: logits -> softcap * tanh(logits / softcap) (Gemma 2).
-      xla and chunked support it; auto picks one of them.
+      xla, chunked and splash support it, cudnn refuses it (auto does not pick cudnn).
 
   Returns:
     (B, T, N, H) in q.dtype. Softmax is always computed in float32.
@@ -99,11 +99,9 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
   has_positions = q_positions is not None or kv_positions is not None
   if impl == "auto":
     impl = _auto_impl(q, S, dropout, has_positions, window is not None or softcap is not None)
-  if (window is not None or softcap is not None) and impl in ("splash", "cudnn") and (
-      softcap is not None or impl == "splash"):
-    what = "logit soft-capping" if softcap is not None else "a sliding window"
-    raise ValueError(f"impl={impl!r} does not support {what} (window={window}, softcap="
-                     f"{softcap}); use impl='chunked' (O(T) memory), 'xla' or 'auto'")
+  if softcap is not None and impl == "cudnn":
+    raise ValueError(f"impl='cudnn' does not support logit soft-capping (softcap={softcap}); "
+                     "use impl='chunked' (O(T) memory), 'xla' or 'auto'")
   if dropout and impl != "xla":
     raise ValueError(f"Attention dropout (rate {dropout_rate}) is only supported by impl='xla', "
                      f"not impl={impl!r}; use impl='xla' or set dropout_rate=0.")
@@ -129,7 +127,8 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
     raise ValueError("impl='splash' masks causally by index and cannot take q_positions or "
                      "kv_positions; drop them (e.g. use them only for RoPE) or use impl='chunked'.")
   return splash_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
-                          kv_segment_ids=kv_segment_ids, kv_mask=kv_mask, scale=scale)
+                          kv_segment_ids=kv_segment_ids, kv_mask=kv_mask, scale=scale,
+                          window=window, softcap=softcap)
 
 
 def _check_window(window):
@@ -158,11 +157,11 @@ def _auto_impl(q, S, dropout, has_positions, window_or_softcap=False):
   backend = jax.default_backend()
   if dropout:
     return "xla"
-  if window_or_softcap:  # what splash and cudnn are not given here
-    return "chunked" if T * S > _AUTO_CHUNKED_MIN_LOGITS else "xla"
   if backend == "tpu" and not has_positions and min(T, S) >= 128:  # shorter pads to a 128 block
     return "splash"
-  if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and H <= 128 and H % 8 == 0:
+  # cuDNN takes a window only as a dense (T, S) mask, and no soft-capping.
+  if backend == "gpu" and not window_or_softcap and q.dtype in (jnp.bfloat16, jnp.float16) \
+      and H <= 128 and H % 8 == 0:
     return "cudnn"
   return "chunked" if T * S > _AUTO_CHUNKED_MIN_LOGITS else "xla"
 
@@ -396,11 +395,11 @@ def _flash_bwd(static, res, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _rows_with_keys(inputs, causal, block):
+def _rows_with_keys(inputs, causal, block, window=None):
   """(B or 1, T) bool: whether query t may attend any key, scanning key blocks (no T x S mask)."""
   q_pos, q_seg, kv_pos, kv_seg, kv_ok = inputs
   kv_in = tuple(_chunks(_pad_to(x, block), block) for x in (kv_pos, kv_seg, kv_ok))  # pad: False
-  step = lambda has, kv: (has | _mask_block(q_pos, q_seg, *kv, causal).any(-1), None)
+  step = lambda has, kv: (has | _mask_block(q_pos, q_seg, *kv, causal, window).any(-1), None)
   init = jnp.zeros((max(x.shape[0] for x in inputs), q_pos.shape[1]), bool)
   return jax.lax.scan(step, init, kv_in)[0]
 
@@ -426,7 +425,8 @@ def _cudnn(q, k, v, inputs, causal, scale, only_causal, window=None):
 
 
 def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
-                     kv_mask=None, scale=None, block_size=512, interpret=False):
+                     kv_mask=None, scale=None, block_size=512, interpret=False, window=None,
+                     softcap=None):
   """Pallas TPU splash attention kernel, with dot_product_attention's masking conventions.
 
   Args:
@@ -435,6 +435,7 @@ def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_id
     block_size: kernel tile length; T and S are padded to multiples of min(block_size, 128-padded
       length), and block_size must be a multiple of 128.
     interpret: run the kernel in the Pallas interpreter, which works on CPU (slow; for tests).
+    window, softcap: as in dot_product_attention (a LocalMask; the kernel's logit soft cap).
 
   Returns:
     (B, T, N, H) in q.dtype.
@@ -452,11 +453,16 @@ def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_id
   kv_seg = jnp.where(kv_ok, kv_seg, _NO_SEGMENT).astype(jnp.int32)
   kv_seg = _pad_to(jnp.broadcast_to(kv_seg, (B, S)), bk, _NO_SEGMENT)
   shape = (q_seg.shape[1], kv_seg.shape[1])
-  base = sa.CausalMask(shape) if causal else sa.FullMask(shape)
+  _check_window(window)
+  if window is not None:  # keys window - 1 back (and, unless causal, any key ahead)
+    base = sa.LocalMask(shape, window_size=(window - 1, 0 if causal else None), offset=0)
+  else:
+    base = sa.CausalMask(shape) if causal else sa.FullMask(shape)
   blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_q_dkv=bq, block_kv_dkv=bk,
                          block_q_dq=bq, block_kv_dq=bk)
   kernel = sa.make_splash_mha(sa.MultiHeadMask([base] * N), block_sizes=blocks, head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+                              q_seq_shards=1, interpret=interpret,
+                              attn_logits_soft_cap=None if softcap is None else float(softcap))
   # The kernel has no scale argument and wants heads first, (N, T, H), one example at a time.
   heads_first = lambda x, b: jnp.swapaxes(_pad_to(x, b), 1, 2)
   out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sa.SegmentIds(qs, ks)))(
@@ -464,5 +470,5 @@ def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_id
       q_seg, kv_seg)
   out = jnp.swapaxes(out, 1, 2)[:, :T]
   # The kernel averages the values for a query with no allowed key; the contract is zeros.
-  has_key = _rows_with_keys(inputs, causal, bk)
+  has_key = _rows_with_keys(inputs, causal, bk, window)
   return jnp.where(has_key[:, :, None, None], out, 0).astype(q.dtype)

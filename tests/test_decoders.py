@@ -230,6 +230,10 @@ def test_sliding_window_kernels_equal_naive_reference():
   g_chunked = jax.jit(jax.grad(loss("chunked"), argnums=(0, 1, 2)))(q, k, v)
   for a, b in zip(g_xla, g_chunked):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  # Splash (the Pallas TPU kernel, interpreted here): a LocalMask and its own soft cap.
+  got = attention.splash_attention(q, k, v, causal=True, window=window, softcap=softcap,
+                                   scale=scale, interpret=True)
+  np.testing.assert_allclose(np.asarray(got), want, atol=2e-6)
   # Decoding: the cache's last query sees the same window.
   out = attention.cached_attention(q[:, -1:], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                                    q_slots=jnp.asarray([[T - 1]]), window=window,
@@ -239,13 +243,13 @@ def test_sliding_window_kernels_equal_naive_reference():
 
 def test_auto_never_picks_a_kernel_without_window_support(monkeypatch):
   q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
-  for backend in ("tpu", "gpu"):
-    monkeypatch.setattr(attention.jax, "default_backend", lambda b=backend: b)
-    assert attention._auto_impl(q, 256, False, False) in ("splash", "cudnn")
-    assert attention._auto_impl(q, 256, False, False, True) == "xla"
   monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
-  with pytest.raises(ValueError, match="impl='splash' does not support a sliding window"):
-    attention.dot_product_attention(q, q, q, causal=True, window=4, impl="splash")
+  assert attention._auto_impl(q, 256, False, False, True) == "splash"  # a LocalMask
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  assert attention._auto_impl(q, 256, False, False) == "cudnn"
+  assert attention._auto_impl(q, 256, False, False, True) == "xla"  # not a dense mask in cuDNN
+  with pytest.raises(ValueError, match="impl='cudnn' does not support logit soft-capping"):
+    attention.dot_product_attention(q, q, q, causal=True, softcap=50.0, impl="cudnn")
   with pytest.raises(ValueError, match="window=0 must be a positive int"):
     attention.dot_product_attention(q, q, q, causal=True, window=0)
 
