@@ -114,6 +114,14 @@ def test_export_equals_the_original_tensors(name, tmp_path):
   assert decoders.ARCHITECTURES[written["model_type"]].config_from_hf(written) == model.config
 
 
+def test_causal_lm_task_builds_the_decoder():
+  model, _ = hf.from_pretrained(GOLDEN / "qwen3", task="causal_lm")
+  assert isinstance(model, decoder.Decoder) and model.config == loaded("qwen3")[0].config
+  with pytest.raises(ValueError, match=r"task='classification' needs a bert checkpoint.*"
+                                       r"model_type='qwen3', which serves tasks \['causal_lm'\]"):
+    hf.from_pretrained(GOLDEN / "qwen3", task="classification")
+
+
 def test_bf16_checkpoint_round_trips_bit_for_bit(tmp_path):
   model, variables = hf.from_pretrained(GOLDEN / "llama_tied", dtype="bfloat16")
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(variables))

@@ -103,13 +103,14 @@ def _rules(c: DecoderConfig):
 
 
 def _rope(params: dict, where: str) -> Rope:
-  """A Rope from one rope_parameters dict (rope_type or the older `type` key)."""
+  """A Rope from one rope_parameters dict (rope_type or the older `type` key); `where` prefixes
+  the error ("full_attention " for Gemma 3's per-layer-type dicts)."""
   kind = params.get("rope_type", params.get("type", "default"))
   if kind not in _ROPE_TYPES:
-    raise ValueError(f"config.json has {where} rope type {kind!r}; fmjax supports rope types "
+    raise ValueError(f"config.json has {where}rope type {kind!r}; fmjax supports rope types "
                      f"{list(_ROPE_TYPES)}")
   if params.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError(f"config.json has {where} partial_rotary_factor="
+    raise ValueError(f"config.json has {where}partial_rotary_factor="
                      f"{params['partial_rotary_factor']}; fmjax rotates the whole head (1.0)")
   theta = float(params["rope_theta"])
   if kind == "default":
@@ -138,13 +139,13 @@ def _ropes(hf: dict, model_type: str, family: _Family) -> tuple[Rope, Rope | Non
       params = {"full_attention": {**(hf.get("rope_scaling") or {}),
                                    "rope_theta": _get(hf, "rope_theta", 1_000_000.0)},
                 "sliding_attention": {"rope_theta": _get(hf, "rope_local_base_freq", 10_000.0)}}
-    return (_rope(params["full_attention"], "full_attention"),
-            _rope(params["sliding_attention"], "sliding_attention"))
+    return (_rope(params["full_attention"], "full_attention "),
+            _rope(params["sliding_attention"], "sliding_attention "))
   if not params:
     params = {**(hf.get("rope_scaling") or {}),
               "rope_theta": _get(hf, "rope_theta", family.default_theta)}
   params.setdefault("rope_theta", family.default_theta)
-  return _rope(params, "its"), None
+  return _rope(params, ""), None
 
 
 def _local(hf: dict, model_type: str, num_layers: int, rope: Rope | None) -> LocalLayers | None:

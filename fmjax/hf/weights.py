@@ -80,7 +80,8 @@ def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
   """Builds the fmjax model of a Hugging Face BERT, GPT-2 or ViT directory and loads its weights.
 
   With a task (fmjax.hf.TASKS), the model is that task's, whatever head the checkpoint has:
-    "causal_lm"             GPT-2 -> GPT: logits (B, T, V)
+    "causal_lm"             GPT-2 -> GPT, llama, mistral, qwen2, qwen3, gemma, gemma2,
+                            gemma3_text -> fmjax.models.decoder.Decoder: logits (B, T, V)
     "masked_lm"             BERT -> BertForMaskedLM: logits (B, T, V) (HF's BertForMaskedLM)
     "classification"        BERT -> BertForSequenceClassification(config, num_labels):
                             logits (B, num_labels); num_labels = 1: a regression score
