@@ -157,6 +157,14 @@ def test_sharded_checkpoint_placed_into_the_mesh_shardings():
   expected = sharding.shardings_of(abstract, mesh, "fsdp_tp")["params"]
   got = jax.tree_util.tree_map(lambda x: x.sharding, variables["params"])
   assert jax.tree_util.tree_leaves(got) == jax.tree_util.tree_leaves(expected)
+  # The logical axes the decoder names, through the fsdp_tp table (fmjax/sharding.py).
+  layer = variables["params"]["blocks"]["layer_0"]
+  P = jax.sharding.PartitionSpec
+  assert layer["attn"]["query"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
+  assert layer["attn"]["key"]["kernel"].sharding.spec == P("fsdp", "tensor", None)
+  assert layer["attn"]["out"]["kernel"].sharding.spec == P("tensor", None, "fsdp")
+  assert layer["mlp"]["wi_up"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  assert variables["params"]["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
   _, plain = loaded("mistral")
   for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(plain)):
     assert np.array_equal(np.asarray(a), np.asarray(b))
