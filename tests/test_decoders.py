@@ -272,13 +272,23 @@ def test_auto_never_picks_a_kernel_without_window_support(monkeypatch):
 
 def test_num_params_formula_matches_init():
   for name in decoder.PRESETS:
-    c = decoder.get_config(name, num_layers=2)
-    if c.local:
-      c = dataclasses.replace(c, local=dataclasses.replace(c.local, layers=(0,)))
+    local = decoder.PRESETS[name].local  # 2 layers of each preset, the first one local
+    c = decoder.get_config(name, num_layers=2, vocab_size=1000,
+                           local=local and dataclasses.replace(local, layers=(0,)))
     shapes = jax.eval_shape(decoder.Decoder(c).init, jax.random.key(0),
                             jnp.zeros((1, 1), jnp.int32))
     assert sum(x.size for x in jax.tree_util.tree_leaves(shapes)) == decoder.num_params(c), name
-  assert decoder.num_params(decoder.get_config("smollm2_135m", vocab_multiple=1)) == 134_515_008
+  published = {"smollm2_135m": 134_515_008, "llama3_2_1b": 1_235_814_400,
+               "qwen2_5_0_5b": 494_032_768, "gemma3_1b": 999_885_952}  # their model cards
+  for name, count in published.items():
+    assert decoder.num_params(decoder.get_config(name, vocab_multiple=1)) == count, name
+
+
+def test_every_preset_writes_and_reads_back_the_same_config_json():
+  for name, c in decoder.PRESETS.items():
+    arch = decoders.ARCHITECTURES[c.family]
+    written = {"model_type": c.family, **arch.config_to_hf(c)}
+    assert arch.config_from_hf(json.loads(json.dumps(written))) == c, name
 
 
 def _edit(tmp_path, name, config=None, drop=None, reshape=None):

@@ -49,6 +49,11 @@ class LocalLayers:
   layers: tuple[int, ...]
   rope: Rope | None = None
 
+  def __post_init__(self):
+    if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+      raise ValueError(f"LocalLayers.window={self.window!r}: must be a positive int")
+    object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+
 
 @dataclasses.dataclass(frozen=True)
 class Gemma:
@@ -150,6 +155,25 @@ PRESETS = {
         mlp_activation="gelu_tanh", tie_embeddings=True,
         attention=AttentionOptions(scale=32 ** -0.5, qk_norm=True, rope=Rope(1e6)),
         local=LocalLayers(window=8, layers=(0, 1), rope=Rope(1e4)),
+        gemma=Gemma(sandwich_norms=True)),
+    # Published shapes (config.json of each); parameter counts unpadded (vocab_multiple=1).
+    # meta-llama/Llama-3.2-1B: 1,235,814,400 parameters (tied).
+    "llama3_2_1b": DecoderConfig(
+        vocab_size=128256, max_len=131072, num_layers=16, embed_dim=2048, mlp_dim=8192,
+        num_heads=32, num_kv_heads=8, tie_embeddings=True,
+        attention=AttentionOptions(rope=Rope(500_000.0, "llama3", 32.0, 1.0, 4.0, 8192))),
+    # Qwen/Qwen2.5-0.5B: 494,032,768 parameters (tied).
+    "qwen2_5_0_5b": DecoderConfig(
+        family="qwen2", vocab_size=151936, max_len=32768, num_layers=24, embed_dim=896,
+        mlp_dim=4864, num_heads=14, num_kv_heads=2, norm_eps=1e-6, tie_embeddings=True,
+        attention=AttentionOptions(qkv_bias=True, rope=Rope(1_000_000.0))),
+    # google/gemma-3-1b-pt: 999,885,952 parameters (tied).
+    "gemma3_1b": DecoderConfig(
+        family="gemma3_text", vocab_size=262144, max_len=32768, num_layers=26, embed_dim=1152,
+        mlp_dim=6912, num_heads=4, num_kv_heads=1, head_dim=256, norm_eps=1e-6,
+        mlp_activation="gelu_tanh", tie_embeddings=True,
+        attention=AttentionOptions(scale=256 ** -0.5, qk_norm=True, rope=Rope(1_000_000.0)),
+        local=LocalLayers(window=512, layers=_every(6, 26), rope=Rope(10_000.0)),
         gemma=Gemma(sandwich_norms=True)),
     # HuggingFaceTB/SmolLM2-135M(-Instruct): 134,515,008 parameters (tied).
     "smollm2_135m": DecoderConfig(
