@@ -284,6 +284,13 @@ def test_num_params_formula_matches_init():
     assert decoder.num_params(decoder.get_config(name, vocab_multiple=1)) == count, name
 
 
+def test_flops_per_token_counts_the_matmul_parameters():
+  c = decoder.get_config("tiny")  # untied, no biases: every parameter but the norms and the
+  L, D, V, T = c.num_layers, c.embed_dim, c.padded_vocab_size, 64  # input table is a matmul
+  matmul = decoder.num_params(c) - L * 2 * D - D - V * D
+  assert decoder.flops_per_token(c, T) == 6 * matmul + 12 * L * T * c.num_heads * c.head_width
+
+
 def test_every_preset_writes_and_reads_back_the_same_config_json():
   for name, c in decoder.PRESETS.items():
     arch = decoders.ARCHITECTURES[c.family]
@@ -341,3 +348,20 @@ def test_export_and_runtime_refuse_what_they_cannot_express(tmp_path):
   gemma3 = decoder.Decoder(decoder.get_config("gemma3_tiny"), Runtime(scan_layers=True))
   with pytest.raises(ValueError, match="scan_layers=True stacks identical layers"):
     jax.eval_shape(gemma3.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+
+
+def test_transformers_reads_the_exports_with_the_golden_logits(tmp_path):
+  """The config.json fmjax writes means the same model to transformers (rope_parameters,
+  layer_types, query_pre_attn_scalar, soft caps): its logits of the export equal the goldens."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  for name in FAMILIES:
+    model, variables = loaded(name)
+    hf.save_pretrained(model, variables, tmp_path / name)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / name, dtype=torch.float32, attn_implementation="eager").eval()
+    assert type(theirs).__name__ == hf_config(name)["architectures"][0]
+    ref = reference(name)
+    with torch.no_grad():
+      logits = theirs(torch.tensor(ref["input_ids"], dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(logits, ref["logits"], atol=ATOL, rtol=0, err_msg=name)

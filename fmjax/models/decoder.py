@@ -312,3 +312,23 @@ def num_params(c: DecoderConfig) -> int:
   mlp = 3 * d * f + c.mlp_bias * (2 * f + d)
   norms = (4 if c.gemma and c.gemma.sandwich_norms else 2) * d
   return c.num_layers * (attn + mlp + norms) + d + v * d + (0 if c.tie_embeddings else d * v)
+
+
+def flops_per_token(c: DecoderConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style.
+
+  6 * (matmul parameters: attention, gated MLP, the output projection over the padded
+  vocabulary) + 12 * L * T * N * H for the attention scores and their use (local layers
+  counted as global: the kernels compute whole blocks).
+
+  Args:
+    c: the config.
+    seq_len: T, the sequence length.
+
+  Returns:
+    FLOPs per token, a float.
+  """
+  d, f, v, h, l = c.embed_dim, c.mlp_dim, c.padded_vocab_size, c.head_width, c.num_layers
+  q, kv = c.num_heads * h, (c.num_kv_heads or c.num_heads) * h
+  matmul = l * (2 * d * q + 2 * d * kv + 3 * d * f) + d * v
+  return 6.0 * matmul + 12.0 * l * seq_len * q
