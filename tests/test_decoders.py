@@ -170,6 +170,21 @@ def test_sharded_checkpoint_placed_into_the_mesh_shardings():
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_mesh_loading_places_each_tensor_before_reading_the_next(monkeypatch):
+  """Streaming: the host holds one converted tensor at a time, devices only their shards."""
+  from fmjax.hf import weights  # pylint: disable=g-import-not-at-top
+  events = []
+  read, place = weights._Checkpoint.get, jax.make_array_from_callback
+  monkeypatch.setattr(weights._Checkpoint, "get",
+                      lambda self, name: events.append("read") or read(self, name))
+  monkeypatch.setattr(jax, "make_array_from_callback",
+                      lambda *args, **kw: events.append("place") or place(*args, **kw))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1})
+  _, variables = hf.from_pretrained(GOLDEN / "mistral", mesh=mesh)
+  n = len(jax.tree_util.tree_leaves(variables))
+  assert events == ["read", "place"] * n
+
+
 def test_chunked_kernel_and_scanned_layers_give_the_same_logits():
   """Gemma 2 through the chunked kernel (window + soft-capping in the online softmax); Llama's
   identical layers under nn.scan."""

@@ -43,7 +43,8 @@ FAMILIES = {
     "qwen2": _Family("Qwen2ForCausalLM", _F("qkv_bias", "sliding_window"), _F("qkv_bias")),
     "qwen3": _Family("Qwen3ForCausalLM", _F("attention_bias", "qk_norm", "sliding_window"),
                      _F("qk_norm")),
-    "gemma": _Family("GemmaForCausalLM", _F("gemma"), _F("gemma"), tied_default=True),
+    "gemma": _Family("GemmaForCausalLM", _F("gemma", "attention_bias"), _F("gemma"),
+                     tied_default=True),
     "gemma2": _Family("Gemma2ForCausalLM",
                       _F("gemma", "sandwich_norms", "sliding_window", "attn_softcap",
                          "final_softcap", "attn_scale", "attention_bias"),
@@ -180,9 +181,8 @@ def _config(hf: dict) -> DecoderConfig:
   model_type = hf["model_type"]
   family = FAMILIES[model_type]
   gemma = "gemma" in family.requires
-  what = f"{family.hf_class}"
-  for key in ("use_bidirectional_attention", "is_decoder_only_bidirectional"):
-    _require(hf, key, (None, False), f"{what} (causal attention)")
+  _require(hf, "use_bidirectional_attention", (None, False),
+           f"{family.hf_class} (causal attention)")
   act_key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
   act = _get(hf, act_key, "gelu_pytorch_tanh" if gemma else "silu")
   if gemma and act == "gelu":  # transformers reads Gemma's legacy "gelu" as the tanh GELU
