@@ -16,7 +16,8 @@ GQA, gated MLP) -> final RMSNorm -> logits through the tied embedding or an unti
 The quirks are data, not flags per model: `AttentionOptions` (fmjax/transformer.py) holds what
 changes inside attention, `LocalLayers` which layers slide, `Gemma` Gemma's conventions.
 `family` only says which Hugging Face model_type the config is exported as (fmjax/hf/decoders.py).
-Decoding (fmjax/generate.py) uses `init_cache` and `decode`, the KV cache holding the K kv heads.
+Decoding (fmjax/generate.py) uses `init_cache` and `decode`, the KV cache holding the K kv heads
+(every layer keeps all S slots; a local layer masks those outside its window).
 """
 
 import dataclasses
