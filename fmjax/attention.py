@@ -8,8 +8,11 @@ grouped-query attention); Rabe & Staats 2021 and Dao et al. 2022/2023 (memory-ef
 attention, which `chunked` follows, including its recomputing backward pass).
 
 One masking rule for every backend: query t may attend key s iff kv_mask[s] and
-q_segment_ids[t] == kv_segment_ids[s] and, when causal, q_positions[t] >= kv_positions[s].
+q_segment_ids[t] == kv_segment_ids[s] and, when causal, q_positions[t] >= kv_positions[s], and,
+with a sliding window w, q_positions[t] - kv_positions[s] < w (Beltagy et al. 2020; Mistral,
+Gemma 2/3 local layers: a query sees itself and the w - 1 keys before it).
 A query with no key it may attend (e.g. a padding query) outputs zeros and gets zero gradient.
+Logit soft-capping (Gemma 2) replaces each scaled logit l by cap * tanh(l / cap) before masking.
 """
 import functools
 
@@ -33,7 +36,7 @@ _F32 = jnp.float32
 
 
 def make_attention_mask(*, q_len, kv_len, causal=False, q_segment_ids=None, kv_segment_ids=None,
-                        kv_mask=None, q_positions=None, kv_positions=None):
+                        kv_mask=None, q_positions=None, kv_positions=None, window=None):
   """Boolean attention mask, True where query t may attend key s.
 
   Args:
@@ -44,18 +47,22 @@ def make_attention_mask(*, q_len, kv_len, causal=False, q_segment_ids=None, kv_s
     kv_mask: (B, S) bool; False marks a padding key.
     q_positions, kv_positions: (B, T) and (B, S) int positions used by `causal`; default
       arange. A KV-cache decode step passes q_positions=[[t]] to attend keys 0..t of the cache.
+    window: sliding window w (an int >= 1): keys fewer than w positions before the query; None
+      for no window.
 
   Returns:
     (B or 1, 1, T, S) bool; the batch axis is 1 when no per-example input is given.
   """
+  _check_window(window)
   inputs = _mask_inputs(q_len, kv_len, q_segment_ids, kv_segment_ids, kv_mask, q_positions,
                         kv_positions)
-  return _mask_block(*inputs, causal)[:, None]
+  return _mask_block(*inputs, causal, window)[:, None]
 
 
 def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
                           kv_mask=None, q_positions=None, kv_positions=None, scale=None,
-                          impl="xla", dropout_rate=0.0, dropout_rng=None, chunk_size=512):
+                          impl="xla", dropout_rate=0.0, dropout_rng=None, chunk_size=512,
+                          window=None, softcap=None):
   """Multi-head, grouped-query or multi-query attention.
 
   Args:
@@ -73,18 +80,28 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
     dropout_rate, dropout_rng: dropout on the attention probabilities, applied only when
       rate > 0 and an rng is given; only "xla" supports it.
     chunk_size: block length of "chunked" (queries and keys); any S, padded internally.
+    window: sliding-window length (int >= 1) or None; see the module docstring. Every kernel
+      supports it (splash as a local mask, cudnn as a dense mask; auto does not pick cudnn).
+    softcap: logit cap (float > 0) or None: logits -> softcap * tanh(logits / softcap) (Gemma 2).
+      xla, chunked and splash support it, cudnn refuses it (auto does not pick cudnn).
 
   Returns:
     (B, T, N, H) in q.dtype. Softmax is always computed in float32.
   """
   _check_shapes(q, k, v)
+  _check_window(window)
+  if softcap is not None and not softcap > 0:
+    raise ValueError(f"softcap={softcap!r} must be a positive float (or None for no capping)")
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"Unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}.")
   (_, T, N, H), S = q.shape, k.shape[1]
   dropout = dropout_rate > 0 and dropout_rng is not None
   has_positions = q_positions is not None or kv_positions is not None
   if impl == "auto":
-    impl = _auto_impl(q, S, dropout, has_positions)
+    impl = _auto_impl(q, S, dropout, has_positions, window is not None or softcap is not None)
+  if softcap is not None and impl == "cudnn":
+    raise ValueError(f"impl='cudnn' does not support logit soft-capping (softcap={softcap}); "
+                     "use impl='chunked' (O(T) memory), 'xla' or 'auto'")
   if dropout and impl != "xla":
     raise ValueError(f"Attention dropout (rate {dropout_rate}) is only supported by impl='xla', "
                      f"not impl={impl!r}; use impl='xla' or set dropout_rate=0.")
@@ -94,13 +111,14 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
     # Causal self-attention in index order skips the masked upper triangle block-wise.
     block = _CAUSAL_BLOCK if (causal and T == S and not has_positions and T % _CAUSAL_BLOCK == 0
                               and T >= 2 * _CAUSAL_BLOCK) else None
-    return _xla(q, k, v, _mask_block(*inputs, causal), scale, dropout_rate if dropout else 0.0,
-                dropout_rng, causal_block=block)
+    return _xla(q, k, v, _mask_block(*inputs, causal, window), scale,
+                dropout_rate if dropout else 0.0, dropout_rng, causal_block=block, softcap=softcap)
   if impl == "chunked":
-    return _chunked(q, k, v, inputs, causal, scale, chunk_size)
+    return _chunked(q, k, v, inputs, causal, scale, chunk_size, window, softcap)
   if impl == "cudnn":
-    only_causal = not has_positions and q_segment_ids is None and kv_mask is None
-    return _cudnn(q, k, v, inputs, causal, scale, only_causal)
+    only_causal = (not has_positions and q_segment_ids is None and kv_mask is None
+                   and window is None)
+    return _cudnn(q, k, v, inputs, causal, scale, only_causal, window)
   if jax.default_backend() != "tpu":
     raise ValueError(f"impl='splash' needs a TPU, but the backend is {jax.default_backend()!r}. "
                      "Use impl='auto', or splash_attention(..., interpret=True) for a slow test "
@@ -109,7 +127,20 @@ def dot_product_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segme
     raise ValueError("impl='splash' masks causally by index and cannot take q_positions or "
                      "kv_positions; drop them (e.g. use them only for RoPE) or use impl='chunked'.")
   return splash_attention(q, k, v, causal=causal, q_segment_ids=q_segment_ids,
-                          kv_segment_ids=kv_segment_ids, kv_mask=kv_mask, scale=scale)
+                          kv_segment_ids=kv_segment_ids, kv_mask=kv_mask, scale=scale,
+                          window=window, softcap=softcap)
+
+
+def _check_window(window):
+  if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer))
+                             or window < 1):
+    raise ValueError(f"window={window!r} must be a positive int (the keys a query sees: itself "
+                     "and the window - 1 before it), or None for no sliding window")
+
+
+def _softcap(logits, cap):
+  """cap * tanh(logits / cap), or logits when cap is None."""
+  return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 def _check_shapes(q, k, v):
@@ -120,7 +151,7 @@ def _check_shapes(q, k, v):
     raise ValueError(f"q {q.shape} and k {k.shape} need equal B and H, and N a multiple of K.")
 
 
-def _auto_impl(q, S, dropout, has_positions):
+def _auto_impl(q, S, dropout, has_positions, window_or_softcap=False):
   """The fastest implementation that supports this call (see dot_product_attention)."""
   T, H = q.shape[1], q.shape[3]
   backend = jax.default_backend()
@@ -128,7 +159,9 @@ def _auto_impl(q, S, dropout, has_positions):
     return "xla"
   if backend == "tpu" and not has_positions and min(T, S) >= 128:  # shorter pads to a 128 block
     return "splash"
-  if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and H <= 128 and H % 8 == 0:
+  # cuDNN takes a window only as a dense (T, S) mask, and no soft-capping.
+  if backend == "gpu" and not window_or_softcap and q.dtype in (jnp.bfloat16, jnp.float16) \
+      and H <= 128 and H % 8 == 0:
     return "cudnn"
   return "chunked" if T * S > _AUTO_CHUNKED_MIN_LOGITS else "xla"
 
@@ -151,11 +184,13 @@ def _mask_inputs(T, S, q_seg, kv_seg, kv_mask, q_pos, kv_pos):
   return q_pos, q_seg, kv_pos, kv_seg, kv_ok
 
 
-def _mask_block(q_pos, q_seg, kv_pos, kv_seg, kv_ok, causal):
+def _mask_block(q_pos, q_seg, kv_pos, kv_seg, kv_ok, causal, window=None):
   """(B or 1, t, s) bool mask of a block of t queries and s keys."""
   mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & kv_ok[:, None, :]
   if causal:
     mask &= q_pos[:, :, None] >= kv_pos[:, None, :]
+  if window is not None:
+    mask &= q_pos[:, :, None] - kv_pos[:, None, :] < window
   return mask
 
 
@@ -164,7 +199,7 @@ def _einsum(eq, x, y):
   return jnp.einsum(eq, x.astype(y.dtype), y, preferred_element_type=_F32)
 
 
-def _xla(q, k, v, mask, scale, dropout_rate, dropout_rng, causal_block=None):
+def _xla(q, k, v, mask, scale, dropout_rate, dropout_rng, causal_block=None, softcap=None):
   """Einsum attention in the (B, K, G, T, H) layout that batched matmuls want.
 
   causal_block: with a causal mask over T == S in plain index order, queries are taken in
@@ -172,11 +207,12 @@ def _xla(q, k, v, mask, scale, dropout_rate, dropout_rng, causal_block=None):
   triangle's matmuls and softmax work (about half of it at two blocks).
   """
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, H)
-  return _xla_heads_first(q, k, v, mask, scale, dropout_rate, dropout_rng, causal_block)
+  return _xla_heads_first(q, k, v, mask, scale, dropout_rate, dropout_rng, causal_block,
+                          softcap)
 
 
 def _xla_heads_first(q, k, v, mask, scale, dropout_rate=0.0, dropout_rng=None,
-                     causal_block=None):
+                     causal_block=None, softcap=None):
   """_xla with k, v already in (B, K, S, H), the layout a KV cache is kept in."""
   B, T, N, H = q.shape
   K = k.shape[1]
@@ -188,7 +224,8 @@ def _xla_heads_first(q, k, v, mask, scale, dropout_rate=0.0, dropout_rng=None,
   outs = []
   for n, (lo, hi, kv_end) in enumerate(blocks):
     m = mask[..., lo:hi, :kv_end]
-    logits = _einsum("BKGTH,BKSH->BKGTS", q[..., lo:hi, :], k[:, :, :kv_end]) * scale
+    logits = _softcap(_einsum("BKGTH,BKSH->BKGTS", q[..., lo:hi, :], k[:, :, :kv_end]) * scale,
+                      softcap)
     probs = jax.nn.softmax(jnp.where(m, logits, _MASK_VALUE), axis=-1)
     # Rows with no allowed key would be uniform over masked keys; zero them (finite, zero grads).
     probs = jnp.where(m, probs, 0.0)
@@ -201,7 +238,8 @@ def _xla_heads_first(q, k, v, mask, scale, dropout_rate=0.0, dropout_rng=None,
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
-def cached_attention(q, k_cache, v_cache, *, q_slots, kv_mask=None, scale=None):
+def cached_attention(q, k_cache, v_cache, *, q_slots, kv_mask=None, scale=None, window=None,
+                     softcap=None):
   """Attention of T new queries over a KV cache (incremental decoding).
 
   The cache keeps keys and values heads-first, (B, K, S, H), the layout the einsums below
@@ -214,6 +252,9 @@ def cached_attention(q, k_cache, v_cache, *, q_slots, kv_mask=None, scale=None):
     q_slots: (B or 1, T) int slot of each query; it attends slots s <= q_slots[t] (causal).
     kv_mask: (B or 1, S) bool, False for slots holding padding; default all True.
     scale: logit multiplier, default H ** -0.5.
+    window: sliding window: a query attends slots q_slots[t] - window < s <= q_slots[t] (a
+      row's real tokens fill consecutive slots, so slots count positions); None: no window.
+    softcap: logit soft-capping as in dot_product_attention, or None.
 
   Returns:
     (B, T, N, H) in q.dtype, equal to dot_product_attention(impl="xla") over the same keys.
@@ -226,9 +267,11 @@ def cached_attention(q, k_cache, v_cache, *, q_slots, kv_mask=None, scale=None):
   S = k_cache.shape[2]
   q_slots = jnp.asarray(q_slots)
   kv_ok = jnp.ones((1, S), bool) if kv_mask is None else jnp.asarray(kv_mask, bool)
-  mask = (jnp.arange(S)[None, None, :] <= q_slots[:, :, None]) & kv_ok[:, None, :]  # (B|1,T,S)
+  _check_window(window)
+  mask = _mask_block(q_slots, jnp.zeros((1, T), jnp.int32), jnp.arange(S)[None],
+                     jnp.zeros((1, S), jnp.int32), kv_ok, True, window)  # (B|1, T, S)
   scale = H ** -0.5 if scale is None else scale
-  return _xla_heads_first(q, k_cache, v_cache, mask, scale)
+  return _xla_heads_first(q, k_cache, v_cache, mask, scale, softcap=softcap)
 
 
 def _chunks(x, size):
@@ -249,7 +292,7 @@ def _pad_to(x, multiple, value=0):
   return jnp.pad(x, pad, constant_values=value)
 
 
-def _chunked(q, k, v, inputs, causal, scale, chunk_size):
+def _chunked(q, k, v, inputs, causal, scale, chunk_size, window=None, softcap=None):
   B, T, N, H = q.shape
   S, K = k.shape[1], k.shape[2]
   bq, bk = min(chunk_size, T), min(chunk_size, S)
@@ -258,28 +301,34 @@ def _chunked(q, k, v, inputs, causal, scale, chunk_size):
   q_pos, q_seg = _pad_to(q_pos, bq), _pad_to(q_seg, bq)
   kv_pos, kv_seg, kv_ok = _pad_to(kv_pos, bk), _pad_to(kv_seg, bk), _pad_to(kv_ok, bk, False)
   qg = _pad_to(q.reshape(B, T, K, N // K, H), bq)
-  out = _flash((causal, float(scale), bq, bk), qg, _pad_to(k, bk), _pad_to(v, bk),
+  static = (causal, float(scale), bq, bk, window, None if softcap is None else float(softcap))
+  out = _flash(static, qg, _pad_to(k, bk), _pad_to(v, bk),
                (q_pos, q_seg, kv_pos, kv_seg, kv_ok))
   return out[:, :T].reshape(B, T, N, H)
 
 
 def _block_logits(static, qb, kb, q_pos, q_seg, kv_in):
-  """Masked float32 logits (B, K, G, bq, bk) of one query block against one key block."""
-  causal, scale = static[:2]
+  """Masked float32 logits (B, K, G, bq, bk) of one query block against one key block, the
+  mask, and d(logits)/d(unscaled q.k) (scale, times 1 - tanh^2 under soft-capping)."""
+  causal, scale, _, _, window, softcap = static
   kv_pos, kv_seg, kv_ok = kv_in
-  mask = _mask_block(q_pos, q_seg, kv_pos, kv_seg, kv_ok, causal)[:, None, None]
+  mask = _mask_block(q_pos, q_seg, kv_pos, kv_seg, kv_ok, causal, window)[:, None, None]
   logits = _einsum("BTKGH,BSKH->BKGTS", qb, kb) * scale
-  return jnp.where(mask, logits, _MASK_VALUE), mask
+  slope = scale
+  if softcap is not None:
+    t = jnp.tanh(logits / softcap)
+    logits, slope = softcap * t, scale * (1 - t * t)
+  return jnp.where(mask, logits, _MASK_VALUE), mask, slope
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))  # static: (causal, scale, bq, bk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))  # (causal, scale, bq, bk, window, cap)
 def _flash(static, q, k, v, inputs):
   return _flash_fwd(static, q, k, v, inputs)[0]
 
 
 def _flash_fwd(static, q, k, v, inputs):
   """Online softmax: q (B, T, K, G, H), k, v (B, S, K, H), T and S multiples of the blocks."""
-  _, _, bq, bk = static
+  bq, bk = static[2:4]
   q_pos, q_seg, kv_pos, kv_seg, kv_ok = inputs
   kv_blocks = (_chunks(k, bk), _chunks(v, bk),
                (_chunks(kv_pos, bk), _chunks(kv_seg, bk), _chunks(kv_ok, bk)))
@@ -290,7 +339,7 @@ def _flash_fwd(static, q, k, v, inputs):
     def kv_step(carry, kv):
       m, l, acc = carry  # running max and sum (B, K, G, bq); unnormalised output (B, K, G, bq, H)
       kb, vb, kv_in = kv
-      logits, mask = _block_logits(static, qb, kb, qpb, qsb, kv_in)
+      logits, mask, _ = _block_logits(static, qb, kb, qpb, qsb, kv_in)
       m_new = jnp.maximum(m, logits.max(-1))
       p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
       alpha = jnp.exp(m - m_new)  # rescales what was summed under the old maximum
@@ -312,7 +361,7 @@ def _flash_fwd(static, q, k, v, inputs):
 
 def _flash_bwd(static, res, dout):
   """Recomputes each probability block from the saved logsumexp, so memory stays O(T * block)."""
-  _, scale, bq, bk = static
+  bq, bk = static[2:4]
   q, k, v, inputs, out, lse = res
   q_pos, q_seg, kv_pos, kv_seg, kv_ok = inputs
   delta = jnp.einsum("BTKGH,BTKGH->BTKG", dout.astype(_F32), out.astype(_F32))  # rowsum(dP * P)
@@ -325,10 +374,10 @@ def _flash_bwd(static, res, dout):
 
     def kv_step(dq, kv):
       kb, vb, kv_in = kv
-      logits, mask = _block_logits(static, qb, kb, qpb, qsb, kv_in)
+      logits, mask, slope = _block_logits(static, qb, kb, qpb, qsb, kv_in)
       p = jnp.exp(jnp.where(mask, logits - lseb[..., None], -jnp.inf))  # exactly 0 where masked
       dp = _einsum("BTKGH,BSKH->BKGTS", dob, vb)
-      ds = p * (dp - deltab[..., None]) * scale  # gradient w.r.t. the unscaled logits
+      ds = p * (dp - deltab[..., None]) * slope  # gradient w.r.t. the unscaled logits
       dq = dq + _einsum("BKGTS,BSKH->BTKGH", ds, kb)
       return dq, (_einsum("BKGTS,BTKGH->BSKH", ds, qb), _einsum("BKGTS,BTKGH->BSKH", p, dob))
 
@@ -346,16 +395,16 @@ def _flash_bwd(static, res, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _rows_with_keys(inputs, causal, block):
+def _rows_with_keys(inputs, causal, block, window=None):
   """(B or 1, T) bool: whether query t may attend any key, scanning key blocks (no T x S mask)."""
   q_pos, q_seg, kv_pos, kv_seg, kv_ok = inputs
   kv_in = tuple(_chunks(_pad_to(x, block), block) for x in (kv_pos, kv_seg, kv_ok))  # pad: False
-  step = lambda has, kv: (has | _mask_block(q_pos, q_seg, *kv, causal).any(-1), None)
+  step = lambda has, kv: (has | _mask_block(q_pos, q_seg, *kv, causal, window).any(-1), None)
   init = jnp.zeros((max(x.shape[0] for x in inputs), q_pos.shape[1]), bool)
   return jax.lax.scan(step, init, kv_in)[0]
 
 
-def _cudnn(q, k, v, inputs, causal, scale, only_causal):
+def _cudnn(q, k, v, inputs, causal, scale, only_causal, window=None):
   if jax.default_backend() != "gpu":
     raise ValueError(f"impl='cudnn' needs an NVIDIA GPU, but the backend is "
                      f"{jax.default_backend()!r}; use impl='auto', 'xla' or 'chunked'.")
@@ -367,7 +416,7 @@ def _cudnn(q, k, v, inputs, causal, scale, only_causal):
   # at all needs nothing); anything else becomes a dense mask, which cuDNN turns into a bias.
   plain_causal = causal and T == S and only_causal
   needs_mask = not (plain_causal or (only_causal and not causal))
-  mask = _mask_block(*inputs, causal)[:, None] if needs_mask else None  # (B|1, 1, T, S)
+  mask = _mask_block(*inputs, causal, window)[:, None] if needs_mask else None  # (B|1, 1, T, S)
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=plain_causal,
                                      implementation="cudnn")
   if mask is not None:
@@ -376,7 +425,8 @@ def _cudnn(q, k, v, inputs, causal, scale, only_causal):
 
 
 def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
-                     kv_mask=None, scale=None, block_size=512, interpret=False):
+                     kv_mask=None, scale=None, block_size=512, interpret=False, window=None,
+                     softcap=None):
   """Pallas TPU splash attention kernel, with dot_product_attention's masking conventions.
 
   Args:
@@ -385,6 +435,7 @@ def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_id
     block_size: kernel tile length; T and S are padded to multiples of min(block_size, 128-padded
       length), and block_size must be a multiple of 128.
     interpret: run the kernel in the Pallas interpreter, which works on CPU (slow; for tests).
+    window, softcap: as in dot_product_attention (a LocalMask; the kernel's logit soft cap).
 
   Returns:
     (B, T, N, H) in q.dtype.
@@ -402,11 +453,16 @@ def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_id
   kv_seg = jnp.where(kv_ok, kv_seg, _NO_SEGMENT).astype(jnp.int32)
   kv_seg = _pad_to(jnp.broadcast_to(kv_seg, (B, S)), bk, _NO_SEGMENT)
   shape = (q_seg.shape[1], kv_seg.shape[1])
-  base = sa.CausalMask(shape) if causal else sa.FullMask(shape)
+  _check_window(window)
+  if window is not None:  # keys window - 1 back (and, unless causal, any key ahead)
+    base = sa.LocalMask(shape, window_size=(window - 1, 0 if causal else None), offset=0)
+  else:
+    base = sa.CausalMask(shape) if causal else sa.FullMask(shape)
   blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_q_dkv=bq, block_kv_dkv=bk,
                          block_q_dq=bq, block_kv_dq=bk)
   kernel = sa.make_splash_mha(sa.MultiHeadMask([base] * N), block_sizes=blocks, head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+                              q_seq_shards=1, interpret=interpret,
+                              attn_logits_soft_cap=None if softcap is None else float(softcap))
   # The kernel has no scale argument and wants heads first, (N, T, H), one example at a time.
   heads_first = lambda x, b: jnp.swapaxes(_pad_to(x, b), 1, 2)
   out = jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sa.SegmentIds(qs, ks)))(
@@ -414,5 +470,5 @@ def splash_attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_id
       q_seg, kv_seg)
   out = jnp.swapaxes(out, 1, 2)[:, :T]
   # The kernel averages the values for a query with no allowed key; the contract is zeros.
-  has_key = _rows_with_keys(inputs, causal, bk)
+  has_key = _rows_with_keys(inputs, causal, bk, window)
   return jnp.where(has_key[:, :, None, None], out, 0).astype(q.dtype)

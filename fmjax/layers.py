@@ -11,6 +11,8 @@ rows and masks the padded logits to -inf, so any tokenizer shards over a tensor 
 size dividing m (see Embed for why the logits stay padded rather than sliced).
 """
 
+import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -211,31 +213,67 @@ class Embed(nn.Module):
     return mask_padded_logits(logits.T, self.num_embeddings)
 
 
-def Norm(kind: str, *, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
-  """LayerNorm ("layer") or RMSNorm ("rms"); statistics in float32 either way.
+NORMS = ("layer", "rms", "rms_offset")
+
+
+def Norm(kind: str, *, epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+         axes: Axes = ("embed",)):
+  """LayerNorm ("layer"), RMSNorm ("rms") or Gemma's RMSNorm ("rms_offset"); float32 statistics.
+
+  "rms_offset" stores the scale as an offset w from 1 and multiplies by (1 + w), w starting at
+  0 (Gemma): the stored numbers are the checkpoint's own, so they round-trip bit for bit.
 
   Args:
-    kind: "layer" or "rms".
+    kind: one of NORMS.
     epsilon: added to the variance.
     dtype: the output (compute) dtype.
-    param_dtype: the dtype of the scale (and bias) parameters, logical axis "embed".
+    param_dtype: the dtype of the scale (and bias) parameters.
     name: the submodule's name, or None for flax's automatic one.
+    axes: the scale's logical axis, ("embed",) for the width, ("head_dim",) for a norm of each
+      head's queries or keys (Qwen3, Gemma 3).
 
   Returns:
-    An nn.LayerNorm or nn.RMSNorm module, (..., D) -> (..., D).
+    A module (..., D) -> (..., D).
 
   Raises:
     ValueError: an unknown `kind`.
   """
-  scale_init = partitioned(nn.initializers.ones, ("embed",))
+  scale_init = partitioned(nn.initializers.ones, axes)
   if kind == "layer":
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
                         scale_init=scale_init,
-                        bias_init=partitioned(nn.initializers.zeros, ("embed",)))
+                        bias_init=partitioned(nn.initializers.zeros, axes))
   if kind == "rms":
     return nn.RMSNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
                       scale_init=scale_init)
-  raise ValueError(f"unknown norm {kind!r}; expected 'layer' or 'rms'")
+  if kind == "rms_offset":
+    return OffsetRMSNorm(epsilon=epsilon, axes=axes, dtype=dtype, param_dtype=param_dtype,
+                         name=name)
+  raise ValueError(f"unknown norm {kind!r}; expected one of {list(NORMS)}")
+
+
+class OffsetRMSNorm(nn.Module):
+  """x / rms(x) * (1 + w) with w stored (and initialised at 0): Gemma's RMSNorm."""
+  epsilon: float
+  axes: Axes = ("embed",)
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """Normalises the last axis of x (statistics in float32).
+
+    Args:
+      x: (..., D) float.
+
+    Returns:
+      (..., D) in `dtype`: x / sqrt(mean(x^2) + epsilon) * (1 + scale).
+    """
+    w = self.param("scale", partitioned(nn.initializers.zeros, self.axes), (x.shape[-1],),
+                   self.param_dtype)
+    y = x.astype(jnp.float32)
+    y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + self.epsilon)
+    return (y * (1.0 + w.astype(jnp.float32))).astype(self.dtype)
 
 
 ACTIVATIONS = {
@@ -244,6 +282,9 @@ ACTIVATIONS = {
     "relu": nn.relu,
     "silu": nn.silu,
 }
+# Hugging Face's `hidden_act` names -> ACTIVATIONS ("gelu_pytorch_tanh" is the tanh approximation).
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                  "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 class MLP(nn.Module):
@@ -282,19 +323,81 @@ class MLP(nn.Module):
     return dense(x.shape[-1], ("mlp", "embed"), "wo")(h)
 
 
-def apply_rope(x, positions, *, max_wavelength: float = 10_000.0):
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """Rotary frequencies: a base (theta) and how long-context checkpoints rescale them.
+
+  "linear" divides every frequency by `factor` (position interpolation, Chen et al. 2023);
+  "llama3" divides only the low frequencies (wavelengths above original_max_len /
+  low_freq_factor) and blends smoothly up to original_max_len / high_freq_factor (Llama 3.1).
+  """
+  theta: float = 10_000.0
+  scaling: str = "none"  # one of ROPE_SCALINGS
+  factor: float = 1.0
+  low_freq_factor: float = 1.0  # llama3 only
+  high_freq_factor: float = 4.0  # llama3 only
+  original_max_len: int = 8192  # llama3 only
+
+  def __post_init__(self):
+    if self.scaling not in ROPE_SCALINGS:
+      raise ValueError(f"Rope.scaling={self.scaling!r} is not one of {list(ROPE_SCALINGS)}")
+    if not self.theta > 0 or not self.factor > 0:
+      raise ValueError(f"Rope(theta={self.theta}, factor={self.factor}): both must be > 0")
+
+  def frequencies(self, head_dim: int):
+    """The H/2 angle frequencies (radians per position), float32.
+
+    Args:
+      head_dim: H, even.
+
+    Returns:
+      (H/2,) float32 array.
+    """
+    freq = rope_frequencies(head_dim, self.theta)
+    if self.scaling == "linear":
+      return freq / self.factor
+    if self.scaling == "llama3":
+      wavelen = 2 * math.pi / freq
+      low, high = (self.original_max_len / self.low_freq_factor,
+                   self.original_max_len / self.high_freq_factor)
+      scaled = jnp.where(wavelen > low, freq / self.factor, freq)
+      smooth = (self.original_max_len / wavelen - self.low_freq_factor) / (
+          self.high_freq_factor - self.low_freq_factor)
+      blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+      return jnp.where((wavelen >= high) & (wavelen <= low), blended, scaled)
+    return freq
+
+
+def rope_frequencies(head_dim: int, max_wavelength: float = 10_000.0):
+  """The plain rotary frequencies max_wavelength ** (-2i / H), i = 0 .. H/2 - 1.
+
+  Args:
+    head_dim: H, even.
+    max_wavelength: the base (theta).
+
+  Returns:
+    (H/2,) float32 array.
+  """
+  return max_wavelength ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+
+
+def apply_rope(x, positions, *, max_wavelength: float = 10_000.0, freq=None):
   """Rotary position embedding (Su et al. 2021), rotate-half convention.
 
   Args:
     x: (B, T, N, H) queries or keys; H must be even.
     positions: (B, T) integer positions.
     max_wavelength: the base of the angle frequencies, max_wavelength ** (-2i / H).
+    freq: (H/2,) frequencies overriding max_wavelength (e.g. `Rope.frequencies`), or None.
 
   Returns:
     x rotated by position-dependent angles, same shape and dtype (computed in float32).
   """
   h = x.shape[-1]
-  freq = max_wavelength ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # (H/2,)
+  freq = rope_frequencies(h, max_wavelength) if freq is None else freq  # (H/2,)
   angle = positions[..., None].astype(jnp.float32) * freq  # (B, T, H/2)
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

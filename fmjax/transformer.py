@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fmjax import attention
-from fmjax.layers import MLP, Dense, Norm, apply_rope
+from fmjax.layers import MLP, Dense, Norm, Rope, apply_rope
 
 Dtype = Any
 NORMS = ("layer", "rms")  # the kinds of fmjax.layers.Norm
@@ -62,6 +62,29 @@ def _divisor_near(d: int, n: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+  """What modern decoders change inside attention; the defaults are Vaswani et al.'s.
+
+  Attributes:
+    scale: logit multiplier; None: head_dim ** -0.5 (Gemma 2/3: query_pre_attn_scalar ** -0.5).
+    softcap: logits -> softcap * tanh(logits / softcap) (Gemma 2), or None.
+    window: sliding window: a query sees itself and the window - 1 keys before it (Mistral,
+      Gemma's local layers), or None.
+    qk_norm: each head's queries and keys normalised (the block's norm kind, over H) before
+      the rotary embedding (Qwen3, Gemma 3).
+    qkv_bias: biases on the query, key and value projections; None: the block's use_bias
+      (Qwen2: True, with no bias on the output projection).
+    rope: the rotary frequencies (base, long-context scaling), used when BlockConfig.rope.
+  """
+  scale: float | None = None
+  softcap: float | None = None
+  window: int | None = None
+  qk_norm: bool = False
+  qkv_bias: bool | None = None
+  rope: Rope = Rope()
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockConfig:
   """Everything that defines one Transformer block; models derive it from their own config."""
   num_heads: int
@@ -81,6 +104,10 @@ class BlockConfig:
   attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: AttentionOptions = AttentionOptions()
+  mlp_bias: bool | None = None  # None: use_bias
+  # Gemma 2/3: the attention and MLP outputs are normalised too before the residual adds.
+  sandwich_norms: bool = False
 
 
 class MultiHeadAttention(nn.Module):
@@ -127,9 +154,10 @@ class MultiHeadAttention(nn.Module):
     Raises:
       ValueError: a cache with cross-attention or segment ids.
     """
-    c = self.config
+    c, o = self.config, self.config.attention
     num_kv = c.num_kv_heads or c.num_heads
-    proj = lambda feats, axes, name: Dense(feats, axes, use_bias=c.use_bias, dtype=c.dtype,
+    qkv_bias = c.use_bias if o.qkv_bias is None else o.qkv_bias
+    proj = lambda feats, axes, name: Dense(feats, axes, use_bias=qkv_bias, dtype=c.dtype,
                                            param_dtype=c.param_dtype, name=name)
     key = proj((num_kv, c.head_dim), ("embed", "kv_heads", "head_dim"), "key")
     value = proj((num_kv, c.head_dim), ("embed", "kv_heads", "head_dim"), "value")
@@ -140,9 +168,14 @@ class MultiHeadAttention(nn.Module):
       return self._cached_cross(q, kv, key, value, out_proj, kv_mask, cross_cache)
     kv = x if kv is None else kv
     k, v = key(kv), value(kv)  # (B, S, K, H) each
+    if o.qk_norm:  # over each head's H features, before rotating
+      head_norm = lambda name: Norm(c.norm, epsilon=c.norm_eps, dtype=c.dtype,
+                                    param_dtype=c.param_dtype, axes=("head_dim",), name=name)
+      q, k = head_norm("query_norm")(q), head_norm("key_norm")(k)
     if c.rope:
-      q = apply_rope(q, _positions(q_positions, x))
-      k = apply_rope(k, _positions(kv_positions, kv))
+      freq = o.rope.frequencies(c.head_dim)
+      q = apply_rope(q, _positions(q_positions, x), freq=freq)
+      k = apply_rope(k, _positions(kv_positions, kv), freq=freq)
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", None))
     if cache is not None:
       if kv is not x or q_segment_ids is not None:
@@ -154,7 +187,8 @@ class MultiHeadAttention(nn.Module):
           (0, 0, cache_index, 0)), CACHE_AXES) for name in ("k", "v")}  # (B, K, S, H)
       q_slots = cache_index + jnp.arange(x.shape[1])[None]  # (1, T)
       out = attention.cached_attention(q, cache["k"], cache["v"], q_slots=q_slots,
-                                       kv_mask=kv_mask)
+                                       kv_mask=kv_mask, scale=o.scale, window=o.window,
+                                       softcap=o.softcap)
       out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
       return out_proj(out), cache
     # Positions only rotate q/k here: within packed documents (segment ids) index-causal
@@ -163,7 +197,8 @@ class MultiHeadAttention(nn.Module):
     out = attention.dot_product_attention(
         q, k, v, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         kv_mask=kv_mask, impl=c.attention_impl, dropout_rate=dropout,
-        dropout_rng=self.make_rng("dropout") if dropout > 0 else None)  # (B,T,N,H)
+        dropout_rng=self.make_rng("dropout") if dropout > 0 else None, scale=o.scale,
+        window=o.window, softcap=o.softcap)  # (B,T,N,H)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
     return out_proj(out)
 
@@ -191,7 +226,8 @@ def init_cache(config: BlockConfig, num_layers: int, *, batch: int, length: int,
   """Zero KV cache for a TransformerStack of `num_layers` blocks of `config`.
 
   Args:
-    config: the blocks' BlockConfig (K = num_kv_heads or num_heads, H = head_dim).
+    config: the blocks' BlockConfig (K = num_kv_heads or num_heads, H = head_dim), or one per
+      layer (which must agree on K and H).
     num_layers: L, the number of blocks.
     batch, length: B and S, the number of token slots (prompt, padding included, plus new tokens).
     scan: the stack's `scan`; the cache mirrors its parameter tree: {"layer_i": {"k", "v"}}, or
@@ -201,6 +237,7 @@ def init_cache(config: BlockConfig, num_layers: int, *, batch: int, length: int,
   Returns:
     pytree of (B, K, S, H) zeros (or (L, B, K, S, H) when scanned), K the kv heads.
   """
+  config = config[0] if isinstance(config, tuple) else config  # per-layer configs share K, H
   shape = (batch, config.num_kv_heads or config.num_heads, length, config.head_dim)
   dtype = config.dtype if dtype is None else dtype
   if scan:
@@ -262,10 +299,14 @@ class Block(nn.Module):
                          causal=True, train=train, cache=cache, cache_index=cache_index)
       return y
 
-    mlp = lambda y: MLP(c.mlp_dim, c.mlp_activation, gated=c.gated_mlp, use_bias=c.use_bias,
+    mlp_bias = c.use_bias if c.mlp_bias is None else c.mlp_bias
+    mlp = lambda y: MLP(c.mlp_dim, c.mlp_activation, gated=c.gated_mlp, use_bias=mlp_bias,
                         dropout_rate=c.dropout_rate, dtype=c.dtype, param_dtype=c.param_dtype,
                         name="mlp")(y, train=train)
-    if c.pre_ln:
+    if c.sandwich_norms:  # Gemma 2/3: x + LN(Attn(LN(x))), then x + LN(MLP(LN(x)))
+      x = x + drop(norm("ln_attn_out")(attn(norm("ln_attn")(x))))
+      x = x + drop(norm("ln_mlp_out")(mlp(norm("ln_mlp")(x))))
+    elif c.pre_ln:
       x = x + drop(attn(norm("ln_attn")(x)))
       x = x + drop(mlp(norm("ln_mlp")(x)))
     else:
@@ -385,8 +426,11 @@ class TransformerStack(nn.Module):
   decoding: the T tokens of x are written at cache slots cache_index .. cache_index + T - 1,
   kv_mask (B, S) marks the cache slots that hold real tokens, positions (B, T) are the
   tokens' positions, and it returns (x, updated cache).
+
+  `config` may be a tuple of one BlockConfig per layer (Gemma's sliding-window layers between
+  global ones, each with its own window and rotary base); a scanned stack needs them equal.
   """
-  config: BlockConfig
+  config: BlockConfig | tuple[BlockConfig, ...]
   num_layers: int
   scan: bool = False
   remat_policy: str = "none"
@@ -418,32 +462,46 @@ class TransformerStack(nn.Module):
     if self.remat_policy != "none":
       block = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy],
                        prevent_cse=not self.scan, static_argnums=(5,))  # 5: `train` (self is 0)
+    configs = self._configs()
     if cache is not None:
       return self._decode(block, x, positions, kv_mask, train, cache, cache_index)
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                         length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(self.config, name="layers")(x, segment_ids, positions, kv_mask, train)
+      x, _ = scanned(configs[0], name="layers")(x, segment_ids, positions, kv_mask, train)
     else:
       for i in range(self.num_layers):
-        x, _ = block(self.config, name=f"layer_{i}")(x, segment_ids, positions, kv_mask, train)
+        x, _ = block(configs[i], name=f"layer_{i}")(x, segment_ids, positions, kv_mask, train)
     return x
+
+  def _configs(self) -> tuple[BlockConfig, ...]:
+    """One BlockConfig per layer; a scanned stack's must all be equal."""
+    if not isinstance(self.config, tuple):
+      return (self.config,) * self.num_layers
+    if len(self.config) != self.num_layers:
+      raise ValueError(f"TransformerStack got {len(self.config)} layer configs for num_layers="
+                       f"{self.num_layers}; give one per layer")
+    if self.scan and len(set(self.config)) > 1:
+      raise ValueError("scan_layers=True stacks identical layers, but these layers differ (e.g. "
+                       "sliding-window and global attention); use scan_layers=False")
+    return self.config
 
   def _decode(self, block, x, positions, kv_mask, train, cache, cache_index):
     """The stack over a KV cache laid out as `init_cache` makes it; returns (x, cache)."""
-    if not self.config.causal:
+    configs = self._configs()
+    if not all(c.causal for c in configs):
       raise ValueError("a KV cache needs a causal stack (BlockConfig.causal=True)")
     if self.scan:
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
                         length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, layers = scanned(self.config, name="layers")(x, None, positions, kv_mask, train,
+      x, layers = scanned(configs[0], name="layers")(x, None, positions, kv_mask, train,
                                                       cache["layers"], cache_index)
       return x, {"layers": layers}
     new = {}
     for i in range(self.num_layers):
       name = f"layer_{i}"
-      x, new[name] = block(self.config, name=name)(x, None, positions, kv_mask, train,
+      x, new[name] = block(configs[i], name=name)(x, None, positions, kv_mask, train,
                                                    cache[name], cache_index)
     return x, new

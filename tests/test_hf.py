@@ -388,9 +388,10 @@ def test_errors_name_the_file_and_the_fix(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"empty has no config.json"):
     hf.read_weights(tmp_path / "empty")
-  d = copy_dir(GPT2_DIR, tmp_path / "llama", model_type="llama")
-  with pytest.raises(ValueError, match=r"config.json has model_type='llama'; fmjax.hf supports "
-                                       r"\['bert', 'gpt2'\]"):
+  d = copy_dir(GPT2_DIR, tmp_path / "mamba", model_type="mamba")
+  with pytest.raises(ValueError, match=r"config.json has model_type='mamba'; fmjax.hf supports "
+                                       r"\['bert', 'gemma', 'gemma2', 'gemma3_text', 'gpt2', "
+                                       r"'llama', 'mistral', 'qwen2', 'qwen3'\]"):
     hf.read_weights(d)
   d = copy_dir(BERT_DIR, tmp_path / "relu", hidden_act="relu")
   with pytest.raises(ValueError, match=r"hidden_act='relu'.*supports only hidden_act in "

@@ -345,7 +345,8 @@ def test_errors(tmp_path):
   one_line_error(r"task='classification' needs a bert checkpoint, but .*gpt2/config.json has "
                  r"model_type='gpt2', which serves tasks \['causal_lm'\]",
                  hf.from_pretrained, GPT2_DIR, task="classification")
-  one_line_error(r"task='causal_lm' needs a gpt2 checkpoint, but .*model_type='vit', which "
+  one_line_error(r"task='causal_lm' needs a gpt2 or llama or .* or gemma3_text checkpoint, but "
+                 r".*model_type='vit', which "
                  r"serves tasks \['image_classification'\]",
                  hf.from_pretrained, VIT_DIR, task="causal_lm")
   one_line_error(r"num_labels=3 sizes a classifier's head, but a BertForQuestionAnswering has "

@@ -1,4 +1,5 @@
-"""Hugging Face interop: BERT, GPT-2 and ViT checkpoints and tokenizers in and out of fmjax.
+"""Hugging Face interop: BERT, GPT-2, ViT and the decoder families (Llama, Mistral, Qwen2/3,
+Gemma 1/2/3) checkpoints and tokenizers in and out of fmjax.
 
   model, variables = fmjax.hf.from_pretrained("path/to/bert-base-uncased", mesh=mesh)
   config, params = fmjax.hf.read_weights("path/to/gpt2")         # numpy, fmjax names
@@ -14,8 +15,8 @@
 tokenizer_from_pretrained), as well as the tokenizers fmjax saves.
 
 Needs only `safetensors` and `tokenizers` (torch only to read a legacy pytorch_model.bin).
-Reading order: tables.py (which HF tensor is which fmjax parameter), weights.py (files,
-checks, sharded placement), tokenizer.py.
+Reading order: tables.py (which HF tensor is which fmjax parameter), decoders.py (the same for
+the decoder families), weights.py (files, checks, sharded placement), tokenizer.py.
 """
 
 import importlib
@@ -23,7 +24,7 @@ import importlib.util
 
 # name -> the submodule that defines it, imported on first use (PEP 562): the tokenizer does
 # not load safetensors and the weights do not load tokenizers.
-_MODULE_OF = {"ARCHITECTURES": "tables", "TASKS": "tables", "HFTokenizer": "tokenizer",
+_MODULE_OF = {"ARCHITECTURES": "weights", "TASKS": "weights", "HFTokenizer": "tokenizer",
               "tokenizer_from_pretrained": "tokenizer", "from_pretrained": "weights",
               "read_weights": "weights", "save_pretrained": "weights",
               "generation_config": "chat", "GenerationDefaults": "chat"}

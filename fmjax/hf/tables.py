@@ -319,6 +319,8 @@ class Architecture:
     modality: "text" (token ids in) or "image".
     example_input: fmjax config -> the example input model.init needs; None: a (1, 1) batch
       of token ids.
+    owns: fmjax config -> whether save_pretrained writes it as this model_type (several
+      model_types share one fmjax module: the decoder families of fmjax/hf/decoders.py).
   """
   model_type: str
   prefix: str
@@ -332,6 +334,7 @@ class Architecture:
   modality: str = "text"  # "text" (token ids in) or "image"
   # fmjax config -> the example input model.init needs; None: a (1, 1) batch of token ids.
   example_input: Callable[[Any], Any] | None = None
+  owns: Callable[[Any], bool] = lambda config: True
 
   def canonical(self, name: str) -> str:
     """A checkpoint name in canonical form: TF-era LayerNorm gamma/beta renamed, prefix added.
@@ -706,6 +709,8 @@ VIT = Architecture(
     modality="image", example_input=_vit_example_input)
 
 
+# The decoder families (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text) have their
+# own table module, fmjax/hf/decoders.py; fmjax/hf/weights.py joins both registries.
 ARCHITECTURES = {a.model_type: a for a in (BERT, GPT2, VIT)}
 
 # from_pretrained(task=...): task -> {model_type: the Variant it builds}. A checkpoint without

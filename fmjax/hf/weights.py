@@ -25,8 +25,8 @@ import safetensors.numpy
 
 from fmjax import sharding
 from fmjax.checkpoint import stack_layers, unflatten_params, unstack_layers
-from fmjax.hf.tables import (ARCHITECTURES, TASKS, Architecture, Variant, expand, labels_to_hf,
-                              num_labels_of)
+from fmjax.hf import decoders, tables
+from fmjax.hf.tables import Architecture, Variant, expand, labels_to_hf, num_labels_of
 from fmjax.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
+# Every model_type fmjax reads: tables.py's (bert, gpt2, vit) and decoders.py's families.
+ARCHITECTURES = {**tables.ARCHITECTURES, **decoders.ARCHITECTURES}
+TASKS = {**tables.TASKS, "causal_lm": {**tables.TASKS["causal_lm"], **decoders.CAUSAL_LM}}
 
 
 def read_weights(directory: str | os.PathLike, *, task: str | None = None,
@@ -77,7 +80,8 @@ def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
   """Builds the fmjax model of a Hugging Face BERT, GPT-2 or ViT directory and loads its weights.
 
   With a task (fmjax.hf.TASKS), the model is that task's, whatever head the checkpoint has:
-    "causal_lm"             GPT-2 -> GPT: logits (B, T, V)
+    "causal_lm"             GPT-2 -> GPT, llama, mistral, qwen2, qwen3, gemma, gemma2,
+                            gemma3_text -> fmjax.models.decoder.Decoder: logits (B, T, V)
     "masked_lm"             BERT -> BertForMaskedLM: logits (B, T, V) (HF's BertForMaskedLM)
     "classification"        BERT -> BertForSequenceClassification(config, num_labels):
                             logits (B, num_labels); num_labels = 1: a regression score
@@ -122,20 +126,30 @@ def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
   if dtype is not None:
     runtime = dataclasses.replace(runtime, dtype=jnp.dtype(dtype).name,
                                   param_dtype=jnp.dtype(dtype).name)
+  rules = sharding.get_rules(rules or "fsdp") if isinstance(rules, (str, type(None))) else rules
+
+  def placer(model, variant):
+    """Each tensor straight into its NamedSharding as it is read: no device (nor the host)
+    ever holds the whole model unsharded."""
+    abstract = jax.eval_shape(model.init, jax.random.key(0),
+                              _dummy_input(_architecture_of(model)[0], model.config))
+    sharding.check_divisible(abstract, mesh, rules)
+    shardings = _flatten(sharding.shardings_of(abstract, mesh, rules)["params"])
+    skip = len(variant.root) + 1 if variant.root else 0
+    return lambda path, x: jax.make_array_from_callback(x.shape, shardings[path[skip:]],
+                                                        lambda i: x[i])
+
+  # Scanned layers are stacked from every layer's tensors first, then placed.
+  stream = mesh is not None and not runtime.scan_layers
   model, variant, params = _load(directory, runtime, task=task, num_labels=num_labels,
-                                 seed=seed)
-  config = model.config
+                                 seed=seed, placer=placer if stream else None)
   tree = params[variant.root] if variant.root else params
   if mesh is None:
     return model, {"params": jax.tree_util.tree_map(jnp.asarray, tree)}
-  rules = sharding.get_rules(rules or "fsdp") if isinstance(rules, (str, type(None))) else rules
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            _dummy_input(_architecture_of(model)[0], config))
-  sharding.check_divisible(abstract, mesh, rules)
-  shardings = _flatten(sharding.shardings_of(abstract, mesh, rules)["params"])
-  placed = {path: jax.make_array_from_callback(x.shape, shardings[path], lambda i, x=x: x[i])
-            for path, x in _flatten(tree).items()}
-  return model, {"params": unflatten_params(placed)}
+  if not stream:
+    place = placer(model, dataclasses.replace(variant, root=""))
+    tree = unflatten_params({path: place(path, x) for path, x in _flatten(tree).items()})
+  return model, {"params": tree}
 
 
 def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *,
@@ -203,8 +217,10 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *
 
 
 def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
-          seed=0) -> tuple[nn.Module, Variant, dict]:
-  """(model, variant, params) for read_weights and from_pretrained."""
+          seed=0, placer=None) -> tuple[nn.Module, Variant, dict]:
+  """(model, variant, params) for read_weights and from_pretrained; placer(model, variant), if
+  given, returns place(path, numpy array) -> the array on devices, called on each tensor as
+  soon as it is read and converted (params then holds placed arrays)."""
   if task is not None and task not in TASKS:
     raise ValueError(f"unknown task={task!r}; choose one of {list(TASKS)}, or task=None for "
                      "the model the checkpoint holds")
@@ -228,6 +244,8 @@ def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
   config = model.config  # a ViT's num_classes follows num_labels
   shapes = _param_shapes(arch, variant, _unpadded(model))  # the checkpoint's vocabulary
   dtype = runtime.params_dtype
+  padded = _param_shapes(arch, variant, model)
+  place = (lambda path, x: x) if placer is None else placer(model, variant)
   rules = expand(variant.rules(config), config.num_layers)
   head = [r for r in rules if variant.head and r.hf.startswith(variant.head)]
   fresh = [] if any(r.hf in names for r in head) else head  # no head in the checkpoint
@@ -258,10 +276,11 @@ def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
           f"{CONFIG_FILE} ({_summary(config)}) needs {expected}; the weights and "
           f"{CONFIG_FILE} do not belong together")
     for path, x in zip(r.fm, r.to_fmjax(w, fm_shapes)):
-      flat[path] = x.astype(dtype)
+      flat[path] = place(path, _fit(x.astype(dtype), padded[path]))
     used.add(r.hf)
   if fresh:
-    flat.update(_init_head(arch, model, [p for r in fresh for p in r.fm], seed))
+    flat.update({path: place(path, _fit(x, padded[path])) for path, x in _init_head(
+        arch, model, [p for r in fresh for p in r.fm], seed).items()})
     log.warning("%s has no %s head (%s*): initialised %s with seed %d; train it before use",
                 directory, variant.hf_class, ", ".join(variant.head),
                 [p for r in fresh for p in r.fm], seed)
@@ -282,8 +301,6 @@ def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
   elif unused:
     warnings.warn(f"fmjax.hf ignores {len(unused)} tensors of {checkpoint.describe()} that a "
                   f"{variant.hf_class} does not have: {unused[:8]}", stacklevel=3)
-  padded = _param_shapes(arch, variant, model)
-  flat = {path: _fit(x, padded[path]) for path, x in flat.items()}
   if runtime.scan_layers:
     flat = stack_layers(flat)
   return model, variant, unflatten_params(flat)
@@ -403,7 +420,7 @@ def _read_torch(directory: pathlib.Path) -> dict[str, np.ndarray]:
 def _architecture_of(model: nn.Module) -> tuple[Architecture, Variant]:
   for arch in ARCHITECTURES.values():
     for variant in arch.variants:
-      if type(model) is variant.module:
+      if type(model) is variant.module and arch.owns(model.config):
         return arch, variant
   known = [v.module.__name__ for a in ARCHITECTURES.values() for v in a.variants]
   raise ValueError(f"fmjax.hf cannot export a {type(model).__name__}; exportable models: {known}")

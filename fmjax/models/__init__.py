@@ -1,6 +1,8 @@
 """The model families, one file each: config dataclass with presets, the modules, counts.
 
   gpt      GPT, a decoder-only causal language model (GPTConfig, presets "tiny" .. "gpt2_medium")
+  decoder  Llama, Mistral, Qwen2/3 and Gemma 1/2/3 decoders (DecoderConfig; from Hugging Face
+           through fmjax.hf.from_pretrained)
   bert     BERT encoder with pretraining, masked-LM, classification and QA heads (BertConfig)
   vit      ViT image classifier over patches (ViTConfig)
   seq2seq  encoder-decoder Transformer for translation, and an image captioner (Seq2SeqConfig)

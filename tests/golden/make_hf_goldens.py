@@ -31,6 +31,16 @@ It writes, under tests/golden/hf/ (about 0.6 MB in all):
          reference.npz: input_ids, token_type_ids, attention_mask (B=2, T=12, the second row
          padded) and logits (2, 3) | start_logits, end_logits (2, 12) | logits (2, 12, 200).
 
+  llama/, llama_tied/, mistral/, qwen2/, qwen3/, gemma/, gemma2/, gemma3_text/  (name: decoders;
+         tests/test_decoders.py) tiny random *ForCausalLM models of each decoder family in
+         DECODERS below, with the family's quirks switched on (rope scaling llama3 / linear,
+         biases, tied and untied heads, GQA and MQA, a sliding window of 4 < the 12-token test
+         sequence, q/k norms, soft-capping, local and global layers with their own rotary
+         bases); mistral/ saved sharded (model.safetensors.index.json), llama_tied/ in bfloat16.
+         reference.npz: input_ids (2, 12), logits (2, 12, V) (float32, computed from the saved
+         weights), greedy_prompt (2, 6) and greedy_tokens (2, 16) = prompt + 10 argmax tokens
+         of HF generate, without stopping at EOS. About 0.1 MB each.
+
 Weights are drawn with fixed seeds at a larger scale than HF's init (std 0.1 matrices,
 LayerNorm scales 1 +- 0.2, non-zero biases) so that every tensor, bias and LayerNorm offset
 moves the outputs: a wrong transpose or a dropped bias cannot hide in near-zero numbers.
@@ -273,11 +283,113 @@ def make_bert_tasks():
              **outputs)
 
 
+# name -> (transformers config class, model class, config fields, how it is saved). Tiny shapes:
+# D=32, F=64, 4 query heads; every quirk on where the family has it.
+_SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+              max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+DECODERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=False,
+        attention_bias=True, mlp_bias=True, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                         "low_freq_factor": 0.5, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 40}), {}),  # one blended band
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(  # SmolLM2-like, saved in bfloat16
+        num_hidden_layers=2, num_key_value_heads=1, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "linear", "rope_theta": 100000.0, "factor": 2.0}),
+        {"dtype": "bfloat16"}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(  # saved sharded
+        num_hidden_layers=2, num_key_value_heads=2, sliding_window=4, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+        {"max_shard_size": "40KB"}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_hidden_layers=2, num_key_value_heads=2, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}), {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        num_hidden_layers=2, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}), {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(
+        num_hidden_layers=2, num_key_value_heads=1, head_dim=16, hidden_act="gelu_pytorch_tanh"),
+        {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        num_hidden_layers=3, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=4, attn_logit_softcapping=3.0, final_logit_softcapping=5.0), {}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention",
+                                       "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
+                                            "factor": 2.0}}), {}),
+}
+
+
+def perturb_decoder(model, seed, gemma):
+  """perturb for the decoder families: norm scales 1 + N(0, 0.2^2) (Gemma stores the offset
+  from 1, so N(0, 0.2^2) there), biases N(0, 0.1^2), embeddings N(0, 0.5^2), matrices
+  N(0, 0.15^2)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g)
+      if "norm" in name:
+        p.copy_((0 if gemma else 1) + 0.2 * noise)
+      elif p.ndim == 1:
+        p.copy_(0.1 * noise)
+      elif "embed_tokens" in name:
+        p.copy_(0.5 * noise)
+      else:
+        p.copy_(0.15 * noise)
+
+
+def make_decoder(name, seed):
+  config_cls, model_cls, fields, save = DECODERS[name]
+  d = OUT / name
+  shutil.rmtree(d, ignore_errors=True)
+  config = getattr(transformers, config_cls)(**_SMALL, **fields)
+  config._attn_implementation = "eager"  # soft-capping: the reference implementation
+  torch.manual_seed(0)
+  model = getattr(transformers, model_cls)(config).eval()
+  perturb_decoder(model, seed, gemma=name.startswith("gemma"))
+  if save.get("dtype") == "bfloat16":
+    model = model.to(torch.bfloat16)
+    model.save_pretrained(d)
+    # The bf16 values exactly, computed in float32 (a fresh load: .float() would keep the rotary
+    # frequencies rounded to bf16).
+    model = getattr(transformers, model_cls).from_pretrained(
+        d, dtype=torch.float32, attn_implementation="eager").eval()
+  else:
+    model.save_pretrained(d, max_shard_size=save.get("max_shard_size", "2GB"))
+  rng = np.random.default_rng(seed)
+  vocab = config.vocab_size
+  ids = rng.integers(3, vocab, size=(2, 12))
+  prompt = rng.integers(3, vocab, size=(2, 6))
+  model.generation_config.eos_token_id = None  # pure argmax rollouts of exactly 10 tokens
+  with torch.no_grad():
+    logits = model(torch.tensor(ids)).logits.float().numpy()
+    gen = model.generate(torch.tensor(prompt), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                         do_sample=False, max_new_tokens=10, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+  top2 = torch.stack(gen.scores).topk(2, dim=-1).values
+  gap = float((top2[..., 0] - top2[..., 1]).min())
+  assert gap > 1e-3, f"{name}: greedy rollout has a near-tie (gap {gap}); change the seed"
+  np.savez(d / "reference.npz", input_ids=ids.astype(np.int32), logits=logits,
+           greedy_prompt=prompt.astype(np.int32),
+           greedy_tokens=gen.sequences.numpy().astype(np.int32))
+  print(f"{name}: greedy gap {gap:.3g}, files {sorted(f.name for f in d.iterdir())}")
+
+
+def make_decoders():
+  for i, name in enumerate(DECODERS):
+    make_decoder(name, seed=10 + i)
+
+
 def main(names):
   OUT.mkdir(parents=True, exist_ok=True)
-  unknown = set(names) - {"bert", "gpt2", "vit", "bert_tasks"}
-  assert not unknown, f"unknown goldens {sorted(unknown)}; choose from bert, gpt2, vit, bert_tasks"
-  names = names or ["bert", "gpt2", "vit", "bert_tasks"]
+  unknown = set(names) - {"bert", "gpt2", "vit", "bert_tasks", "decoders", *DECODERS}
+  assert not unknown, (f"unknown goldens {sorted(unknown)}; choose from bert, gpt2, vit, "
+                       f"bert_tasks, decoders (or one of {sorted(DECODERS)})")
+  names = names or ["bert", "gpt2", "vit", "bert_tasks", "decoders"]
   rng = np.random.default_rng(0)  # bert then gpt2 draw from it, in this order
   refs = {"transformers": transformers.__version__}
   if "bert" in names or "gpt2" in names:
@@ -289,6 +401,11 @@ def main(names):
     make_vit()
   if "bert_tasks" in names:
     make_bert_tasks()
+  if "decoders" in names:
+    make_decoders()
+  for i, name in enumerate(DECODERS):
+    if name in names:
+      make_decoder(name, seed=10 + i)
   total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
   print(f"wrote {OUT} ({total / 1e6:.2f} MB)")
 
