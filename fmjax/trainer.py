@@ -555,9 +555,8 @@ class StopSignals:
 
   def _handle(self, signum, frame):
     del frame
-    if self.ends_setup():
-      self._outer.exit(signum, self.setup_line(signum))
-      return  # the watcher thread is exiting the process
+    if self.ends_setup():  # nothing to save yet: the program's ExitOnSignal exits
+      raise SignalExit(signum, self.setup_line(signum))
     self.received = signum
     self._restore()
     log.warning("%s received: finishing this step, saving a checkpoint and stopping (send "
@@ -586,19 +585,38 @@ class StopSignals:
     return previous is not None and bool(np.asarray(previous.addressable_data(0)))
 
 
+class SignalExit(KeyboardInterrupt):
+  """A signal that ends a program outside training steps (see ExitOnSignal); a
+  KeyboardInterrupt, so that `except Exception` does not swallow it.
+
+  Args:
+    signum: the signal's number (the process exits with 128 + signum).
+    line: what the program prints.
+  """
+
+  def __init__(self, signum: int, line: str):
+    self.signum = signum
+    super().__init__(line)
+
+
 class ExitOnSignal:
-  """A program's SIGTERM/SIGINT: one line on stderr, then exit with 128 + the signal at once.
+  """A program's SIGTERM/SIGINT: one line on stderr, then exit with 128 + the signal, at once.
 
   train/common.main enters it around a program's run. Outside training steps (data
   preparation, compilation, sampling) nothing is being saved and nothing could be waited
-  for. Python runs signal handlers only between bytecodes of the main thread, so a long C
-  call (XLA compiling a step) would hold a handler off for minutes: the signal's number is
-  also written to a pipe from C (`signal.set_wakeup_fd`), and a daemon thread reading it
-  exits the process. Inside `fit`, StopSignals takes the signals over (`attach`): before the
-  first step this exits with StopSignals' line; once steps flow the first signal is left to
+  for. The handler raises SignalExit, so `finally` blocks still clean up (a half-written
+  token cache's temporary file), and leaving the block prints the line and exits. But
+  Python runs handlers only between bytecodes of the main thread, and a long C call (XLA
+  compiling or running a step, a tokenizer's training) can hold them off for minutes: the
+  signal's number is also written to a pipe from C (`signal.set_wakeup_fd`), and a daemon
+  thread reading it exits the process itself if the main thread has not within GRACE_S.
+  Inside `fit`, StopSignals takes the signals over (`attach`): until the first step has
+  finished this exits with StopSignals' line; once steps flow the first signal is left to
   StopSignals (the step finishes, a checkpoint is saved) and a second exits at once.
   Entered outside the main thread it does nothing.
   """
+
+  GRACE_S = 1.0
 
   def __init__(self):
     self._previous = {}
@@ -618,14 +636,15 @@ class ExitOnSignal:
     threading.Thread(target=self._watch, args=(read,), name="fmjax-signals", daemon=True).start()
     return self
 
-  def __exit__(self, *exc):
-    if self._write is None:
-      return
-    signal.set_wakeup_fd(self._previous_fd)
-    for s, handler in self._previous.items():
-      signal.signal(s, signal.SIG_DFL if handler is None else handler)
-    os.close(self._write)  # the watcher reads the end of the pipe and stops
-    self._write, self._previous = None, {}
+  def __exit__(self, exc_type, exc, traceback):
+    if self._write is not None:
+      signal.set_wakeup_fd(self._previous_fd)
+      for s, handler in self._previous.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)
+      os.close(self._write)  # the watcher reads the end of the pipe and stops
+      self._write, self._previous = None, {}
+    if isinstance(exc, SignalExit):
+      self.exit(exc.signum, str(exc))
 
   def attach(self, stop: "StopSignals | None") -> "ExitOnSignal":
     """Hands the signals to a fit's StopSignals (None: back to exiting at once).
@@ -639,15 +658,31 @@ class ExitOnSignal:
     self._stop, self._while_stepping = stop, 0
     return self
 
+  def line(self, signum: int) -> str:
+    """The line of a signal outside training steps.
+
+    Args:
+      signum: the signal's number.
+
+    Returns:
+      "interrupted by SIG...: exited at once, without saving; rerunning the same command
+      resumes from the last complete checkpoint".
+    """
+    return (f"interrupted by {signal.Signals(signum).name}: exited at once, without saving; "
+            "rerunning the same command resumes from the last complete checkpoint")
+
   def __call__(self, signum, frame):
-    """The Python-level handler (main thread, between bytecodes): `exit`.
+    """The Python-level handler (main thread, between bytecodes).
 
     Args:
       signum: the signal's number.
       frame: the interrupted frame (unused).
+
+    Raises:
+      SignalExit: with `line`; leaving the `with` block exits.
     """
     del frame
-    self.exit(signum)
+    raise SignalExit(signum, self.line(signum))
 
   def _watch(self, read: int):
     while True:
@@ -662,28 +697,32 @@ class ExitOnSignal:
           continue  # another handler's signal: Python runs that one
         stop = self._stop
         if stop is None:
-          self.exit(signum)
+          self._exit_unless_main_does(signum, self.line(signum))
         elif stop.ends_setup():
-          self.exit(signum, stop.setup_line(signum))
+          self._exit_unless_main_does(signum, stop.setup_line(signum))
         else:
           self._while_stepping += 1
           if self._while_stepping > 1:  # a second signal, the main thread busy in C code
-            self.exit(signum)
+            self._exit_unless_main_does(signum, self.line(signum))
     os.close(read)
 
-  def exit(self, signum: int, line: str | None = None) -> None:
+  def _exit_unless_main_does(self, signum: int, line: str):
+    """The main thread's handler raises SignalExit, unwinds and exits; if it is inside a long
+    C call, this thread exits the process after GRACE_S."""
+    timer = threading.Timer(self.GRACE_S, self.exit, (signum, line))
+    timer.daemon = True
+    timer.start()
+
+  def exit(self, signum: int, line: str) -> None:
     """Writes `line` to stderr and ends the process with 128 + signum (returns at once if
     another call already is ending it).
 
     Args:
       signum: the signal's number.
-      line: the line; default "interrupted by SIG...: exited at once, without saving; ...".
+      line: the line.
     """
     if next(self._exits):
       return  # another thread, or this one interrupted inside this call, is exiting
-    line = line or (f"interrupted by {signal.Signals(signum).name}: exited at once, without "
-                    "saving; rerunning the same command resumes from the last complete "
-                    "checkpoint")
     for stream in (sys.stdout, sys.stderr):
       try:
         stream.flush()

@@ -233,18 +233,25 @@ with ExitOnSignal():
   print("ready", flush=True)
   if sys.argv[1] == "c":  # one long C call that releases the GIL and never checks signals
     hashlib.pbkdf2_hmac("sha256", b"x", b"y", 50_000_000)
-  else:  # Python code (data preparation)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-      sum(range(1000))
+  else:  # Python code (data preparation), writing a temporary file it removes when stopped
+    open(sys.argv[2], "w").close()
+    try:
+      deadline = time.monotonic() + 60
+      while time.monotonic() < deadline:
+        sum(range(1000))
+    finally:
+      os.remove(sys.argv[2])
   print("returned", flush=True)
 """
 
 
 @pytest.mark.parametrize("where,signum", [("c", signal.SIGTERM), ("python", signal.SIGINT)])
-def test_a_signal_outside_training_exits_at_once_even_inside_c_code(where, signum):
+def test_a_signal_outside_training_exits_at_once_even_inside_c_code(where, signum, tmp_path):
+  """In Python code the handler raises (finally blocks run); inside one long C call, which
+  runs no Python handler, the watcher thread exits after ExitOnSignal.GRACE_S (1 s)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen([sys.executable, "-c", WATCHED, where], cwd=REPO, env=env,
+  temporary = tmp_path / "cache.tmp"
+  proc = subprocess.Popen([sys.executable, "-c", WATCHED, where, str(temporary)], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline() == "ready\n"
@@ -257,6 +264,7 @@ def test_a_signal_outside_training_exits_at_once_even_inside_c_code(where, signu
   assert time.monotonic() - sent < 3
   assert proc.returncode == 128 + signum, err
   assert "returned" not in out
+  assert not temporary.exists()
   assert err.strip().splitlines()[-1] == (
       f"interrupted by {signal.Signals(signum).name}: exited at once, without saving; rerunning "
       "the same command resumes from the last complete checkpoint")
@@ -278,11 +286,11 @@ def test_the_setup_line_names_the_last_checkpoint(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_fit_compiles_exits_at_once(env, tmp_path, signum):
   """fit makes WORKDIR/checkpoints, then traces, lowers and compiles the init and the step of
-  8 unrolled layers (over a minute on a busy 2-core machine, mostly inside XLA): a signal
+  16 unrolled layers (minutes on a busy 2-core machine, mostly inside XLA): a signal
   there used to wait for all of it and the first step."""
   env = {**env, "JAX_ENABLE_COMPILATION_CACHE": "false"}
   workdir = tmp_path / "w"
-  proc = program(env, workdir, "--config.model.num_layers=8", "--config.train.steps=2")
+  proc = program(env, workdir, "--config.model.num_layers=16", "--config.train.steps=2")
   try:
     deadline = time.monotonic() + 120
     while not (workdir / "checkpoints").exists() and time.monotonic() < deadline:

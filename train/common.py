@@ -238,10 +238,10 @@ def over_budget(plan, shape, search, run: Runtime, t, length_flag: str | None,
           f"{dominates}")
   fitting, smallest = (None, plan) if t.auto_memory else search(shape)
   if fitting is not None:
-    by_hand = (f"--config.train.accum_steps={fitting.accum_steps}"
-               if fitting.remat_policy == "none" else
+    accum = f"--config.train.accum_steps={fitting.accum_steps}"
+    by_hand = (accum if fitting.remat_policy == "none" else
                f"--config.runtime.remat_policy={fitting.remat_policy} "
-               f"--config.runtime.scan_layers=true --config.train.accum_steps={fitting.accum_steps}")
+               f"--config.runtime.scan_layers=true {accum}")
     fix = (f"--config.train.auto_memory=true fits ({g(fitting.total)}: remat "
            f"{fitting.remat_policy!r}, accum_steps {fitting.accum_steps}), or the same by hand: "
            f"{by_hand}")
