@@ -75,7 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   # failing in a row).
   t.skip_nonfinite = False
   # Memory plan (fmjax/memory.py), logged before compiling. auto_memory: pick the remat policy
-  # and accum_steps that fit memory_budget_gb per device (0: what the device reports).
+  # and accum_steps that fit memory_budget_gb per device (0: what the device reports; on CPU
+  # 80% of the host's free RAM). A plan over budget is refused before compiling (naming what
+  # would fit) unless allow_over_budget: for when you know the planner overestimates your run.
   t.auto_memory = False
   t.memory_budget_gb = 0.0
+  t.allow_over_budget = False
   return config

@@ -11,7 +11,8 @@ N heads, L layers, V vocab.
 
 Activation elements kept per token and layer, fitted to XLA's buffer assignment for the
 block fmjax.transformer writes (pre-/post-LN, GELU MLP), where A = N T is the attention
-scores and probabilities of the `xla` kernel (0 for `chunked`, which keeps O(T) statistics):
+scores and probabilities of the `xla` kernel (0 for the flash kernels `chunked`, `splash` and
+`cudnn`, which keep O(T) statistics):
   none, layers in a Python loop   12 D + 3 F + 2 A   norms, q k v, scores, probabilities,
                                                      attention and MLP outputs, residuals
   none, nn.scan over layers       16 D + 4 F + 4 A   scan also stacks each layer's residuals
@@ -39,7 +40,9 @@ import numpy as np
 from fmjax.sharding import batch_shards, tensor_shards
 
 POLICIES = {"none": 1.0, "dots_no_batch": 1.15, "full": 1.33}  # relative step time
+FLASH_KERNELS = ("chunked", "splash", "cudnn")  # attention kernels that keep no T x S scores
 GiB = 1024 ** 3
+HOST_FRACTION = 0.8  # of a host's free RAM that CPU devices plan with (device_memory_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +56,7 @@ class Shape:
   seq_len: int
   batch_size: int  # global
   compute_bytes: int = 4  # bytes per activation element (2 for bfloat16)
-  attention_impl: str = "xla"
+  attention_impl: str = "xla"  # the kernel that runs ("auto" resolved as fmjax.attention does)
   scan_layers: bool = True
   logit_positions: int | None = None  # rows that reach the vocabulary (BERT: the masked ones)
 
@@ -150,7 +153,7 @@ def activation_elements_per_token(s: Shape, policy: str) -> float:
     remat policy), before the tensor split.
   """
   d, f, l = s.embed_dim, s.mlp_dim, s.num_layers
-  a = 0 if s.attention_impl == "chunked" else s.num_heads * s.seq_len
+  a = 0 if s.attention_impl in FLASH_KERNELS else s.num_heads * s.seq_len
   if policy == "none":
     return l * ((16 * d + 4 * f + 4 * a) if s.scan_layers else (12 * d + 3 * f + 2 * a))
   rebuilt = 12 * d + 3 * f + 3 * a  # the one layer whose backward pass is running
@@ -209,16 +212,39 @@ def mesh_shape_of(shardings) -> dict:
 
 
 def device_memory_bytes() -> int:
-  """What the first local device reports (TPU/GPU), else this host's RAM per local device.
+  """What the first local device reports (TPU/GPU), else HOST_FRACTION of this host's free
+  RAM per local device.
+
+  CPU devices share the host's RAM with everything else running there, so their budget is
+  what the host can still give (MemAvailable of /proc/meminfo, where there is one), not its
+  size. And only HOST_FRACTION of it: the plan is within 20% of XLA's own count, the process
+  needs memory besides the step (data, compiling), and a host that runs out swaps or kills
+  the process where an accelerator's allocator fails cleanly.
 
   Returns:
-    The device's memory_stats()["bytes_limit"], or physical RAM / local device count.
+    The device's memory_stats()["bytes_limit"], or HOST_FRACTION * available (else
+    physical) RAM / local device count.
   """
   stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
-  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return ram // jax.local_device_count()
+  return int(HOST_FRACTION * host_available_bytes()) // jax.local_device_count()
+
+
+def host_available_bytes() -> int:
+  """This host's RAM available to a new allocation: MemAvailable (Linux), else physical RAM.
+
+  Returns:
+    Bytes.
+  """
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024  # kB
+  except (OSError, ValueError, IndexError):
+    pass
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def estimate(abstract_params, param_shardings, s: Shape, *, remat_policy: str,
@@ -267,21 +293,40 @@ def plan(abstract_params, param_shardings, s: Shape, *, budget: int | None = Non
   Raises:
     MemoryError: naming the smallest plan, when nothing fits.
   """
-  mesh_shape = mesh_shape_of(param_shardings)
-  per_device = s.batch_size // batch_shards(mesh_shape)
-  accums = [a for a in range(1, min(per_device, max_accum_steps) + 1) if per_device % a == 0]
-  candidates = sorted(((factor * (1 + 0.1 * math.log2(a)), policy, a)
-                       for policy, factor in POLICIES.items() for a in accums))
-  smallest = None
-  for _, policy, accum in candidates:
-    p = estimate(abstract_params, param_shardings, s, remat_policy=policy, accum_steps=accum,
-                 budget=budget)
-    if p.fits:
-      return p
-    if smallest is None or p.total < smallest.total:
-      smallest = p
+  fitting, smallest = search(abstract_params, param_shardings, s, budget=budget,
+                             max_accum_steps=max_accum_steps)
+  if fitting is not None:
+    return fitting
   raise MemoryError(
       f"nothing fits: the smallest plan needs {human(smallest.total)} per device "
       f"({smallest.describe()}). Shard the parameters over more devices (a larger fsdp "
       "mesh axis), a smaller batch or sequence, Runtime(attention_impl='chunked') or a "
       "bfloat16 compute dtype")
+
+
+def search(abstract_params, param_shardings, s: Shape, *, budget: int | None = None,
+           max_accum_steps: int = 64) -> tuple[Plan | None, Plan]:
+  """`plan`'s search: the cheapest fitting plan, and the smallest plan of all.
+
+  Args:
+    abstract_params: pytree of ShapeDtypeStruct, the parameters.
+    param_shardings: pytree of NamedSharding, the parameters' layout (one mesh).
+    s: the step's Shape.
+    budget: bytes per device available; None: `device_memory_bytes()`.
+    max_accum_steps: the most accumulation steps tried.
+
+  Returns:
+    (the first Plan that fits in modelled step time order, or None when none does; the Plan
+    of fewest bytes).
+  """
+  mesh_shape = mesh_shape_of(param_shardings)
+  budget = device_memory_bytes() if budget is None else budget
+  params = sharded_bytes(abstract_params, param_shardings)  # once: the same for every candidate
+  per_device = max(1, s.batch_size // batch_shards(mesh_shape))
+  accums = [a for a in range(1, min(per_device, max_accum_steps) + 1) if per_device % a == 0]
+  candidates = sorted(((factor * (1 + 0.1 * math.log2(a)), policy, a)
+                       for policy, factor in POLICIES.items() for a in accums))
+  plans = [Plan(policy, accum, params=params, optimizer=2 * params, gradients=params,
+                activations=activation_bytes(s, policy, accum, mesh_shape), budget=budget)
+           for _, policy, accum in candidates]
+  return next((p for p in plans if p.fits), None), min(plans, key=lambda p: p.total)

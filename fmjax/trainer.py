@@ -25,6 +25,9 @@ Reliability (what a run does when things go wrong):
       with 128 + the signal number: 143, 130). A second signal gets the process's usual
       behaviour at once (termination; KeyboardInterrupt). All processes of a multi-process
       run stop at the same step: the flags are all-reduced every step, one step behind.
+      Until the first step has finished (restore, init, compiling and running it) a
+      program's one process exits at once instead, even inside a long C call, the
+      checkpoints as they were (ExitOnSignal).
   kill -9, power loss: checkpoints are written to a temporary directory and renamed when
       complete (orbax), so the rerun resumes from the last complete one; metrics.jsonl
       rows past it are dropped (metrics.MetricsWriter), so the resumed run's file equals
@@ -38,6 +41,7 @@ Reliability (what a run does when things go wrong):
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -240,7 +244,9 @@ def fit(config, workdir: str, task: Task, *, schedule: Schedule | None = None,
     fmjax.workdir.WorkdirInUse: another process holds `workdir` (one run per workdir).
   """
   one_run = workdir_lock.hold(workdir)  # re-entrant: a program's run() holds it already
-  with one_run, StopSignals() as stop:  # from the start: a signal in setup stops after step one
+  # From the start: a signal during setup stops after step one, or under a program's
+  # ExitOnSignal (one process) exits at once, the checkpoints as they were.
+  with one_run, StopSignals(os.path.join(workdir, "checkpoints")) as stop:
     return _fit(config, workdir, task, schedule or resolve_schedule(config.train), source,
                 until, stop)
 
@@ -350,7 +356,7 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
         nonfinite.add(step, step_metrics)
         out_of_time = bool(t.time_budget_s) and time.perf_counter() - began > t.time_budget_s
         final = step == end or out_of_time
-        signalled = stop.agreed() and not final
+        signalled = stop.agreed(step_metrics) and not final
         log_now = step % t.log_every == 0 or final  # a signal adds no row: as if uninterrupted
         if log_now or final or signalled or ckpt.due(step):
           nonfinite.check(ckpt)  # before anything is saved; these steps are waited for anyway
@@ -562,57 +568,276 @@ def _close_quietly(closers):
 
 
 class StopSignals:
-  """SIGTERM and SIGINT handlers for the duration of a `with` block (the training loop).
+  """SIGTERM and SIGINT handlers for the duration of a `with` block (`fit`).
 
-  The first signal only sets `received`; the previous handlers come back at once, so a
-  second signal acts as it would have without fit (SIGTERM terminates, Ctrl-C raises
-  KeyboardInterrupt). Handlers can only be installed from the main thread; elsewhere
-  signals keep their usual behaviour.
+  Once training steps flow (the first step has finished), the first signal only sets `received`:
+  the step finishes, a checkpoint is saved and fit stops. The previous handlers come back at
+  once, so a second signal acts as it would have without fit (SIGTERM terminates, Ctrl-C
+  raises KeyboardInterrupt; under a program's ExitOnSignal: exits at once). Before that (the
+  restore, the init, compiling and running the first step) no step could take that path
+  soon: the first step of a run too big for its machine may take an hour. A program's
+  `ExitOnSignal` (train/common.main) then ends a one-process run at once, with a line saying
+  the checkpoints are as they were. Without one (a notebook) or with several processes (which
+  must stop at the same step) the signal is kept, and the run stops after its first step.
+  Handlers can only be installed from the main thread; elsewhere signals keep their usual
+  behaviour.
+
+  Args:
+    directory: the run's checkpoint directory, named when a signal ends the setup.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self, directory: str | None = None):
     self.received = None
+    self.directory = directory
+    self._first = None  # the first step's outputs, until they are computed
+    self._stepped = False
     self._previous = {}
+    self._outer = None  # the program's ExitOnSignal, if any
     self._pending = None  # multi-process: the all-reduce of the flags started last step
     self._reduce = None
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
       self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+      outer = self._previous[signal.SIGTERM]
+      if isinstance(outer, ExitOnSignal):
+        self._outer = outer.attach(self)
     return self
 
   def __exit__(self, *exc):
     self._restore()
+    if self._outer is not None:
+      self._outer.attach(None)
+      self._outer = None
 
   def _restore(self):
     for s, handler in self._previous.items():
       signal.signal(s, signal.SIG_DFL if handler is None else handler)
     self._previous = {}
 
+  @property
+  def stepping(self) -> bool:
+    """Whether training steps flow: the first step's outputs (given to `agreed`) are computed."""
+    if not self._stepped and self._first is not None:
+      self._stepped = all(x.is_ready() for x in jax.tree_util.tree_leaves(self._first)
+                          if hasattr(x, "is_ready"))
+      if self._stepped:
+        self._first = None
+    return self._stepped
+
+  def ends_setup(self) -> bool:
+    """Whether a signal now ends the process at once.
+
+    Returns:
+      True before the first step finished, in a one-process run, under a program's
+      ExitOnSignal.
+    """
+    return self._outer is not None and not self.stepping and jax.process_count() == 1
+
+  def setup_line(self, signum: int) -> str:
+    """The line a signal that ends the setup leaves: where the checkpoints stand.
+
+    Args:
+      signum: the signal's number.
+
+    Returns:
+      "interrupted by SIGTERM during setup, before step N+1 finished: exited at once, without
+      saving; the last checkpoint (step N) in DIR is untouched; rerunning ... resumes from it".
+    """
+    name = signal.Signals(signum).name
+    try:
+      steps = [int(n) for n in os.listdir(self.directory) if n.isdigit()] if self.directory else []
+    except OSError:  # not there yet, or not a local path (gs://)
+      steps = []
+    where = (f"the last checkpoint (step {max(steps)}) in {self.directory} is untouched; "
+             "rerunning the same command resumes from it" if steps else
+             "no checkpoint was saved yet; rerunning the same command starts afresh")
+    at = f"step {max(steps) + 1}" if steps else "the first step"
+    return (f"interrupted by {name} during setup, before {at} finished: exited at once, "
+            f"without saving; {where}")
+
   def _handle(self, signum, frame):
     del frame
+    if self.ends_setup():  # nothing to save yet: the program's ExitOnSignal exits
+      raise SignalExit(signum, self.setup_line(signum))
     self.received = signum
     self._restore()
     log.warning("%s received: finishing this step, saving a checkpoint and stopping (send "
                 "it again to exit at once, without saving)", signal.Signals(signum).name)
 
-  def agreed(self) -> bool:
+  def agreed(self, step_outputs=None) -> bool:
     """Whether to stop after the current step: the same answer on every process.
 
     One process: the flag. Several: the maximum over processes of the flags as they were
     one step ago, all-reduced on the devices while that step ran (no extra host wait).
 
+    Args:
+      step_outputs: the step's outputs (jax.Arrays, not waited for): once the first step's
+        are computed, training steps flow (`stepping`); None: they flow from now on.
+
     Returns:
       True when a stop signal was received (by any process, one step ago when several).
     """
+    if self._first is None and not self._stepped:
+      self._first = () if step_outputs is None else step_outputs
     if jax.process_count() == 1:
       return self.received is not None
     if self._reduce is None:
       self._reduce = _process_max()
     previous, self._pending = self._pending, self._reduce(int(self.received is not None))
     return previous is not None and bool(np.asarray(previous.addressable_data(0)))
+
+
+class SignalExit(KeyboardInterrupt):
+  """A signal that ends a program outside training steps (see ExitOnSignal); a
+  KeyboardInterrupt, so that `except Exception` does not swallow it.
+
+  Args:
+    signum: the signal's number (the process exits with 128 + signum).
+    line: what the program prints.
+  """
+
+  def __init__(self, signum: int, line: str):
+    self.signum = signum
+    super().__init__(line)
+
+
+class ExitOnSignal:
+  """A program's SIGTERM/SIGINT: one line on stderr, then exit with 128 + the signal, at once.
+
+  train/common.main enters it around a program's run. Outside training steps (data
+  preparation, compilation, sampling) nothing is being saved and nothing could be waited
+  for. The handler raises SignalExit, so `finally` blocks still clean up (a half-written
+  token cache's temporary file), and leaving the block prints the line and exits. But
+  Python runs handlers only between bytecodes of the main thread, and a long C call (XLA
+  compiling or running a step, a tokenizer's training) can hold them off for minutes: the
+  signal's number is also written to a pipe from C (`signal.set_wakeup_fd`), and a daemon
+  thread reading it exits the process itself if the main thread has not within GRACE_S.
+  Inside `fit`, StopSignals takes the signals over (`attach`): until the first step has
+  finished this exits with StopSignals' line; once steps flow the first signal is left to
+  StopSignals (the step finishes, a checkpoint is saved) and a second exits at once.
+  Entered outside the main thread it does nothing.
+  """
+
+  GRACE_S = 1.0
+
+  def __init__(self):
+    self._previous = {}
+    self._previous_fd = -1
+    self._write = None
+    self._stop = None  # the StopSignals of the fit running now
+    self._while_stepping = 0  # signals seen while its steps flow
+    self._exits = itertools.count()
+
+  def __enter__(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    read, self._write = os.pipe()
+    os.set_blocking(self._write, False)  # the C handler must never block
+    self._previous = {s: signal.signal(s, self) for s in StopSignals.SIGNALS}
+    self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+    threading.Thread(target=self._watch, args=(read,), name="fmjax-signals", daemon=True).start()
+    return self
+
+  def __exit__(self, exc_type, exc, traceback):
+    if self._write is not None:
+      signal.set_wakeup_fd(self._previous_fd)
+      for s, handler in self._previous.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)
+      os.close(self._write)  # the watcher reads the end of the pipe and stops
+      self._write, self._previous = None, {}
+    if isinstance(exc, SignalExit):
+      self.exit(exc.signum, str(exc))
+
+  def attach(self, stop: "StopSignals | None") -> "ExitOnSignal":
+    """Hands the signals to a fit's StopSignals (None: back to exiting at once).
+
+    Args:
+      stop: the StopSignals entered by `fit`, or None when it exits.
+
+    Returns:
+      This ExitOnSignal.
+    """
+    self._stop, self._while_stepping = stop, 0
+    return self
+
+  def line(self, signum: int) -> str:
+    """The line of a signal outside training steps.
+
+    Args:
+      signum: the signal's number.
+
+    Returns:
+      "interrupted by SIG...: exited at once, without saving; rerunning the same command
+      resumes from the last complete checkpoint".
+    """
+    return (f"interrupted by {signal.Signals(signum).name}: exited at once, without saving; "
+            "rerunning the same command resumes from the last complete checkpoint")
+
+  def __call__(self, signum, frame):
+    """The Python-level handler (main thread, between bytecodes).
+
+    Args:
+      signum: the signal's number.
+      frame: the interrupted frame (unused).
+
+    Raises:
+      SignalExit: with `line`; leaving the `with` block exits.
+    """
+    del frame
+    raise SignalExit(signum, self.line(signum))
+
+  def _watch(self, read: int):
+    while True:
+      try:
+        received = os.read(read, 64)
+      except OSError:
+        break
+      if not received:
+        break
+      for signum in received:
+        if signum not in StopSignals.SIGNALS:
+          continue  # another handler's signal: Python runs that one
+        stop = self._stop
+        if stop is None:
+          self._exit_unless_main_does(signum, self.line(signum))
+        elif stop.ends_setup():
+          self._exit_unless_main_does(signum, stop.setup_line(signum))
+        else:
+          self._while_stepping += 1
+          if self._while_stepping > 1:  # a second signal, the main thread busy in C code
+            self._exit_unless_main_does(signum, self.line(signum))
+    os.close(read)
+
+  def _exit_unless_main_does(self, signum: int, line: str):
+    """The main thread's handler raises SignalExit, unwinds and exits; if it is inside a long
+    C call, this thread exits the process after GRACE_S."""
+    timer = threading.Timer(self.GRACE_S, self.exit, (signum, line))
+    timer.daemon = True
+    timer.start()
+
+  def exit(self, signum: int, line: str) -> None:
+    """Writes `line` to stderr and ends the process with 128 + signum (returns at once if
+    another call already is ending it).
+
+    Args:
+      signum: the signal's number.
+      line: the line.
+    """
+    if next(self._exits):
+      return  # another thread, or this one interrupted inside this call, is exiting
+    for stream in (sys.stdout, sys.stderr):
+      try:
+        stream.flush()
+      except Exception:  # pylint: disable=broad-except  (e.g. interrupted inside a write)
+        pass
+    try:
+      os.write(2, (line + "\n").encode())
+    except OSError:  # stderr gone: the exit status still says it
+      pass
+    os._exit(128 + signum)  # pylint: disable=protected-access
 
 
 def _process_max():

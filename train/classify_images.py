@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmjax import errors, trainer
+from fmjax import errors, memory, trainer
 from fmjax import data as fdata
 from fmjax.data import images
 from fmjax.models import vit
@@ -264,13 +264,19 @@ def run(config, workdir: str):
   num_classes = images.check_labels(parts, given)
   c = model_config(config, num_classes, source)
   weights = adapt(weights, c)
-  model = vit.ViT(c, common.runtime(config))
+  runtime, accum_steps, memory_note = common.plan_memory(
+      config, lambda rt: vit.ViT(c, rt), (np.zeros((1, size, size, channels), np.float32),),
+      memory.Shape(num_layers=c.num_layers, embed_dim=c.embed_dim, mlp_dim=c.mlp_dim,
+                   num_heads=c.num_heads, vocab_size=c.num_classes, seq_len=c.num_tokens,
+                   batch_size=t.batch_size, logit_positions=1),
+      common.runtime(config), length_flag=None)
+  model = vit.ViT(c, runtime)
   n_train = len(train_source)
   trainer.log.info("%d train and %d eval images of %s, %d classes%s", n_train, len(eval_source),
                    (size, size, channels), c.num_classes,
                    f" ({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})"
                    if classes else "")
-  schedule = common.resolve_schedule(t, n_train)  # steps, or from epochs
+  schedule = common.resolve_schedule(t, n_train, accum_steps=accum_steps)  # steps, or epochs
 
   train_data = fdata.ExampleBatchIterator(
       train_source, batch_size=t.batch_size, seed=config.seed, transform=make_augment(config),
@@ -284,7 +290,7 @@ def run(config, workdir: str):
       flops_per_example=vit.flops_per_token(c) * c.num_tokens, tokens_per_example=c.num_tokens,
       predict_fn=make_predict_fn(model),
       score_fn=lambda predict: score(collect(predict, eval_source, eval_batch), labels),
-      new_params=("head",))
+      new_params=("head",), notes=(memory_note,))
   state, last = common.fit(config, workdir, task, schedule=schedule, source=weights)
 
   # The final score from the best evaluation's params (the last ones without best_metric).

@@ -4,7 +4,9 @@ the memory plan, errors.
 A program is `run(config, workdir)` plus `main`; `main` parses --config (an ml_collections
 config file with `:variant`, any leaf overridable as --config.a.b=value, unknown keys are
 errors) and --workdir, and turns expected failures into one line on stderr and exit code 2.
-SIGTERM/SIGINT stop training after a checkpoint (fmjax.trainer) and exit with 143/130.
+SIGTERM/SIGINT stop training after a checkpoint (fmjax.trainer) and exit with 143/130; before
+training steps flow (data preparation, compilation) they exit at once, with the same codes
+(fmjax.trainer.ExitOnSignal).
 """
 
 import contextlib
@@ -26,6 +28,7 @@ from fmjax import workdir as fworkdir
 from fmjax.runtime import Runtime
 from fmjax.trainer import (Interrupted, Schedule, Task, fit,  # noqa: F401  (re-exported)
                            resolve_schedule)
+from fmjax.trainer import ExitOnSignal
 from train import checks
 
 FLAGS = flags.FLAGS
@@ -214,19 +217,30 @@ def as_flags(cls, where: str, **fields):
     raise ValueError(str(e).replace(f"{cls.__name__}.", f"{where}.", 1)) from None
 
 
-def plan_memory(config, make_model, example_args, shape, run: Runtime):
-  """The per-device memory plan of this run, before anything is compiled.
+def plan_memory(config, make_model, example_args, shape, run: Runtime,
+                length_flag: str | None = "--config.data.seq_len"):
+  """The per-device memory plan of this run, before anything is compiled; refuses one that
+  does not fit.
+
+  The budget is config.train.memory_budget_gb, or (0) what the device reports (on CPU the
+  host's free RAM, fmjax.memory.device_memory_bytes). An "auto" attention kernel is planned
+  as the one fmjax.attention will pick for this length (e.g. chunked for long sequences).
 
   Args:
     make_model: Runtime -> the model (a Flax module).
     example_args: inputs for its init.
     shape: the fmjax.memory.Shape of a step (its runtime fields are filled in here).
     run: the runtime from config.runtime.
+    length_flag: the flag that sets shape.seq_len, named in the advice (None: no such flag,
+      e.g. ViT's tokens per image).
   Returns:
     (runtime, accum_steps, a line describing the plan for Task.notes). With
     config.train.auto_memory: the remat policy (with scanned layers) and the accumulation of
-    the cheapest plan that fits config.train.memory_budget_gb (nothing fitting is an error);
-    else `run` and config.train.accum_steps.
+    the cheapest plan that fits; else `run` and config.train.accum_steps.
+  Raises:
+    ValueError: the plan (auto_memory: every plan) is over budget, unless
+      config.train.allow_over_budget; one line with the plan, what dominates it and the
+      settings that would fit (or what to lower when nothing does).
   """
   import flax.linen as nn
   import jax
@@ -237,26 +251,128 @@ def plan_memory(config, make_model, example_args, shape, run: Runtime):
   abstract = jax.eval_shape(lambda: make_model(run).init(
       {"params": rng, "dropout": rng}, *example_args)["params"])
   shardings = sharding.shardings_of(abstract, mesh, rules)
+  params = nn.meta.unbox(abstract)
   t = config.train
-  budget = int(t.memory_budget_gb * memory.GiB) or None
+  budget = int(t.memory_budget_gb * memory.GiB) or memory.device_memory_bytes()
   shape = dataclasses.replace(shape, compute_bytes=run.compute_dtype.itemsize,
-                              attention_impl=run.attention_impl, scan_layers=run.scan_layers)
+                              attention_impl=attention_kernel(run, shape),
+                              scan_layers=run.scan_layers)
+  search = lambda s: memory.search(params, shardings, dataclasses.replace(s, scan_layers=True),
+                                   budget=budget)
   accum_steps = t.accum_steps
   if t.auto_memory:
-    try:
-      plan = memory.plan(nn.meta.unbox(abstract), shardings,
-                         dataclasses.replace(shape, scan_layers=True), budget=budget)
-    except MemoryError as e:
-      raise ValueError(f"config.train.auto_memory: {e}") from None
+    plan, smallest = search(shape)
+    if plan is None:
+      if not t.get("allow_over_budget", False):
+        raise ValueError(over_budget(smallest, shape, search, run, t, length_flag,
+                                     memory.mesh_shape_of(shardings)))
+      plan = smallest
     if plan.remat_policy != "none":
       run = dataclasses.replace(run, remat_policy=plan.remat_policy, scan_layers=True)
     accum_steps = plan.accum_steps
   else:
-    plan = memory.estimate(nn.meta.unbox(abstract), shardings, shape,
-                           remat_policy=run.remat_policy, accum_steps=accum_steps, budget=budget)
+    plan = memory.estimate(params, shardings, shape, remat_policy=run.remat_policy,
+                           accum_steps=accum_steps, budget=budget)
+    if not plan.fits and not t.get("allow_over_budget", False):
+      raise ValueError(over_budget(plan, shape, search, run, t, length_flag,
+                                   memory.mesh_shape_of(shardings)))
   note = plan.describe() + ("" if plan.fits else
-                             " -- over budget: try --config.train.auto_memory=true")
+                             " -- over budget; compiling anyway (train.allow_over_budget)")
   return run, accum_steps, note
+
+
+def attention_kernel(run: Runtime, shape) -> str:
+  """The attention kernel a step of `shape` runs under `run` ("auto" resolved as
+  fmjax.attention resolves it: by backend, dtype and length)."""
+  if run.attention_impl != "auto":
+    return run.attention_impl
+  import jax
+  from fmjax import attention
+  q = jax.ShapeDtypeStruct((1, shape.seq_len, shape.num_heads,
+                            shape.embed_dim // shape.num_heads), run.compute_dtype)
+  # pylint: disable-next=protected-access  (the rule lives once, in fmjax.attention)
+  return attention._auto_impl(q, shape.seq_len, run.attention_dropout_rate > 0, False)
+
+
+def over_budget(plan, shape, search, run: Runtime, t, length_flag: str | None,
+                mesh_shape) -> str:
+  """The refusal of a plan over budget: the plan, what dominates it, and what would fit.
+
+  Args:
+    plan: the fmjax.memory.Plan over budget (with auto_memory: the smallest of all).
+    shape: the step's fmjax.memory.Shape.
+    search: Shape -> (cheapest fitting Plan or None, smallest Plan), layers scanned.
+    run: the run's Runtime (its attention kernel, for other lengths).
+    t: config.train.
+    length_flag: the flag that sets shape.seq_len, or None.
+    mesh_shape: {mesh axis: size}.
+  Returns:
+    One line (no trailing period).
+  """
+  import jax
+  from fmjax import memory, sharding
+  g = memory.human
+  device = (f"{memory.HOST_FRACTION:.0%} of this host's free RAM" if jax.default_backend() == "cpu"
+            else "what the device reports")
+  source = (f"--config.train.memory_budget_gb={t.memory_budget_gb:g}" if t.memory_budget_gb
+            else f"{device}; --config.train.memory_budget_gb sets it")
+  parts = {"the parameters": plan.params, "the optimizer state": plan.optimizer,
+           "the gradients": plan.gradients, "the activations": plan.activations}
+  top = max(parts, key=parts.get)
+  dominates = f"{top} {'dominates' if top.endswith('state') else 'dominate'} ({g(parts[top])})"
+  if top == "the activations" and shape.attention_impl not in memory.FLASH_KERNELS:
+    scores = plan.activations - memory.activation_bytes(
+        dataclasses.replace(shape, attention_impl="chunked"), plan.remat_policy,
+        plan.accum_steps, mesh_shape)
+    if scores > plan.activations / 2:
+      dominates += (f", {g(scores)} of them the {shape.attention_impl!r} attention kernel's "
+                    "T x T scores")
+  head = (f"memory plan: {g(plan.total)} per device needed (remat {plan.remat_policy!r}, "
+          f"accum_steps {plan.accum_steps}), over the budget of {g(plan.budget)} ({source}); "
+          f"{dominates}")
+  fitting, smallest = (None, plan) if t.auto_memory else search(shape)
+  if fitting is not None:
+    accum = f"--config.train.accum_steps={fitting.accum_steps}"
+    by_hand = (accum if fitting.remat_policy == "none" else
+               f"--config.runtime.remat_policy={fitting.remat_policy} "
+               f"--config.runtime.scan_layers=true {accum}")
+    fix = (f"--config.train.auto_memory=true fits ({g(fitting.total)}: remat "
+           f"{fitting.remat_policy!r}, accum_steps {fitting.accum_steps}), or the same by hand: "
+           f"{by_hand}")
+    return f"{head}. {fix}; or --config.train.allow_over_budget=true to compile anyway"
+  length = f"{length_flag}={shape.seq_len}" if length_flag else f"{shape.seq_len} tokens"
+  fix = (f"nothing fits at --config.train.batch_size={shape.batch_size} and {length}: "
+         f"the smallest plan (remat {smallest.remat_policy!r}, "
+         f"accum_steps {smallest.accum_steps}) needs {g(smallest.total)}")
+  fixed = smallest.params + smallest.optimizer + smallest.gradients
+  if fixed > plan.budget:
+    ways = [f"the parameters, optimizer state and gradients alone need {g(fixed)}: shard them "
+            "over more devices (--config.mesh.fsdp) or train a smaller model"]
+  else:
+    ways = []
+    auto = " with --config.train.auto_memory=true"
+    if shape.attention_impl not in memory.FLASH_KERNELS:
+      chunked, _ = search(dataclasses.replace(shape, attention_impl="chunked"))
+      if chunked is not None:
+        ways.append(f"--config.runtime.attention_impl=chunked{auto} fits ({g(chunked.total)})")
+    if shape.compute_bytes > 2:
+      half, _ = search(dataclasses.replace(shape, compute_bytes=2))
+      if half is not None:
+        ways.append(f"--config.runtime.dtype=bfloat16{auto} fits ({g(half.total)})")
+    at = lambda n: dataclasses.replace(shape, seq_len=n, attention_impl=attention_kernel(
+        run, dataclasses.replace(shape, seq_len=n)))
+    low, high = 0, shape.seq_len  # search(at(low)) fits (or low is 0); search(at(high)) does not
+    while length_flag and high - low > 1:
+      mid = (low + high) // 2
+      low, high = (mid, high) if search(at(mid))[0] is not None else (low, mid)
+    if low:
+      ways.append(f"lower {length_flag} to {low} or less{auto}")
+    per_device = max(1, shape.batch_size // sharding.batch_shards(mesh_shape))
+    if per_device // smallest.accum_steps > 1:
+      ways.append("lower --config.train.batch_size")
+    ways = ways or ["train a smaller model"]
+  return (f"{head}. {fix}; " + "; or ".join(ways) +
+          "; or --config.train.allow_over_budget=true to compile anyway")
 
 
 def report(workdir: str, last: dict) -> None:
@@ -354,7 +470,8 @@ def main(run, argv) -> None:
           lambda record: f"{os.sep}orbax{os.sep}" not in record.pathname)
     initialize_distributed()
     try:
-      run(_CONFIG.value, FLAGS.workdir)
+      with ExitOnSignal():  # outside training steps a signal exits at once, even mid-compile
+        run(_CONFIG.value, FLAGS.workdir)
     except Interrupted as e:  # SIGTERM/SIGINT: fit saved a checkpoint, then stopped
       print(f"{e}", file=sys.stderr)
       sys.exit(128 + e.signum)  # as a shell reports a process ended by that signal

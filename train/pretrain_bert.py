@@ -10,13 +10,16 @@ config.init_from (a workdir, or hf:DIR of a Hugging Face BERT) continues pretrai
 weights, with its architecture and tokenizer.
 """
 
+import dataclasses
 import os
 import random
 import sys
 
 import jax
+import numpy as np
 
 from fmjax import data as fdata
+from fmjax import memory
 from fmjax.models import bert
 from train import common
 
@@ -134,7 +137,6 @@ def run(config, workdir: str):
   tokenizer = build_tokenizer(config, workdir, documents, weights)
   model_config = (weights.architecture(bert.BertConfig)
                   or common.model_config(bert.BertConfig, config.model, tokenizer))
-  model = bert.BertForPreTraining(model_config, common.runtime(config))
   schedule = common.resolve_schedule(t)
 
   phases = [(d.max_seq_length, d.max_predictions_per_seq,
@@ -144,6 +146,21 @@ def run(config, workdir: str):
   for length, _, _ in phases:
     if length > model_config.max_len:
       raise ValueError(f"max_seq_length {length} exceeds config.model.max_len={model_config.max_len}")
+  # The memory plan of the longest phase (one runtime and accumulation for both phases).
+  longest = max(range(len(phases)), key=lambda i: phases[i][:2])
+  length, predictions, _ = phases[longest]
+  ids = np.zeros((1, length), np.int32)
+  runtime, accum_steps, memory_note = common.plan_memory(
+      config, lambda rt: bert.BertForPreTraining(model_config, rt),
+      (ids, ids, ids, np.zeros((1, predictions), np.int32)),
+      memory.Shape(num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
+                   mlp_dim=model_config.mlp_dim, num_heads=model_config.num_heads,
+                   vocab_size=model_config.padded_vocab_size, seq_len=length,
+                   batch_size=t.batch_size, logit_positions=predictions),
+      common.runtime(config),
+      length_flag=("--config.data.max_seq_length", "--config.data.phase2_max_seq_length")[longest])
+  model = bert.BertForPreTraining(model_config, runtime)
+  schedule = dataclasses.replace(schedule, accum_steps=accum_steps)
   last, state = {}, None
   for phase, (length, predictions, until) in enumerate(phases, start=1):
     source, mask = instances(config, tokenizer, documents, data_dir, max_seq_length=length,
@@ -163,7 +180,7 @@ def run(config, workdir: str):
         init_args=lambda b: (b["input_ids"], b["token_type_ids"], b["input_mask"],
                              b["masked_lm_positions"]),
         flops_per_example=bert.flops_per_token(model_config, length) * length,
-        tokens_per_example=length)
+        tokens_per_example=length, notes=(memory_note,))
     state, last = common.fit(config, workdir, task, schedule=schedule, source=weights,
                              until=until)
   common.report(workdir, last)
