@@ -254,6 +254,7 @@ RULES: dict[str, Callable] = {
     "train.skip_nonfinite": Bool(),
     "train.auto_memory": Bool(),
     "train.memory_budget_gb": Float(0, note="0: what the device reports"),
+    "train.allow_over_budget": Bool(),
     "train.label_smoothing": FRACTION,
     "train.mixup_alpha": Float(0, note="0: no mixup"),
     # data: pretrain_gpt
