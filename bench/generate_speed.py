@@ -1,6 +1,7 @@
 """Generation speed: fmjax (KV cache, one jitted while_loop) vs Hugging Face transformers.
 
   python bench/generate_speed.py --batch 1|8 [--rounds 5 --prompt_len 32 --new_tokens 128]
+  python bench/generate_speed.py --hf DIR --batch 1|8 [--rounds 5 ...]   # a real checkpoint
 
 GPT-2 124M shape (fmjax.models.gpt preset gpt2_small), random weights, CPU fp32, greedy,
 exactly --new_tokens new tokens per row (no stop token). The reference is
@@ -9,8 +10,18 @@ the same process; the two alternate round by round (this machine drifts) and the
 are compared. Each timing covers a whole call, prefill included, and tokens/s counts new
 tokens. Prints one JSON object per implementation and a last line with the fmjax/reference
 median ratio; load_average is the host's 1-minute load before and after (other jobs sharing
-the CPU slow both, PyTorch's spinning OpenMP threads far more). Without torch +
-transformers only fmjax runs.
+the CPU slow both, PyTorch's spinning OpenMP threads far more): a ratio measured at a load
+above 2 on a 2-core machine is not a valid measurement (the last line says `valid`). Each line
+also records the machine (CPU model, cores) and the versions of jax, jaxlib, flax, torch and
+transformers. Without torch + transformers only fmjax runs.
+
+--hf DIR: any causal LM directory fmjax.hf.from_pretrained(DIR, task="causal_lm") loads (GPT-2,
+Llama/SmolLM2, Mistral, Qwen2/3, Gemma 1/2/3), its real weights in float32, against
+`transformers.AutoModelForCausalLM.from_pretrained(DIR, dtype=float32).generate(do_sample=False)`
+on the same directory; the prompts are random ids of its vocabulary and every row gets exactly
+--new_tokens tokens (stop tokens suppressed on both sides). `tokens_agree` is the fraction of
+rows whose greedy tokens were identical in the warm-up call (fp32 near-ties on random prompts
+may part them after many tokens; a sanity check, not part of the speed).
 
 fmjax runs on one JAX device (all cores as its intra-op threads): decoding is a chain of
 small matmuls, which a data-parallel mesh of one device per core would not split.
@@ -32,6 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--hf", metavar="DIR", default=None,
+                 help="a Hugging Face causal LM directory (default: random GPT-2 124M)")
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--new_tokens", type=int, default=128)
@@ -58,8 +71,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fmjax import generate, metrics  # noqa: E402
-from fmjax.models import gpt  # noqa: E402
+import platform  # noqa: E402
+
+from fmjax import generate, hf, metrics  # noqa: E402
+from fmjax.models import decoder, gpt  # noqa: E402
 from fmjax.runtime import Runtime  # noqa: E402
 
 
@@ -69,15 +84,28 @@ def forward_flops_per_token(c: gpt.GPTConfig, context: float) -> float:
   return gpt.flops_per_token(c, 0) / 3 + 4.0 * c.num_layers * c.embed_dim * context
 
 
-def fmjax_generate(c: gpt.GPTConfig, prompts: np.ndarray, new_tokens: int):
-  model = gpt.GPT(c, Runtime(attention_impl="xla"))
-  params = jax.jit(lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32)))["params"])(
-      jax.random.key(0))
+def hf_forward_flops_per_token(config, context: float) -> float:
+  """Forward FLOPs of one decoded token of a model fmjax.hf loaded (GPT or Decoder)."""
+  if isinstance(config, gpt.GPTConfig):
+    return forward_flops_per_token(config, context)
+  return decoder.flops_per_token(config, context) / 3  # training FLOPs are 3x the forward's
+
+
+def fmjax_generate(c: gpt.GPTConfig | None, prompts: np.ndarray, new_tokens: int, model=None,
+                   params=None):
+  """A call generating `new_tokens` for every row of `prompts` (random weights of config `c`
+  unless `model` and `params` are given); returns the new tokens."""
+  if model is None:
+    model = gpt.GPT(c, Runtime(attention_impl="xla"))
+    params = jax.jit(
+        lambda k: nn.meta.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32)))["params"])(
+            jax.random.key(0))
   rows = prompts.tolist()
 
   def run():
     out = generate.generate(model, params, rows, max_new_tokens=new_tokens)
     assert all(len(r) == new_tokens for r in out)
+    return out
   return run
 
 
@@ -91,7 +119,12 @@ def torch_generate(c: gpt.GPTConfig, prompts: np.ndarray, new_tokens: int, threa
       vocab_size=c.vocab_size, n_positions=c.max_len, n_embd=c.embed_dim, n_layer=c.num_layers,
       n_head=c.num_heads, n_inner=c.mlp_dim, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
       activation_function="gelu_new", tie_word_embeddings=True)
-  model = transformers.GPT2LMHeadModel(hf).eval()
+  return torch_run(transformers.GPT2LMHeadModel(hf).eval(), prompts, new_tokens)
+
+
+def torch_run(model, prompts: np.ndarray, new_tokens: int):
+  """A call of `model.generate`, greedy, exactly `new_tokens` per row; returns them."""
+  import torch
   ids = torch.from_numpy(prompts.astype(np.int64))
   mask = torch.ones_like(ids)
 
@@ -100,7 +133,19 @@ def torch_generate(c: gpt.GPTConfig, prompts: np.ndarray, new_tokens: int, threa
       out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, pad_token_id=0)
     assert out.shape[1] == ids.shape[1] + new_tokens
+    return out[:, ids.shape[1]:].tolist()
   return run
+
+
+def torch_generate_hf(directory: str, prompts: np.ndarray, new_tokens: int, threads: int = 0):
+  """transformers' AutoModelForCausalLM of `directory` in float32, as torch_run."""
+  import torch
+  import transformers
+  if threads:
+    torch.set_num_threads(threads)
+  transformers.logging.set_verbosity_error()
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+  return torch_run(model.eval(), prompts, new_tokens)
 
 
 def has_reference() -> bool:
@@ -118,9 +163,10 @@ def interleaved(runs: dict, *, rounds: int, warmup: int = 1, settle: float = 1.0
   while other jobs loaded the machine would flatter every MFU). Each timed call starts after
   `settle` idle seconds: OpenMP (torch) and Eigen (XLA) workers spin for a while after their
   last task and would otherwise steal the cores from the call that follows."""
-  for run in runs.values():
+  outputs = {}
+  for name, run in runs.items():
     for _ in range(warmup):
-      run()
+      outputs[name] = run()
   times = {name: [] for name in runs}
   names, peak = list(runs), 0.0
   for r in range(rounds):
@@ -130,37 +176,82 @@ def interleaved(runs: dict, *, rounds: int, warmup: int = 1, settle: float = 1.0
       t = time.perf_counter()
       runs[name]()
       times[name].append(time.perf_counter() - t)
-  return times, peak
+  return times, peak, outputs
+
+
+def machine() -> dict:
+  """The CPU, its cores and the versions the numbers depend on."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  versions = {"python": platform.python_version(), "jax": jax.__version__}
+  for name in ("jaxlib", "flax", "torch", "transformers"):
+    try:
+      versions[name] = __import__(name).__version__
+    except ImportError:
+      pass
+  return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "versions": versions}
 
 
 def main(argv=None):
   args = parse_args(argv)
 
-  c = gpt.get_config("gpt2_small")
-  prompts = np.random.RandomState(0).randint(0, c.vocab_size, (args.batch, args.prompt_len))
-  runs = {"fmjax": fmjax_generate(c, prompts, args.new_tokens)}
-  if not args.no_reference and has_reference():
-    runs["hf_torch"] = torch_generate(c, prompts, args.new_tokens, args.threads)
-  load_before = os.getloadavg()[0]
-  times, peak = interleaved(runs, rounds=args.rounds)
+  context = args.prompt_len + args.new_tokens / 2  # the mean attended length of a new token
+  reference = not args.no_reference and has_reference()
+  if args.hf is None:
+    name, extra = "gpt2_small", {}
+    c = gpt.get_config(name)
+    prompts = np.random.RandomState(0).randint(0, c.vocab_size, (args.batch, args.prompt_len))
+    runs = {"fmjax": fmjax_generate(c, prompts, args.new_tokens)}
+    if reference:
+      runs["hf_torch"] = torch_generate(c, prompts, args.new_tokens, args.threads)
+    flops = forward_flops_per_token(c, context)
+  else:
+    directory = os.path.abspath(args.hf)
+    model, variables = hf.from_pretrained(directory, task="causal_lm",
+                                          runtime=Runtime(attention_impl="xla"))
+    name = os.path.basename(directory.rstrip("/"))
+    with open(os.path.join(directory, "config.json")) as f:
+      hf_config = json.load(f)
+    extra = {"hf_dir": directory, "model_type": hf_config.get("model_type"),
+             "architectures": hf_config.get("architectures"), "dtype": "float32"}
+    prompts = np.random.RandomState(0).randint(0, model.config.vocab_size,
+                                               (args.batch, args.prompt_len))
+    runs = {"fmjax": fmjax_generate(None, prompts, args.new_tokens, model, variables["params"])}
+    if reference:
+      runs["hf_torch"] = torch_generate_hf(directory, prompts, args.new_tokens, args.threads)
+    flops = hf_forward_flops_per_token(model.config, context)
+  load_before = os.getloadavg()
+  times, peak, outputs = interleaved(runs, rounds=args.rounds)
+  if args.hf is not None and "hf_torch" in outputs:
+    agree = [a == b for a, b in zip(outputs["fmjax"], outputs["hf_torch"])]
+    extra["tokens_agree"] = round(sum(agree) / len(agree), 3)
   source = "best 1024^3 fp32 matmul measured between rounds"
-  flops = forward_flops_per_token(c, args.prompt_len + args.new_tokens / 2)
+  host = machine()
+  load_after = os.getloadavg()
   rows = {}
-  for name, ts in times.items():
+  for impl, ts in times.items():
     tps = args.batch * args.new_tokens / statistics.median(ts)
-    rows[name] = {"impl": name, "model": "gpt2_small", "batch": args.batch,
+    rows[impl] = {"impl": impl, "model": name, **extra, "batch": args.batch,
                   "seq_len": args.prompt_len + args.new_tokens, "prompt_len": args.prompt_len,
                   "new_tokens": args.new_tokens, "tokens_per_second": round(tps, 2),
                   "mfu": round(tps * flops / peak, 4),
                   "seconds_per_call": [round(t, 3) for t in ts],
                   "peak_flops": peak, "peak_source": source, "rounds": args.rounds,
                   "threads": args.threads or "all",
-                  "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    print(json.dumps(rows[name]), flush=True)
+                  "load_average": [round(load_before[0], 2), round(load_after[0], 2)],
+                  "load_average_1_5_15_after": [round(x, 2) for x in load_after],
+                  "machine": host}
+    print(json.dumps(rows[impl]), flush=True)
   if "hf_torch" in rows:
     ratio = rows["fmjax"]["tokens_per_second"] / rows["hf_torch"]["tokens_per_second"]
-    print(json.dumps({"model": "gpt2_small", "batch": args.batch, "ratio": round(ratio, 3),
-                      "fmjax_over": "hf_torch"}))
+    load = max(load_before[0], load_after[0])
+    print(json.dumps({"model": name, "batch": args.batch, "ratio": round(ratio, 3),
+                      "fmjax_over": "hf_torch", "max_load_average": round(load, 2),
+                      "valid": load <= 2.0}))
 
 
 if __name__ == "__main__":
