@@ -142,8 +142,11 @@ def test_continue_llama_loads_resumes_and_samples(env, data, tmp_path):
   assert sources.parse(str(workdir)).architecture(tuple(pretrain_gpt.MODELS)) == config
   assert json.load(open(workdir / "tokenizer" / "fmjax_tokenizer.json"))["kind"] == "hf"
 
-  # Rerun: resumes from step 1 (same architecture) and trains at a high learning rate.
+  # Rerun: resumes from step 1 (same architecture; under another runtime: bfloat16, scanned
+  # and rematerialised layers) and trains at a high learning rate.
   proc = program(env, data, workdir, directory, "--config.train.steps=8",
+                 "--config.runtime.dtype=bfloat16", "--config.runtime.scan_layers=true",
+                 "--config.runtime.remat_policy=dots_no_batch",
                  "--config.train.learning_rate=3e-2", "--config.train.warmup_steps=0",
                  "--config.train.eval_every=8", "--config.train.save_every=8",
                  "--config.sample.num_tokens=0")
@@ -217,3 +220,21 @@ def test_memory_plan_counts_kv_heads_and_head_width():
     assert count(memory.Shape(**base, num_kv_heads=4, head_dim=16)) == count(mha)
     assert count(gqa) == pytest.approx(count(mha) - fewer)
     assert count(wide) > count(gqa)
+
+
+def test_smollm2_recipe():
+  """configs/gpt.py:smollm2 continues SmolLM2-135M-Instruct from the directory
+  bench/make_smollm2.py writes ($FMJAX_SMOLLM2 overrides it), gently; any hf:DIR passes the
+  checks."""
+  import ml_collections
+  from configs import gpt as recipes
+  from train import checks
+  config = recipes.get_config("smollm2")
+  default = os.path.join(os.path.expanduser("~"), ".cache", "fmjax", "smollm2-135m-instruct")
+  assert config.init_from == "hf:" + (os.environ.get("FMJAX_SMOLLM2") or default)
+  t = config.train
+  assert t.learning_rate == 3e-5 and t.warmup_steps > 0 and t.decay == "cosine"
+  assert 256 <= config.data.seq_len <= 512 and config.data.train_path.endswith(".txt")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.init_from = f"hf:{GOLDEN / 'llama'}"
+  checks.validate(config)
