@@ -128,10 +128,10 @@ def run(config, workdir: str):
   if d.seq_len > model_config.max_len:
     raise ValueError(f"config.data.seq_len={d.seq_len} exceeds config.model.max_len="
                      f"{model_config.max_len}; lower one or raise the other")
-  if tokenizer.vocab_size > model_config.vocab_size:
-    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model "
-                     f"{config.init_from or 'config.model'} only {model_config.vocab_size}; "
-                     "use the tokenizer that goes with the weights")
+  if tokenizer.vocab_size > model_config.vocab_size:  # init_from's (config.model's is checked)
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model of "
+                     f"--config.init_from={config.init_from} has vocab_size="
+                     f"{model_config.vocab_size}; use the tokenizer that goes with the weights")
   runtime, accum_steps, memory_note = common.plan_memory(
       config, lambda rt: make_model(model_config, rt), (np.zeros((1, d.seq_len), np.int32),),
       memory.Shape(num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
