@@ -238,3 +238,20 @@ def test_smollm2_recipe():
   config = ml_collections.ConfigDict(config.to_dict())
   config.init_from = f"hf:{GOLDEN / 'llama'}"
   checks.validate(config)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(env, data, tmp_path):
+  """GPT-2's 300-id tokenizer next to the Llama's 96-row embedding: one error line, exit 2."""
+  directory = tmp_path / "llama"
+  shutil.copytree(GOLDEN / "llama", directory, ignore=shutil.ignore_patterns("reference.npz"))
+  for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json"):
+    if (GOLDEN / "gpt2" / name).exists():
+      shutil.copy(GOLDEN / "gpt2" / name, directory / name)
+  proc = subprocess.run(
+      [sys.executable, "-m", "train.pretrain_gpt", "--config=configs/gpt.py:tiny",
+       f"--workdir={tmp_path / 'run'}", f"--config.init_from=hf:{directory}",
+       f"--config.data.train_path={data / 'train.txt'}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and lines[-1].startswith("error: the tokenizer has"), proc.stderr
+  assert "vocab_size=96" in lines[-1] and "Traceback" not in proc.stderr
