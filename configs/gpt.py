@@ -10,7 +10,15 @@ Variants:
                     bench/shakespeare_quality.py measures against HF PyTorch (bench/RESULTS.md).
   gpt2_small        GPT-2 124M on a tfds catalog corpus (openwebtext-like); accelerator-sized.
   gpt2_medium       GPT-2 350M, FSDP + tensor parallel.
+  smollm2           continued pretraining of SmolLM2-135M-Instruct (a Llama) on tiny Shakespeare:
+                    its weights, architecture and tokenizer from --config.init_from=hf:DIR
+                    (default $FMJAX_SMOLLM2, else ~/.cache/fmjax/smollm2-135m-instruct, which
+                    bench/make_smollm2.py writes), full parameters, lr 3e-5 with warmup and
+                    cosine decay, 512 tokens, bfloat16 compute with scanned, rematerialised
+                    layers. Any Llama/Mistral/Qwen/Gemma directory works the same way.
 """
+
+import os
 
 import ml_collections
 
@@ -18,12 +26,15 @@ from configs.common import base_config, model_config
 from fmjax.models import gpt
 
 SHAKESPEARE = "data/tiny_shakespeare.txt"
+SMOLLM2 = os.environ.get("FMJAX_SMOLLM2") or os.path.join(
+    os.path.expanduser("~"), ".cache", "fmjax", "smollm2-135m-instruct")
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   config = base_config()
   config.model = model_config(gpt.get_config(
-      {"tiny": "tiny", "shakespeare_char": "shakespeare_char"}.get(variant, variant)))
+      {"tiny": "tiny", "shakespeare_char": "shakespeare_char", "smollm2": "tiny"}.get(
+          variant, variant)))  # smollm2: unused, the architecture is init_from's
   config.model.vocab_size = -1  # -1: the tokenizer's vocabulary size
 
   d = config.data = ml_collections.ConfigDict()
@@ -69,7 +80,15 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     if variant == "gpt2_medium":
       t.learning_rate = 3e-4
       config.sharding = "fsdp_tp"
+  elif variant == "smollm2":
+    config.init_from = "hf:" + SMOLLM2
+    d.seq_len = 512
+    config.runtime.update(scan_layers=True, remat_policy="dots_no_batch", dtype="bfloat16")
+    t.steps, t.batch_size, t.learning_rate, t.warmup_steps = 300, 8, 3e-5, 30
+    t.decay, t.end_factor = "cosine", 0.1
+    t.log_every, t.eval_every, t.save_every, t.eval_batches = 10, 100, 100, 10
+    s.prompt, s.num_tokens = "ROMEO:", 100
   else:
     raise ValueError(f"unknown variant {variant!r}; choose tiny, shakespeare_char, "
-                     "gpt2_small or gpt2_medium")
+                     "gpt2_small, gpt2_medium or smollm2")
   return config

@@ -20,6 +20,9 @@ scores and probabilities of the `xla` kernel (0 for the flash kernels `chunked`,
   dots_no_batch                   D + F per layer (matmul outputs without a batch dimension),
                                   plus one layer rebuilt in full (12 D + 3 F + 3 A)
   full                            D per layer (its input), plus one layer rebuilt in full
+With grouped-query attention or a head width other than D / N (Llama, Qwen, Gemma: queries
+N H wide, keys and values K H), a full layer's queries and attention output count N H and
+its keys and values K H each instead of D.
 (Remat only changes memory under nn.scan: with a Python loop XLA keeps every activation
 whatever the policy, so the plan assumes Runtime.scan_layers for remat policies.)
 Activations are split over the batch axes (data x fsdp) and their head/MLP parts over
@@ -55,6 +58,8 @@ class Shape:
   vocab_size: int
   seq_len: int
   batch_size: int  # global
+  num_kv_heads: int | None = None  # K; None: num_heads
+  head_dim: int | None = None  # H; None: embed_dim // num_heads
   compute_bytes: int = 4  # bytes per activation element (2 for bfloat16)
   attention_impl: str = "xla"  # the kernel that runs ("auto" resolved as fmjax.attention does)
   scan_layers: bool = True
@@ -154,9 +159,13 @@ def activation_elements_per_token(s: Shape, policy: str) -> float:
   """
   d, f, l = s.embed_dim, s.mlp_dim, s.num_layers
   a = 0 if s.attention_impl in FLASH_KERNELS else s.num_heads * s.seq_len
+  h = s.head_dim or d // s.num_heads
+  q, kv = s.num_heads * h, (s.num_kv_heads or s.num_heads) * h
+  qkv = 2 * (q - d) + 2 * (kv - d)  # queries, attention output, keys, values not D wide
   if policy == "none":
-    return l * ((16 * d + 4 * f + 4 * a) if s.scan_layers else (12 * d + 3 * f + 2 * a))
-  rebuilt = 12 * d + 3 * f + 3 * a  # the one layer whose backward pass is running
+    return l * ((16 * d + 4 * f + 4 * a + 4 * qkv / 3) if s.scan_layers
+                else (12 * d + 3 * f + 2 * a + qkv))
+  rebuilt = 12 * d + 3 * f + 3 * a + qkv  # the one layer whose backward pass is running
   kept = {"dots": d + f + a, "dots_no_batch": d + f, "full": d}[policy]
   return l * kept + rebuilt
 

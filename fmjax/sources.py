@@ -2,6 +2,7 @@
 
   source = sources.parse(init_from)   # "" (none), a workdir, or "hf:DIRECTORY"
   config = source.architecture(bert.BertConfig)      # the weights' architecture (or None)
+  config = source.architecture((gpt.GPTConfig, decoder.DecoderConfig))  # whichever it is
   tokenizer = source.tokenizer()                     # the tokenizer that goes with them
   params = source.load(params, param_shardings, new_params=("classifier",))
 
@@ -15,8 +16,11 @@ adapter over a base model) is one more `Source` subclass and an entry in `PREFIX
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import types
+import typing
 from typing import Any, Callable
 
 import jax
@@ -52,7 +56,9 @@ class Source:
     """The source's model config as an instance of `cls`, or None without a source.
 
     Args:
-      cls: the model config class expected, e.g. bert.BertConfig.
+      cls: the model config class expected, e.g. bert.BertConfig, or a tuple of the classes
+        a program can build (e.g. GPT-2's GPTConfig and the decoder families' DecoderConfig):
+        the config is an instance of the one the weights hold.
 
     Returns:
       A `cls` instance with the weights' architecture; None for no source.
@@ -168,13 +174,15 @@ class Workdir(Source):
     self.scanned = checkpoint.saved_scan_layers(self.meta)
 
   def architecture(self, cls):
-    import dataclasses
-    names = {f.name for f in dataclasses.fields(cls)}
-    fields = {k: v for k, v in self.meta.get("model", {}).items() if k in names}
-    if set(fields) != names:
+    saved = self.meta.get("model", {})
+    classes = cls if isinstance(cls, tuple) else (cls,)
+    names = lambda c: {f.name for f in dataclasses.fields(c)}
+    held = [c for c in classes if names(c) <= set(saved)]  # older metas add runtime fields
+    if not held:
+      missing = sorted(names(classes[0]) - set(saved))
       raise ValueError(f"init_from={self.spec!r} holds a checkpoint of a model that is not a "
-                       f"{cls.__name__} (missing {sorted(names - set(fields))})")
-    return cls(**fields)
+                       f"{_names(cls)} (missing {missing})")
+    return _from_json(max(held, key=lambda c: len(names(c))), saved)
 
   def runtime(self):
     saved = self.meta.get("runtime")
@@ -219,7 +227,7 @@ class HuggingFace(Source):
 
   def __init__(self, spec: str):
     super().__init__(spec)
-    self.directory = spec[len("hf:"):]
+    self.directory = os.path.expanduser(spec[len("hf:"):])
     self._loaded = None
 
   def _load(self):
@@ -233,7 +241,7 @@ class HuggingFace(Source):
     config = self._load()[0]
     if not isinstance(config, cls):
       raise ValueError(f"init_from={self.spec!r} is a {type(config).__name__}, not a "
-                       f"{cls.__name__}")
+                       f"{_names(cls)}")
     return config
 
   def tokenizer(self):
@@ -307,6 +315,33 @@ def parse(init_from: str) -> Source:
     if init_from.startswith(prefix):
       return kind(init_from)
   return Workdir(init_from)
+
+
+def _names(cls) -> str:
+  """A config class's name, or "A or B" for a tuple of them."""
+  return " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
+
+
+def _from_json(cls, fields: dict):
+  """cls(**fields) from a checkpoint's JSON model signature (checkpoint.model_signature):
+  nested config dataclasses (e.g. DecoderConfig's AttentionOptions, Rope, LocalLayers) are
+  rebuilt from their dicts and lists become tuples, so the config equals the one saved."""
+  hints = typing.get_type_hints(cls)
+
+  def value(hint, x):
+    if x is None:
+      return None
+    options = (typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType)
+               else (hint,))
+    for option in options:
+      if dataclasses.is_dataclass(option) and isinstance(x, dict):
+        return _from_json(option, x)
+      if typing.get_origin(option) is tuple and isinstance(x, list):
+        return tuple(x)
+    return x
+
+  return cls(**{f.name: value(hints[f.name], fields[f.name]) for f in dataclasses.fields(cls)
+                if f.name in fields})
 
 
 def _loop_view(path: str, shape) -> dict[str, tuple[Any, ...]]:

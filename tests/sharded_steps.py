@@ -22,9 +22,11 @@ CASES = [("none", {"data": 1}, 1), ("dp", {"data": 8}, 8), ("fsdp", {"data": 2, 
          ("fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2}, 8)]
 
 
-def run(rules_name, mesh_sizes, n_devices, accum=1, adamw=False):
-  c = gpt.get_config("tiny", num_kv_heads=2)
-  model = gpt.GPT(c, Runtime(attention_impl="xla"))
+def run(rules_name, mesh_sizes, n_devices, accum=1, adamw=False, model=None):
+  """model: default the tiny GPT (with GQA); any causal LM of tokens (B, T) -> logits."""
+  if model is None:
+    model = gpt.GPT(gpt.get_config("tiny", num_kv_heads=2), Runtime(attention_impl="xla"))
+  c = model.config
   rng = np.random.RandomState(0)
   batches = [{"inputs": rng.randint(0, c.vocab_size, (8, 16)).astype(np.int32),
               "targets": rng.randint(0, c.vocab_size, (8, 16)).astype(np.int32)} for _ in range(2)]

@@ -6,7 +6,9 @@
 Reads text (local files or a tfds catalog name), trains or loads a tokenizer, packs the
 documents into one token stream, trains, evaluates, checkpoints and finally prints a
 sample. Rerunning the same command resumes from DIR/checkpoints. config.init_from (a
-workdir, or hf:DIR of a Hugging Face GPT-2) brings its architecture, tokenizer and weights.
+workdir, or hf:DIR of a Hugging Face GPT-2, Llama, Mistral, Qwen2/3 or Gemma 1/2/3 directory)
+brings its architecture, tokenizer and weights: the model built is the one the weights hold
+(MODELS), e.g. continued pretraining of SmolLM2 (configs/gpt.py:smollm2).
 """
 
 import itertools
@@ -18,8 +20,13 @@ import numpy as np
 
 from fmjax import data as fdata
 from fmjax import generate, heads, memory
-from fmjax.models import gpt
+from fmjax.models import decoder, gpt
 from train import common
+
+# The causal LMs this program trains, by config class: (model class, training FLOPs per token).
+# config.model describes a GPT; init_from may bring either (GPT-2, or a decoder family).
+MODELS = {gpt.GPTConfig: (gpt.GPT, gpt.flops_per_token),
+          decoder.DecoderConfig: (decoder.Decoder, decoder.flops_per_token)}
 
 
 def tokenizer_settings(config) -> list[str]:
@@ -115,18 +122,24 @@ def run(config, workdir: str):
   tokenizer = build_tokenizer(config, workdir, train_docs, weights, eval_docs)
   check_prompt(config, tokenizer, resumed)
   # The source's architecture (init_from), else config.model's.
-  model_config = (weights.architecture(gpt.GPTConfig)
+  model_config = (weights.architecture(tuple(MODELS))
                   or common.model_config(gpt.GPTConfig, config.model, tokenizer))
+  make_model, flops_per_token = MODELS[type(model_config)]
   if d.seq_len > model_config.max_len:
     raise ValueError(f"config.data.seq_len={d.seq_len} exceeds config.model.max_len="
                      f"{model_config.max_len}; lower one or raise the other")
+  if tokenizer.vocab_size > model_config.vocab_size:  # init_from's (config.model's is checked)
+    raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model of "
+                     f"--config.init_from={config.init_from} has vocab_size="
+                     f"{model_config.vocab_size}; use the tokenizer that goes with the weights")
   runtime, accum_steps, memory_note = common.plan_memory(
-      config, lambda rt: gpt.GPT(model_config, rt), (np.zeros((1, d.seq_len), np.int32),),
+      config, lambda rt: make_model(model_config, rt), (np.zeros((1, d.seq_len), np.int32),),
       memory.Shape(num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
                    mlp_dim=model_config.mlp_dim, num_heads=model_config.num_heads,
+                   num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
                    vocab_size=model_config.padded_vocab_size, seq_len=d.seq_len,
                    batch_size=t.batch_size), common.runtime(config))
-  model = gpt.GPT(model_config, runtime)
+  model = make_model(model_config, runtime)
 
   train_tokens = token_stream(config, workdir, tokenizer, "train", source, resumed)
   eval_tokens = token_stream(config, workdir, tokenizer, "validation", source, resumed)
@@ -144,7 +157,7 @@ def run(config, workdir: str):
       model=model, model_config=model_config, loss_fn=heads.causal_lm_loss_fn(model),
       train_data=train_data, eval_data=eval_data, example_batch=train_data.batch_at(0),
       init_args=lambda b: (b["inputs"],),
-      flops_per_example=gpt.flops_per_token(model_config, d.seq_len) * d.seq_len,
+      flops_per_example=flops_per_token(model_config, d.seq_len) * d.seq_len,
       tokens_per_example=d.seq_len, notes=(memory_note,))
   state, last = common.fit(config, workdir, task, source=weights,
                            schedule=common.resolve_schedule(t, accum_steps=accum_steps))

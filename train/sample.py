@@ -32,8 +32,7 @@ from absl import logging as absl_logging
 
 from fmjax import generate, hf, sharding, sources
 from fmjax import data as fdata
-from fmjax.models import gpt
-from train import common
+from train import common, pretrain_gpt
 
 FLAGS = flags.FLAGS  # --workdir is train.common's
 flags.DEFINE_string("hf", None, "a Hugging Face causal LM directory (instead of --workdir)")
@@ -63,8 +62,8 @@ def load(workdir: str):
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
   source = sources.parse(workdir)
-  model_config = source.architecture(gpt.GPTConfig)
-  model = gpt.GPT(model_config, source.runtime())
+  model_config = source.architecture(tuple(pretrain_gpt.MODELS))  # GPT or a decoder family
+  model = pretrain_gpt.MODELS[type(model_config)][0](model_config, source.runtime())
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   mesh = sharding.make_mesh({}, devices=jax.devices()[:1])
   shardings = sharding.shardings_of(abstract, mesh, sharding.get_rules("dp"))["params"]
