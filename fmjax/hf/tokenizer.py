@@ -41,6 +41,7 @@ from tokenizers.implementations import ByteLevelBPETokenizer
 
 from fmjax.data import tokenizers as fm_tokenizers
 from fmjax.hf import chat
+from fmjax.hf.chat import _read_json  # the one reader of a directory's JSON configs
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -330,15 +331,6 @@ def _find(ids: list[int], part: list[int], start: int) -> int:
     if part and ids[i:i + len(part)] == part:
       return i
   return len(ids)
-
-
-def _read_json(path: pathlib.Path) -> dict:
-  if not path.is_file():
-    return {}
-  try:
-    return json.loads(path.read_text(encoding="utf-8"))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def _token(value) -> str | None:
