@@ -14,8 +14,9 @@ import pytest
 from fmjax import data
 from fmjax.data import bert_pretraining as bp
 
-SAMPLE_TEXT = pathlib.Path("/work/shared/data/bert_sample_text/sample_text.txt")
-WIKITEXT = pathlib.Path("/work/shared/data/wikitext-2/valid.txt")
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared
+SAMPLE_TEXT = SHARED / "bert_sample_text" / "sample_text.txt"
+WIKITEXT = SHARED / "wikitext-2" / "valid.txt"
 BERT_SPECIALS = dict(pad_piece="[PAD]", unk_piece="[UNK]",
                      special_tokens=("[CLS]", "[SEP]", "[MASK]"))
 FIELDS = {"input_ids": (128, np.int32), "input_mask": (128, np.int32),

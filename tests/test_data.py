@@ -8,7 +8,8 @@ import pytest
 
 from fmjax import data
 
-SHAKESPEARE = pathlib.Path("/work/shared/data/tinyshakespeare/input.txt")
+SHAKESPEARE = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare"
+               / "input.txt")  # ../shared
 
 
 @pytest.fixture(scope="module")
