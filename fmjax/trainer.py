@@ -396,6 +396,14 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
   return state, last
 
 
+def _in_a_notebook() -> bool:
+  """Whether this process is a Jupyter kernel running cells (not merely one that imported
+  ipykernel, as a notebook-running test or tool does)."""
+  ipython = sys.modules.get("IPython")
+  shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+  return shell is not None and hasattr(shell, "kernel")
+
+
 class Progress:
   """The training loop's progress: tqdm's bar where it is seen live (a terminal, a notebook);
   elsewhere, e.g. a log redirected to a file, one plain line per logged row (`progress_line`),
@@ -408,7 +416,7 @@ class Progress:
   """
 
   def __init__(self, total: int, initial: int, *, enabled: bool = True):
-    live = sys.stderr.isatty() or "ipykernel" in sys.modules  # tqdm writes to stderr
+    live = sys.stderr.isatty() or _in_a_notebook()  # tqdm writes to stderr
     self.total, self.began, self.lines = total, time.perf_counter(), enabled and not live
     self.bar = tqdm.tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True,
                          disable=not (enabled and live))

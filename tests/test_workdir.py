@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -314,8 +315,16 @@ def test_a_terminal_keeps_the_tqdm_bar(monkeypatch):
   assert not progress.bar.disable and not progress.lines
   assert trainer.Progress(20, 0, enabled=False).bar.disable  # process 1 of 2: nothing
   monkeypatch.setattr(sys, "stderr", io.StringIO())
+  # a process that merely imported ipykernel (a notebook-running test before this one) is no
+  # notebook; one whose IPython shell has a kernel is
+  monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
   progress = trainer.Progress(20, 0)
   assert progress.bar.disable and progress.lines
+  ipython = types.ModuleType("IPython")
+  ipython.get_ipython = lambda: types.SimpleNamespace(kernel=object())
+  monkeypatch.setitem(sys.modules, "IPython", ipython)
+  progress = trainer.Progress(20, 0)
+  assert not progress.bar.disable and not progress.lines
 
 
 def test_report_names_only_the_folders_that_exist(tmp_path, capsys):
