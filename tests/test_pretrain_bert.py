@@ -102,8 +102,10 @@ def test_bad_corpus_is_one_clear_error(env, tmp_path, content, needle):
 
 @pytest.mark.skipif(not (REPO / "data" / "bert_sample_text.txt").exists(), reason="no sample text")
 def test_sample_overfits_mlm_and_nsp(env, tmp_path):
-  """The acceptance run: a mini BERT memorises the sample text's instances."""
-  proc = program(env, tmp_path / "sample", config="configs/bert.py:sample")
+  """The acceptance run: a mini BERT memorises the sample text's instances. Evaluated (and
+  saved) once, at the end: the intermediate evaluations cost a third of the run's time."""
+  proc = program(env, tmp_path / "sample", "--config.train.eval_every=300",
+                 "--config.train.save_every=300", config="configs/bert.py:sample")
   assert proc.returncode == 0, proc.stderr[-3000:]
   last = metrics(tmp_path / "sample")[-1]
   assert last["eval/masked_lm_accuracy"] >= 0.95, last
