@@ -57,7 +57,7 @@ def fmjax_step(impl: str, seq_len: int, steps: int) -> dict:
   seconds = (time.perf_counter() - begin) / steps
   flops = gpt.flops_per_token(c, seq_len) * seq_len
   peak, _ = metrics.peak_flops_per_device()
-  return {"step_seconds": seconds, "mfu": flops / seconds / peak}
+  return {"step_seconds": seconds, "mfu": metrics.mfu(flops / seconds, peak)}
 
 
 def hf_step(seq_len: int, steps: int) -> dict:

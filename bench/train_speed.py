@@ -197,7 +197,7 @@ def main(argv=None):
     tps = batch * seq_len / s
     rows[name] = {"impl": name, "model": f"{args.model}_{args.size}", "batch": batch,
                   "seq_len": seq_len, "tokens_per_second": round(tps, 1),
-                  "mfu": round(tps * flops_per_token / peak, 4), "seconds_per_step": round(s, 4),
+                  "mfu": round(metrics.mfu(tps * flops_per_token, peak), 4), "seconds_per_step": round(s, 4),
                   "peak_flops": peak, "peak_source": source, "rounds": args.rounds,
                   "steps_per_round": args.steps}
     print(json.dumps(rows[name]), flush=True)

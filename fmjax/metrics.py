@@ -2,9 +2,14 @@
 
 MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / peak FLOP/s.
 Peak numbers are per device: dense bf16 from the vendors' data sheets for TPUs and
-GPUs; on CPU the fp32 matmul rate is measured once and cached.
+GPUs; on CPU the fp32 matmul rate is measured and cached per machine (CPU model, cores, JAX
+devices, XLA_FLAGS), with its date and load, and measured again when it is older than
+PEAK_MAX_AGE_DAYS, was taken on a loaded machine, or FMJAX_MEASURE_PEAK=1 asks. An MFU above 1
+is impossible: `mfu` raises, and the trainer first measures the peak again (a peak cached while
+other jobs shared the cores reads low).
 """
 
+import datetime
 import json
 import os
 import platform
@@ -21,6 +26,43 @@ PEAK_FLOPS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
     "V100": 125e12, "T4": 65e12, "B200": 2250e12,
 }
+
+
+PEAK_MAX_AGE_DAYS = 30
+
+
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo), else platform's processor or machine string.
+
+  Returns:
+    e.g. "Intel(R) Xeon(R) Processor".
+  """
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
+def mfu(flops_per_second: float, peak: float) -> float:
+  """Model FLOPs utilisation: achieved / peak FLOP/s.
+
+  Args:
+    flops_per_second: the model FLOPs achieved per second (all devices).
+    peak: the peak FLOP/s of those devices together.
+
+  Returns:
+    The ratio, in [0, 1].
+
+  Raises:
+    ValueError: a ratio above 1, which no computation reaches: the FLOP count or the peak is
+      wrong.
+  """
+  ratio = flops_per_second / peak
+  if ratio > 1:
+    raise ValueError(f"MFU {ratio:.3f} > 1: {flops_per_second:.4g} model FLOP/s against a peak "
+                     f"of {peak:.4g} FLOP/s; the model's FLOP count or the peak is wrong")
+  return ratio
 
 
 def _cache_path():
@@ -49,16 +91,20 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
-def peak_flops_per_device(device=None) -> tuple[float, str]:
+def peak_flops_per_device(device=None, *, remeasure: bool = False) -> tuple[float, str]:
   """(peak FLOP/s of one device, where the number comes from).
 
   Args:
     device: a jax Device; defaults to jax.devices()[0]. Accelerators are looked up in
-      PEAK_FLOPS by device kind (dense bf16); a CPU is measured once with
-      `measure_cpu_peak_flops` and cached under $XDG_CACHE_HOME/fmjax (or ~/.cache/fmjax).
+      PEAK_FLOPS by device kind (dense bf16); a CPU is measured with `measure_cpu_peak_flops`
+      and cached under $XDG_CACHE_HOME/fmjax (or ~/.cache/fmjax), keyed by the CPU model, the
+      cores this process may use, the JAX device count and XLA_FLAGS.
+    remeasure: measure the CPU again even if a fresh entry is cached (FMJAX_MEASURE_PEAK=1
+      does the same for every call).
 
   Returns:
-    (FLOP/s as a float, NaN for an unknown accelerator; a sentence naming the source).
+    (FLOP/s as a float, NaN for an unknown accelerator; a sentence naming the source, with the
+    measurement's date on CPU).
   """
   device = device or jax.devices()[0]
   kind = device.device_kind
@@ -67,26 +113,51 @@ def peak_flops_per_device(device=None) -> tuple[float, str]:
       if name.lower() in kind.lower():
         return flops, f"data sheet ({kind}, bf16 dense)"
     return float("nan"), f"unknown device kind {kind!r}: MFU not reported"
-  key = f"{platform.processor() or platform.machine()}-{os.cpu_count()}-{jax.device_count()}"
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  key = (f"{cpu_model()} | cores {cores} | devices {jax.device_count()} | "
+         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
   path = _cache_path()
   try:
     with open(path) as f:
       cached = json.load(f)
-    if key in cached:
-      return cached[key], f"measured fp32 matmul on this CPU (cached in {path})"
+    if not isinstance(cached, dict):
+      cached = {}
   except (OSError, ValueError):
     cached = {}
+  entry = cached.get(key)
+  remeasure = remeasure or os.environ.get("FMJAX_MEASURE_PEAK", "") not in ("", "0")
+  if not remeasure and _fresh(entry, cores):
+    return entry["flops"], (f"fp32 matmul measured on this CPU on {entry['date']} at load "
+                            f"{entry['load']} (cached in {path})")
   # Measured on one device: with N host devices (--xla_force_host_platform_device_count) each
   # device runs its ops on its own thread, so this is already the per-device peak.
+  load = round(os.getloadavg()[0], 2)
   flops = measure_cpu_peak_flops()
-  cached[key] = flops
+  if isinstance(entry, dict) and entry.get("date") == _today() and not remeasure:
+    flops = max(flops, entry["flops"])  # a second look today: the better of the two
+  date = _today()
+  cached[key] = {"flops": flops, "date": date, "load": load}
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(cached, f)
+    write_atomically(path, json.dumps(cached, indent=1))
   except OSError:
     pass
-  return flops, "measured fp32 matmul on this CPU"
+  return flops, f"fp32 matmul measured on this CPU on {date} at load {load}"
+
+
+def _today() -> str:
+  return datetime.date.today().isoformat()
+
+
+def _fresh(entry, cores: int) -> bool:
+  """A cached CPU peak still to be trusted: this format, measured within PEAK_MAX_AGE_DAYS
+  on a machine whose load did not exceed its cores."""
+  try:
+    age = datetime.date.today() - datetime.date.fromisoformat(entry["date"])
+    return (isinstance(entry["flops"], float) and age.days <= PEAK_MAX_AGE_DAYS
+            and entry["load"] <= cores)
+  except (TypeError, KeyError, ValueError):
+    return False
 
 
 class MetricsWriter:

@@ -367,7 +367,13 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
           if window_steps:  # none when every step since the last row compiled
             examples_per_s = window_steps * t.batch_size / (time.perf_counter() - window_start)
             m["tokens_per_second"] = examples_per_s * task.tokens_per_example
-            m["mfu"] = examples_per_s * task.flops_per_example / peak_total
+            try:
+              m["mfu"] = metrics.mfu(examples_per_s * task.flops_per_example, peak_total)
+            except ValueError:  # a peak cached on a loaded machine reads low: measure it again
+              peak, peak_source = metrics.peak_flops_per_device(remeasure=True)
+              peak_total = peak * jax.device_count()
+              log.info("peak measured again (%s): %.3g FLOP/s per device", peak_source, peak)
+              m["mfu"] = metrics.mfu(examples_per_s * task.flops_per_example, peak_total)
           if step % t.eval_every == 0 or final:
             m.update(evaluate_if(task, p_eval, p_predict, state, mesh))
             best.update(step, m, state)

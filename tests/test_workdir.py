@@ -347,3 +347,18 @@ def test_each_process_of_a_run_locks_its_own_file_and_only_process_0_removes(mon
       assert os.listdir(tmp_path / "new") == [".lock.1"]
       raise RuntimeError("refused before training")
   assert os.listdir(tmp_path / "new") == []  # process 0 removes a refused run's new workdir
+
+
+def test_an_impossible_mfu_measures_the_peak_again(monkeypatch, tmp_path):
+  """A CPU peak cached while the cores were shared reads low and would give MFU > 1: the
+  trainer measures it again, once, and logs the true fraction."""
+  calls = []
+
+  def peak(device=None, remeasure=False):
+    calls.append(remeasure)
+    return (1e12 if remeasure else 1e-3), "test"
+  monkeypatch.setattr(metrics, "peak_flops_per_device", peak)
+  trainer.fit(fit_config(log_every=4, save_every=1000), str(tmp_path), regression(Data()))
+  rows = metrics.read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert calls == [False, True]
+  assert [r["step"] for r in rows] == [4, 8] and all(0 < r["mfu"] < 1e-6 for r in rows), rows
