@@ -238,19 +238,23 @@ def _xla_heads_first(q, k, v, mask, scale, dropout_rate=0.0, dropout_rng=None,
   return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
 
 
-def cached_attention(q, k_cache, v_cache, *, q_slots, kv_mask=None, scale=None, window=None,
-                     softcap=None):
+def cached_attention(q, k_cache, v_cache, *, q_slots, kv_slots=None, kv_mask=None, scale=None,
+                     window=None, softcap=None):
   """Attention of T new queries over a KV cache (incremental decoding).
 
   The cache keeps keys and values heads-first, (B, K, S, H), the layout the einsums below
-  contract over, so a decoding step never transposes the cache. Slot s of the cache holds
-  the key written by the s-th token fed to the model (prompt padding included).
+  contract over, so a decoding step never transposes the cache. Every key has a slot: the
+  index of the token that wrote it among all tokens fed to the model (prompt padding
+  included). In a linear cache slot s sits at s (kv_slots None); a sliding-window layer's
+  ring buffer keeps only the latest slots (see `ring_slots`) and passes their kv_slots.
 
   Args:
     q: (B, T, N, H) queries of the tokens just written at slots q_slots.
-    k_cache, v_cache: (B, K, S, H) with the new keys and values already written.
-    q_slots: (B or 1, T) int slot of each query; it attends slots s <= q_slots[t] (causal).
-    kv_mask: (B or 1, S) bool, False for slots holding padding; default all True.
+    k_cache, v_cache: (B, K, S, H) keys and values, the new ones included.
+    q_slots: (B or 1, T) int slot of each query; it attends slots <= q_slots[t] (causal).
+    kv_slots: (B or 1, S) int slot of each key, negative for an empty one (never attended);
+      None: arange(S).
+    kv_mask: (B or 1, S) bool per key, False for keys of padding tokens; default all True.
     scale: logit multiplier, default H ** -0.5.
     window: sliding window: a query attends slots q_slots[t] - window < s <= q_slots[t] (a
       row's real tokens fill consecutive slots, so slots count positions); None: no window.
@@ -266,12 +270,33 @@ def cached_attention(q, k_cache, v_cache, *, q_slots, kv_mask=None, scale=None, 
                      f"{q.shape}, {k_cache.shape}, {v_cache.shape}.")
   S = k_cache.shape[2]
   q_slots = jnp.asarray(q_slots)
+  kv_slots = jnp.arange(S)[None] if kv_slots is None else jnp.asarray(kv_slots)
   kv_ok = jnp.ones((1, S), bool) if kv_mask is None else jnp.asarray(kv_mask, bool)
+  if kv_slots.ndim != 2 or kv_slots.shape[1] != S or kv_ok.ndim != 2 or kv_ok.shape[1] != S:
+    raise ValueError(f"kv_slots and kv_mask must have shape (B or 1, {S}), one per cached key; "
+                     f"got {kv_slots.shape} and {kv_ok.shape}")
   _check_window(window)
-  mask = _mask_block(q_slots, jnp.zeros((1, T), jnp.int32), jnp.arange(S)[None],
-                     jnp.zeros((1, S), jnp.int32), kv_ok, True, window)  # (B|1, T, S)
+  mask = _mask_block(q_slots, jnp.zeros((1, T), jnp.int32), kv_slots,
+                     jnp.zeros((1, S), jnp.int32), kv_ok & (kv_slots >= 0), True,
+                     window)  # (B|1, T, S)
   scale = H ** -0.5 if scale is None else scale
   return _xla_heads_first(q, k_cache, v_cache, mask, scale, softcap=softcap)
+
+
+def ring_slots(index, size: int):
+  """The slot held by each entry of a ring buffer of `size` entries before slot `index` is
+  written (a sliding-window layer's KV cache): entry r holds the latest slot g <= index - 1
+  with g % size == r, or nothing yet (g < 0).
+
+  Args:
+    index: int scalar (may be traced), the first slot about to be written.
+    size: W, the ring's entries.
+
+  Returns:
+    (W,) int32 slots, negative for entries not written yet. E.g. index 6, size 4: [4, 5, 2, 3].
+  """
+  r = jnp.arange(size, dtype=jnp.int32)
+  return index - 1 - jnp.mod(index - 1 - r, size)
 
 
 def _chunks(x, size):

@@ -20,7 +20,7 @@ batch, prompt bucket, max_new_tokens, `GenerateConfig` and mesh, and reuses it;
 `generate`, one jitted step per token).
 
 The model interface (GPT has it): `model.init_cache(batch=, length=)` returns a pytree of
-(..., B, K, S, H) buffers, and `model.apply(variables, tokens, cache, index=, positions=,
+(..., B, K, S', H) buffers (S' = S, or fewer for a sliding-window layer's ring buffer), and `model.apply(variables, tokens, cache, index=, positions=,
 kv_mask=, method="decode")` returns (next-token logits (B, V) of the last token, cache).
 Encoder-decoder models (fmjax/models/seq2seq.py) take `source=`, their encoder's output, in
 `init_cache` and in the first (prefill) `decode` call: `generate_tokens(..., source=)` encodes
@@ -222,7 +222,7 @@ def generate_tokens(model, params, prompt, prompt_lengths, rng, config: Generate
 
 
 def _cache_take(cache, rows):
-  """Gathers cache rows (the batch axis of every (..., B, K, S, H) leaf)."""
+  """Gathers cache rows (the batch axis of every (..., B, K, S', H) leaf)."""
   return jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=x.ndim - 4), cache)
 
 

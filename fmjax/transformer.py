@@ -113,12 +113,14 @@ class BlockConfig:
 class MultiHeadAttention(nn.Module):
   """Self-attention (kv=None) or cross-attention (kv given) with optional grouped kv heads.
 
-  With `cache` (causal self-attention only) the T new keys and values are written into the
-  layer's KV cache at slots cache_index .. cache_index + T - 1, the queries attend every
-  earlier slot that kv_mask allows, and the call returns (output, updated cache); see
-  `init_cache`. With `cross_cache` (cross-attention while decoding) the keys and values of
-  the encoder output kv are projected once into it (kv given) or read from it (kv=None);
-  kv_mask (B, S) masks source padding and the call returns (output, cross_cache).
+  With `cache` (causal self-attention only) the T new tokens take slots cache_index ..
+  cache_index + T - 1, the queries attend every earlier slot that kv_mask (and the window)
+  allows, and the call returns (output, updated cache); see `init_cache`. A global layer's
+  cache keeps every slot at its index; a sliding-window layer's keeps min(window, S) entries
+  as a ring buffer (slot g at entry g % W). With `cross_cache` (cross-attention while
+  decoding) the keys and values of the encoder output kv are projected once into it (kv
+  given) or read from it (kv=None); kv_mask (B, S) masks source padding and the call returns
+  (output, cross_cache).
   """
   config: BlockConfig
 
@@ -141,8 +143,9 @@ class MultiHeadAttention(nn.Module):
         (config.rope); default arange. They do not change the mask: causality is by index.
       causal: query t attends only keys s <= t.
       train: enables attention dropout (needs a "dropout" rng when its rate is > 0).
-      cache: this layer's KV cache {"k", "v"}, each (B, K, S, H) (see `init_cache`), for
-        causal self-attention decoding; None otherwise.
+      cache: this layer's KV cache {"k", "v"}, each (B, K, S, H), or (B, K, min(window, S),
+        H) for a sliding-window layer (see `init_cache`), for causal self-attention decoding;
+        None otherwise.
       cache_index: int scalar, the cache slot of the first of the T new tokens (with `cache`).
       cross_cache: {"k", "v"}, each (B, K, S, H), the projected encoder keys and values while
         decoding (filled from `kv` when kv is given); None otherwise.
@@ -181,14 +184,11 @@ class MultiHeadAttention(nn.Module):
       if kv is not x or q_segment_ids is not None:
         raise ValueError("a KV cache serves causal self-attention without segment ids; got "
                          "cross-attention or packed segments")
-      new = {"k": k, "v": v}  # (B, T, K, H) each
-      cache = {name: nn.with_logical_constraint(jax.lax.dynamic_update_slice(
-          cache[name], new[name].transpose(0, 2, 1, 3).astype(cache[name].dtype),
-          (0, 0, cache_index, 0)), CACHE_AXES) for name in ("k", "v")}  # (B, K, S, H)
-      q_slots = cache_index + jnp.arange(x.shape[1])[None]  # (1, T)
-      out = attention.cached_attention(q, cache["k"], cache["v"], q_slots=q_slots,
-                                       kv_mask=kv_mask, scale=o.scale, window=o.window,
-                                       softcap=o.softcap)
+      new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}  # (B, K, T, H)
+      if o.window is None:
+        out, cache = self._linear_cache(q, new, cache, cache_index, kv_mask)
+      else:
+        out, cache = self._ring_cache(q, new, cache, cache_index, kv_mask)
       out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
       return out_proj(out), cache
     # Positions only rotate q/k here: within packed documents (segment ids) index-causal
@@ -201,6 +201,56 @@ class MultiHeadAttention(nn.Module):
         window=o.window, softcap=o.softcap)  # (B,T,N,H)
     out = nn.with_logical_constraint(out, ("batch", "length", "act_heads", None))
     return out_proj(out)
+
+  def _linear_cache(self, q, new, cache, index, kv_mask):
+    """A global layer's cache, slot s at s: the T new keys and values (B, K, T, H) are written
+    at index .. index + T - 1, then the queries attend every slot up to their own.
+    Returns (output (B, T, N, H), cache (B, K, S, H) each)."""
+    o = self.config.attention
+    cache = {n: nn.with_logical_constraint(jax.lax.dynamic_update_slice(
+        cache[n], new[n].astype(cache[n].dtype), (0, 0, index, 0)), CACHE_AXES)
+             for n in ("k", "v")}  # (B, K, S, H)
+    q_slots = index + jnp.arange(q.shape[1])[None]  # (1, T)
+    out = attention.cached_attention(q, cache["k"], cache["v"], q_slots=q_slots,
+                                     kv_mask=kv_mask, scale=o.scale, softcap=o.softcap)
+    return out, cache
+
+  def _ring_cache(self, q, new, cache, index, kv_mask):
+    """A sliding-window layer's cache: a ring of W = min(window, S) entries, entry r holding
+    the latest slot g <= index - 1 with g % W == r (attention.ring_slots).
+
+    One rule for a prefill (T may exceed W) and a decoding step (T = 1): the queries attend
+    [the ring as it was, the T new keys], each key masked by its slot (causality, the
+    window, kv_mask gathered at the slot, empty entries), then the last min(T, W) new keys
+    and values are written at their slot % W. A cache of S entries (W = S: no entry is ever
+    reused) is a ring too, so a full-length cache gives the same answers.
+    Returns (output (B, T, N, H), cache (B, K, W, H) each).
+    """
+    o = self.config.attention
+    W, T = cache["k"].shape[2], q.shape[1]
+    if kv_mask is not None and W < min(o.window, kv_mask.shape[1]):
+      raise ValueError(f"a sliding-window layer's KV cache has {W} entries, but its window of "
+                       f"{o.window} over {kv_mask.shape[1]} slots needs min(window, S) = "
+                       f"{min(o.window, kv_mask.shape[1])}; make the cache with init_cache")
+    slots = jnp.concatenate([attention.ring_slots(index, W),
+                             index + jnp.arange(T, dtype=jnp.int32)])[None]  # (1, W + T)
+    if kv_mask is not None:  # the mask of each key's slot; empty entries are masked by slot
+      kv_mask = jnp.asarray(kv_mask, bool)[:, jnp.clip(slots[0], 0, kv_mask.shape[1] - 1)]
+    keys = {n: jnp.concatenate([cache[n], new[n].astype(cache[n].dtype)], axis=2)
+            for n in ("k", "v")}  # (B, K, W + T, H)
+    out = attention.cached_attention(q, keys["k"], keys["v"], q_slots=slots[:, W:],
+                                     kv_slots=slots, kv_mask=kv_mask, scale=o.scale,
+                                     window=o.window, softcap=o.softcap)
+    m = min(T, W)  # the new keys that stay: the last m, at distinct entries
+    if m == 1:  # a decoding step: one entry, written in place
+      write = lambda c, x: jax.lax.dynamic_update_slice(c, x, (0, 0, (index + T - 1) % W, 0))
+    else:
+      entries = (index + T - m + jnp.arange(m, dtype=jnp.int32)) % W
+      write = lambda c, x: c.at[:, :, entries].set(x, unique_indices=True)
+    cache = {n: nn.with_logical_constraint(
+        write(cache[n], new[n][:, :, T - m:].astype(cache[n].dtype)), CACHE_AXES)
+             for n in ("k", "v")}
+    return out, cache
 
   def _cached_cross(self, q, kv, key, value, out_proj, kv_mask, cross_cache):
     """Cross-attention whose keys and values are projected once per source: from `kv` (the
@@ -221,29 +271,63 @@ class MultiHeadAttention(nn.Module):
 CACHE_AXES = ("batch", "act_heads", "length", None)
 
 
+def cache_length(config: BlockConfig, length: int) -> int:
+  """The KV cache entries one layer of `config` keeps when decoding `length` token slots.
+
+  Args:
+    config: the layer's BlockConfig.
+    length: S, the token slots (prompt, padding included, plus new tokens).
+
+  Returns:
+    S for a global layer; min(window, S) for a sliding-window one (a ring buffer: a query
+    never sees more than the window - 1 keys before it).
+  """
+  window = config.attention.window
+  return length if window is None else min(window, length)
+
+
 def init_cache(config: BlockConfig, num_layers: int, *, batch: int, length: int,
                scan: bool = False, dtype=None):
   """Zero KV cache for a TransformerStack of `num_layers` blocks of `config`.
 
+  A global layer keeps all S slots; a sliding-window layer keeps min(window, S) entries,
+  used as a ring buffer (`cache_length`; see MultiHeadAttention).
+
   Args:
     config: the blocks' BlockConfig (K = num_kv_heads or num_heads, H = head_dim), or one per
-      layer (which must agree on K and H).
+      layer (which must agree on K and H, and may differ in window).
     num_layers: L, the number of blocks.
     batch, length: B and S, the number of token slots (prompt, padding included, plus new tokens).
     scan: the stack's `scan`; the cache mirrors its parameter tree: {"layer_i": {"k", "v"}}, or
-      {"layers": {"k", "v"}} stacked on a leading layer axis when scanned.
+      {"layers": {"k", "v"}} stacked on a leading layer axis when scanned (which needs every
+      layer's cache the same length).
     dtype: cache dtype, default the compute dtype.
 
   Returns:
-    pytree of (B, K, S, H) zeros (or (L, B, K, S, H) when scanned), K the kv heads.
+    pytree of (B, K, S_i, H) zeros (or (L, B, K, S_0, H) when scanned), K the kv heads and
+    S_i = cache_length(layer i's config, S).
+
+  Raises:
+    ValueError: a tuple of configs not one per layer, or a scanned stack whose layers' caches
+      differ in length (e.g. Gemma's sliding-window and global layers).
   """
-  config = config[0] if isinstance(config, tuple) else config  # per-layer configs share K, H
-  shape = (batch, config.num_kv_heads or config.num_heads, length, config.head_dim)
-  dtype = config.dtype if dtype is None else dtype
+  configs = config if isinstance(config, tuple) else (config,) * num_layers
+  if len(configs) != num_layers:
+    raise ValueError(f"init_cache got {len(configs)} layer configs for num_layers={num_layers}; "
+                     "give one per layer")
+  first = configs[0]  # per-layer configs share K and H
+  dtype = first.dtype if dtype is None else dtype
+  shape = lambda c: (batch, first.num_kv_heads or first.num_heads, cache_length(c, length),
+                     first.head_dim)
   if scan:
-    return {"layers": {n: jnp.zeros((num_layers, *shape), dtype) for n in ("k", "v")}}
-  return {f"layer_{i}": {n: jnp.zeros(shape, dtype) for n in ("k", "v")}
-          for i in range(num_layers)}
+    lengths = sorted({cache_length(c, length) for c in configs})
+    if len(lengths) > 1:
+      raise ValueError(f"a scanned stack keeps one cache length for every layer, but these "
+                       f"layers' caches differ ({lengths} of {length} slots: sliding-window and "
+                       "global layers); use scan_layers=False")
+    return {"layers": {n: jnp.zeros((num_layers, *shape(first)), dtype) for n in ("k", "v")}}
+  return {f"layer_{i}": {n: jnp.zeros(shape(c), dtype) for n in ("k", "v")}
+          for i, c in enumerate(configs)}
 
 
 def _positions(positions, x):
@@ -276,7 +360,8 @@ class Block(nn.Module):
       positions: (B, T) int positions for the rotary embedding, or None for arange.
       kv_mask: (B, S) bool, False for padding keys (with a cache: padding cache slots), or None.
       train: enables dropout (needs a "dropout" rng when a rate is > 0).
-      cache: this layer's KV cache {"k", "v"}, each (B, K, S, H), or None (no decoding).
+      cache: this layer's KV cache {"k", "v"} from `init_cache` (each (B, K, S, H), or
+        (B, K, min(window, S), H) for a sliding-window layer), or None (no decoding).
       cache_index: int scalar, the cache slot of the first of the T tokens (with `cache`).
 
     Returns:
@@ -425,7 +510,8 @@ class TransformerStack(nn.Module):
   With `cache` (from `init_cache`, causal stacks only) the call is one step of incremental
   decoding: the T tokens of x are written at cache slots cache_index .. cache_index + T - 1,
   kv_mask (B, S) marks the cache slots that hold real tokens, positions (B, T) are the
-  tokens' positions, and it returns (x, updated cache).
+  tokens' positions, and it returns (x, updated cache). Sliding-window layers keep only
+  min(window, S) entries (a ring buffer), so a scanned stack needs every layer alike.
 
   `config` may be a tuple of one BlockConfig per layer (Gemma's sliding-window layers between
   global ones, each with its own window and rotary base); a scanned stack needs them equal.

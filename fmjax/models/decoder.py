@@ -16,8 +16,10 @@ GQA, gated MLP) -> final RMSNorm -> logits through the tied embedding or an unti
 The quirks are data, not flags per model: `AttentionOptions` (fmjax/transformer.py) holds what
 changes inside attention, `LocalLayers` which layers slide, `Gemma` Gemma's conventions.
 `family` only says which Hugging Face model_type the config is exported as (fmjax/hf/decoders.py).
-Decoding (fmjax/generate.py) uses `init_cache` and `decode`, the KV cache holding the K kv heads
-(every layer keeps all S slots; a local layer masks those outside its window).
+Decoding (fmjax/generate.py) uses `init_cache` and `decode`, the KV cache holding the K kv heads:
+a global layer keeps all S slots, a local layer only min(window, S), reused as a ring buffer
+(fmjax/transformer.py), so the local layers' memory stops growing with the context. The layer
+loop decodes every family; scan_layers needs equal layers (Mistral, not Gemma 2/3).
 """
 
 import dataclasses
@@ -269,7 +271,8 @@ class Decoder(nn.Module):
 
     Args:
       tokens: (B, T) int ids, written at cache slots index .. index + T - 1.
-      cache: from `init_cache` (B rows, S slots), holding slots 0 .. index - 1.
+      cache: from `init_cache` (B rows, S slots; a local layer keeps the last min(window, S)),
+        holding slots 0 .. index - 1.
       index: int scalar (may be traced), the first slot written.
       positions: (B, T) int position of each token (a left-padded row starts at 0 after
         its padding).
@@ -289,7 +292,10 @@ class Decoder(nn.Module):
 
     Returns:
       pytree of (B, K, S, H) zeros in the compute dtype ((L, B, K, S, H) under
-      runtime.scan_layers), K the kv heads.
+      runtime.scan_layers), K the kv heads; a local layer's are (B, K, min(window, S), H).
+
+    Raises:
+      ValueError: scan_layers with local and global layers (their caches differ in length).
     """
     c, rt = self.config, self.runtime
     return transformer.init_cache(c.blocks(rt), c.num_layers, batch=batch, length=length,
