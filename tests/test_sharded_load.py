@@ -18,14 +18,25 @@ CPU devices on a Llama-shaped decoder whose largest tensor is a small fraction o
   numbers written (float16-rounded, in float32), with the vocabulary rows fmjax pads zero;
 - scanned layers (Runtime(scan_layers=True)) load the same way, stacked on the devices.
 
+save_pretrained(max_shard_size=...) itself: shards within the size, an index naming every
+tensor once, the other layout's files removed on a re-save, a bad size refused; transformers
+reads the sharded export to the golden's logits (live, skips without torch).
+
 The written numbers come from numpy's generator, not from fmjax; the expected values are those
 numbers as float16 -> float32 (exact).
 """
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+LLAMA = pathlib.Path(__file__).resolve().parent / "golden" / "hf" / "llama"
 
 _SCRIPT = r"""
 import json, pathlib, sys, tracemalloc
@@ -144,3 +155,50 @@ def test_sharded_checkpoint_loads_one_tensor_at_a_time(tmp_path):
   assert out["f16_scan"]["query_spec"] in ("P(None, 'fsdp', None, None)", "P(None, 'fsdp')")
   # The measure itself: assembling the whole tree on the host shows up as the model's size.
   assert out["host_tree_peak"] >= total * 0.9
+
+
+def _save_sharded(tmp_path, size="20KB"):
+  from fmjax import hf
+  model, variables = hf.from_pretrained(LLAMA)
+  out = tmp_path / "sharded"
+  hf.save_pretrained(model, variables, out, max_shard_size=size)
+  return model, variables, out
+
+
+def test_save_pretrained_max_shard_size(tmp_path):
+  from fmjax import hf
+  model, variables, out = _save_sharded(tmp_path)
+  single = safetensors.numpy.load_file(LLAMA / "model.safetensors")
+  index = json.loads((out / "model.safetensors.index.json").read_text())
+  shards = sorted(out.glob("model-*-of-*.safetensors"))
+  assert len(shards) >= 3 and not (out / "model.safetensors").exists()
+  assert sorted(index["weight_map"]) == sorted(single)
+  assert set(index["weight_map"].values()) == {f.name for f in shards}
+  assert index["metadata"]["total_size"] == sum(t.nbytes for t in single.values())
+  for f in shards:
+    tensors = safetensors.numpy.load_file(f)
+    assert all(index["weight_map"][n] == f.name for n in tensors)
+    assert sum(t.nbytes for t in tensors.values()) <= 20_000 or len(tensors) == 1
+    for n, t in tensors.items():
+      np.testing.assert_array_equal(t, single[n])
+  again, again_vars = hf.from_pretrained(out)
+  assert again == model
+  for a, b in zip(*map(__import__("jax").tree_util.tree_leaves, (again_vars, variables))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  hf.save_pretrained(model, variables, out)  # one file again: the shards and index go
+  assert sorted(f.name for f in out.iterdir()) == ["config.json", "model.safetensors"]
+  for bad in ("lots", 0, -5, "1.5XB", True):
+    with pytest.raises(ValueError, match=f"max_shard_size={bad!r}"):
+      hf.save_pretrained(model, variables, out, max_shard_size=bad)
+  assert sorted(f.name for f in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_transformers_reads_the_sharded_export(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  _, _, out = _save_sharded(tmp_path)
+  ref = np.load(LLAMA / "reference.npz")
+  pt = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  with torch.no_grad():
+    logits = pt(torch.from_numpy(ref["input_ids"]).long()).logits.numpy()
+  assert np.abs(logits - ref["logits"]).max() <= 1e-5
