@@ -174,10 +174,10 @@ def test_mesh_loading_places_each_tensor_before_reading_the_next(monkeypatch):
   """Streaming: the host holds one converted tensor at a time, devices only their shards."""
   from fmjax.hf import weights  # pylint: disable=g-import-not-at-top
   events = []
-  read, place = weights._Checkpoint.get, jax.make_array_from_callback
+  read, place = weights._Checkpoint.get, weights._put
   monkeypatch.setattr(weights._Checkpoint, "get",
                       lambda self, name: events.append("read") or read(self, name))
-  monkeypatch.setattr(jax, "make_array_from_callback",
+  monkeypatch.setattr(weights, "_put",
                       lambda *args, **kw: events.append("place") or place(*args, **kw))
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1})
   _, variables = hf.from_pretrained(GOLDEN / "mistral", mesh=mesh)

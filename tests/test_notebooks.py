@@ -4,6 +4,8 @@ Each notebook runs in its own kernel inside a scratch copy of the repository (sy
 every top-level entry but colab/, which is copied), so its workdirs/ are fresh each time and the checkout is untouched.
 ../shared beside the repository is linked too when present (the notebooks then read the
 offline datasets; without them they would try the tfds catalog, so the tests skip).
+06_decoder_chat runs on a tiny random Llama made here (`tiny_decoder`), passed in
+FMJAX_NOTEBOOK_DECODER, instead of SmolLM2.
 """
 
 import json
@@ -18,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 NAMES = ["01_gpt_quickstart", "02_bert_pretrain_finetune", "03_huggingface", "04_sharding",
-         "05_vit"]
+         "05_vit", "06_decoder_chat"]
 NEEDS_SHARED = {"02_bert_pretrain_finetune": "sst2", "05_vit": "mnist"}
 
 
@@ -27,7 +29,7 @@ def _load(path):
     return json.load(f)
 
 
-def test_the_five_notebooks_are_committed_with_outputs_stripped():
+def test_the_notebooks_are_committed_with_outputs_stripped():
   assert [p.stem for p in NOTEBOOKS] == NAMES
   for path in NOTEBOOKS:
     nb = _load(path)
@@ -69,6 +71,33 @@ def scratch_repo(tmp_path):
   return repo
 
 
+def tiny_decoder(directory: pathlib.Path) -> pathlib.Path:
+  """A tiny random-weight Llama written by fmjax.hf.save_pretrained, with the golden GPT-2's
+  byte-level BPE (300 ids), SmolLM2's ChatML template and <|endoftext|> (0) as the stop id."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from fmjax import hf
+  from fmjax.models.decoder import Decoder, DecoderConfig
+  model = Decoder(DecoderConfig(vocab_size=300, max_len=256, num_layers=2, embed_dim=32,
+                                mlp_dim=64, num_heads=4, num_kv_heads=2))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1), np.int32))
+  rng = np.random.default_rng(0)  # random weights without compiling init
+  hf.save_pretrained(model, jax.tree_util.tree_map(
+      lambda s: 0.1 * rng.standard_normal(s.shape, np.float32), nn.meta.unbox(shapes)), directory)
+  golden = ROOT / "tests" / "golden" / "hf" / "gpt2"
+  shutil.copy(golden / "tokenizer.json", directory)
+  config = _load(golden / "tokenizer_config.json")
+  config["chat_template"] = (
+      "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+      "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+      "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+  (directory / "tokenizer_config.json").write_text(json.dumps(config))
+  (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+  return directory
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_top_to_bottom_on_cpu(name, scratch_repo):
@@ -79,6 +108,8 @@ def test_notebook_runs_top_to_bottom_on_cpu(name, scratch_repo):
   nb = nbformat.read(scratch_repo / "colab" / f"{name}.ipynb", as_version=4)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
+  if name == "06_decoder_chat":
+    env["FMJAX_NOTEBOOK_DECODER"] = str(tiny_decoder(scratch_repo.parent / "tiny_llama"))
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(scratch_repo / "colab")}})
   client.execute(env=env)  # a failing cell raises CellExecutionError with its traceback

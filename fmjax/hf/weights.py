@@ -9,10 +9,12 @@ devices (optionally straight into the NamedShardings of a mesh).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import pathlib
+import re
 import warnings
 from typing import Any
 
@@ -20,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 import safetensors
 import safetensors.numpy
 
@@ -109,7 +112,9 @@ def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
       id2label, else num_labels, else 2, as transformers). A checkpoint head of another size
       is an error.
     seed: initialises a head the checkpoint lacks.
-    mesh: if given, each weight is placed directly into its NamedSharding on this mesh.
+    mesh: if given, each weight is placed directly into its NamedSharding on this mesh as
+      it is read, one device's shard at a time, before the next tensor is read: the host
+      holds at most one tensor of the checkpoint (tests/test_sharded_load.py).
     rules: logical-axis rules (a name of fmjax.sharding.RULES or a rule list); default "fsdp".
     dtype: parameter and compute dtype, e.g. "bfloat16"; default the runtime's.
     runtime: how the model runs (fmjax.runtime.Runtime, default Runtime()), e.g.
@@ -129,31 +134,36 @@ def from_pretrained(directory: str | os.PathLike, *, task: str | None = None,
   rules = sharding.get_rules(rules or "fsdp") if isinstance(rules, (str, type(None))) else rules
 
   def placer(model, variant):
-    """Each tensor straight into its NamedSharding as it is read: no device (nor the host)
-    ever holds the whole model unsharded."""
+    """Each tensor straight into its NamedSharding as it is read, one device's shard at a
+    time: no device (nor the host) ever holds the whole model unsharded. Scanned layers are
+    placed layer by layer (their stacked sharding without the layer axis), stacked on device."""
     abstract = jax.eval_shape(model.init, jax.random.key(0),
                               _dummy_input(_architecture_of(model)[0], model.config))
     sharding.check_divisible(abstract, mesh, rules)
     shardings = _flatten(sharding.shardings_of(abstract, mesh, rules)["params"])
     skip = len(variant.root) + 1 if variant.root else 0
-    return lambda path, x: jax.make_array_from_callback(x.shape, shardings[path[skip:]],
-                                                        lambda i: x[i])
 
-  # Scanned layers are stacked from every layer's tensors first, then placed.
-  stream = mesh is not None and not runtime.scan_layers
+    def place(path, x, shape, dtype):
+      path = path[skip:]
+      if path in shardings:
+        return _put(x, shardings[path], shape, dtype)
+      s = shardings[_stacked_path(path)]  # one layer of a scanned stack
+      return _put(x, NamedSharding(s.mesh, PartitionSpec(*s.spec[1:])), shape, dtype)
+
+    def stack(path, layers):
+      return _stack_on_device(layers, shardings[path[skip:]])
+    return place, stack
+
   model, variant, params = _load(directory, runtime, task=task, num_labels=num_labels,
-                                 seed=seed, placer=placer if stream else None)
+                                 seed=seed, placer=None if mesh is None else placer)
   tree = params[variant.root] if variant.root else params
   if mesh is None:
     return model, {"params": jax.tree_util.tree_map(jnp.asarray, tree)}
-  if not stream:
-    place = placer(model, dataclasses.replace(variant, root=""))
-    tree = unflatten_params({path: place(path, x) for path, x in _flatten(tree).items()})
   return model, {"params": tree}
 
 
 def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *,
-                    id2label=None) -> None:
+                    id2label=None, max_shard_size: int | str | None = None) -> None:
   """Writes config.json and model.safetensors that transformers' AutoModel* loads.
 
   BertForPreTraining -> HF BertForPreTraining, BertEncoder -> BertModel, BertForMaskedLM ->
@@ -169,6 +179,10 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *
     variables: {"params": ...} or the params tree itself (boxed or plain, sharded or not).
     directory: created if needed; existing config.json / model.safetensors are overwritten.
     id2label: a classifier's label names, a list or {index: name}; default "LABEL_0", ...
+    max_shard_size: None writes one model.safetensors; bytes (an int, or "500MB", "2GiB", ...
+      as transformers spells it) write model-0000i-of-0000n.safetensors files of at most that
+      size (a larger tensor gets a file of its own) and model.safetensors.index.json, as
+      transformers' save_pretrained(max_shard_size=...) does.
 
   Raises:
     ValueError: a model with no HF equivalent (e.g. a rotary GPT), or params that do not fit it.
@@ -202,6 +216,7 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *
                      f"{[p[len(prefix):] for p in extra[:5]]}; pass the variables of this model")
   unpadded = _param_shapes(arch, variant, _unpadded(model))
   flat = {path: _fit(x, unpadded[path]) for path, x in flat.items()}
+  shard_bytes = None if max_shard_size is None else _bytes(max_shard_size)
   tensors = {}
   for r in expand(variant.rules(config), config.num_layers):
     name = r.hf[len(arch.prefix):] if variant.base_model else r.hf
@@ -210,17 +225,68 @@ def save_pretrained(model: nn.Module, variables, directory: str | os.PathLike, *
     return
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  safetensors.numpy.save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
+  _write_tensors(directory, tensors, shard_bytes)
   hf_config = {"architectures": [variant.hf_class], "model_type": arch.model_type, **hf_config,
                "dtype": jnp.dtype(model.runtime.param_dtype).name}
   (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
+          "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _bytes(size: int | str) -> int:
+  """max_shard_size as a positive number of bytes: an int or "<number><unit>" (_UNITS)."""
+  given = size
+  if isinstance(size, str):
+    text = size.strip().upper()
+    unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if text.endswith(u)), None)
+    try:
+      size = int(float(text[:-len(unit)]) * _UNITS[unit]) if unit else int(text)
+    except ValueError:
+      size = None
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise ValueError(f"max_shard_size={given!r}; give a positive number of bytes, e.g. 5_000_000 "
+                     f"or \"5MB\" (units {list(_UNITS)})")
+  return size
+
+
+def _write_tensors(directory: pathlib.Path, tensors: dict, shard_bytes: int | None) -> None:
+  """model.safetensors, or (shard_bytes) shards of at most that size and their index; files a
+  previous save left in the other layout are removed, since readers prefer model.safetensors."""
+  groups = [list(tensors)]
+  if shard_bytes is not None:
+    groups, size = [[]], 0
+    for name, t in tensors.items():
+      if groups[-1] and size + t.nbytes > shard_bytes:
+        groups, size = groups + [[]], 0
+      groups[-1].append(name)
+      size += t.nbytes
+  for stale in [directory / SAFETENSORS_FILE, directory / SAFETENSORS_INDEX,
+                *directory.glob("model-*-of-*.safetensors")]:
+    stale.unlink(missing_ok=True)
+  if shard_bytes is None:
+    safetensors.numpy.save_file(tensors, directory / SAFETENSORS_FILE, metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for i, names in enumerate(groups):
+    name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+    safetensors.numpy.save_file({n: tensors[n] for n in names}, directory / name,
+                                metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(names, name))
+  index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+           "weight_map": weight_map}
+  (directory / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
 def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
           seed=0, placer=None) -> tuple[nn.Module, Variant, dict]:
-  """(model, variant, params) for read_weights and from_pretrained; placer(model, variant), if
-  given, returns place(path, numpy array) -> the array on devices, called on each tensor as
-  soon as it is read and converted (params then holds placed arrays)."""
+  """(model, variant, params) for read_weights and from_pretrained.
+
+  placer(model, variant), if given, returns (place, stack): place(path, x, shape, dtype) -> x
+  on devices, fitted to `shape` and cast to `dtype` there (see _put), called on each tensor as
+  soon as it is read, before the next is read (params then holds placed arrays);
+  stack(path, per-layer arrays) -> the scanned stack, when runtime.scan_layers."""
   if task is not None and task not in TASKS:
     raise ValueError(f"unknown task={task!r}; choose one of {list(TASKS)}, or task=None for "
                      "the model the checkpoint holds")
@@ -245,7 +311,11 @@ def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
   shapes = _param_shapes(arch, variant, _unpadded(model))  # the checkpoint's vocabulary
   dtype = runtime.params_dtype
   padded = _param_shapes(arch, variant, model)
-  place = (lambda path, x: x) if placer is None else placer(model, variant)
+  if placer is None:
+    place = lambda path, x, shape, dtype: _fit(x.astype(dtype), shape)
+    stack = lambda path, layers: np.stack(layers)
+  else:
+    place, stack = placer(model, variant)
   rules = expand(variant.rules(config), config.num_layers)
   head = [r for r in rules if variant.head and r.hf.startswith(variant.head)]
   fresh = [] if any(r.hf in names for r in head) else head  # no head in the checkpoint
@@ -276,10 +346,11 @@ def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
           f"{CONFIG_FILE} ({_summary(config)}) needs {expected}; the weights and "
           f"{CONFIG_FILE} do not belong together")
     for path, x in zip(r.fm, r.to_fmjax(w, fm_shapes)):
-      flat[path] = place(path, _fit(x.astype(dtype), padded[path]))
+      flat[path] = place(path, x, padded[path], dtype)
+    del w, x  # before the next tensor is read: one tensor at a time on the host
     used.add(r.hf)
   if fresh:
-    flat.update({path: place(path, _fit(x, padded[path])) for path, x in _init_head(
+    flat.update({path: place(path, x, padded[path], x.dtype) for path, x in _init_head(
         arch, model, [p for r in fresh for p in r.fm], seed).items()})
     log.warning("%s has no %s head (%s*): initialised %s with seed %d; train it before use",
                 directory, variant.hf_class, ", ".join(variant.head),
@@ -301,8 +372,9 @@ def _load(directory, runtime: Runtime, *, task=None, num_labels=None,
   elif unused:
     warnings.warn(f"fmjax.hf ignores {len(unused)} tensors of {checkpoint.describe()} that a "
                   f"{variant.hf_class} does not have: {unused[:8]}", stacklevel=3)
-  if runtime.scan_layers:
-    flat = stack_layers(flat)
+  if runtime.scan_layers:  # each stack built from its layers, then they are dropped
+    flat = {path: stack(path, x) if isinstance(x, list) else x
+            for path, x in stack_layers(flat, stack=list).items()}
   return model, variant, unflatten_params(flat)
 
 
@@ -449,6 +521,47 @@ def _unpadded(model: nn.Module) -> nn.Module:
   config = model.config
   return (model.clone(config=dataclasses.replace(config, vocab_multiple=1))
           if hasattr(config, "vocab_multiple") else model)
+
+
+def _put(x: np.ndarray, target: jax.sharding.Sharding, shape: tuple[int, ...],
+         dtype) -> jax.Array:
+  """x, fitted to `shape` (as _fit) and cast to `dtype`, as a jax.Array with sharding `target`.
+
+  Each addressable device's shard is cut from x, converted and copied to its device before the
+  next is cut, so besides x the host holds one shard at a time (jax.make_array_from_callback
+  would hold every local shard at once, and x.astype a whole converted copy). The copy is
+  awaited, since an asynchronous one keeps its host shard alive until it is done. On CPU, jax
+  may adopt the numpy shard as the device buffer; it is copied into a buffer of XLA's own, so
+  the loaded model never pins arrays the loader made (and host memory stays measurable).
+  """
+  arrays = []
+  for device, index in target.addressable_devices_indices_map(shape).items():
+    shard = jax.device_put(_fit_shard(x, index, shape, dtype), device)
+    if device.platform == "cpu":
+      shard = jnp.copy(shard)
+    arrays.append(shard.block_until_ready())
+  return jax.make_array_from_single_device_arrays(shape, target, arrays)
+
+
+def _fit_shard(x: np.ndarray, index: tuple, shape: tuple[int, ...], dtype) -> np.ndarray:
+  """_fit(x, shape)[index] cast to dtype, a new C-contiguous array the size of the shard."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  bounds = [s.indices(n)[:2] for s, n in zip(index, shape)]
+  out = np.zeros([stop - start for start, stop in bounds], dtype)
+  have = tuple(slice(start, max(start, min(stop, m))) for (start, stop), m in zip(bounds, x.shape))
+  out[tuple(slice(0, h.stop - h.start) for h in have)] = x[have]
+  return out
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _stack_on_device(layers: list, target: jax.sharding.Sharding) -> jax.Array:
+  """The per-layer device arrays stacked on a leading axis into sharding `target`."""
+  return jax.lax.with_sharding_constraint(jnp.stack(layers), target)
+
+
+def _stacked_path(path: str) -> str:
+  """"...blocks/layer_{i}/p" -> "...blocks/layers/p" (where nn.scan keeps it)."""
+  return re.sub(r"^(.*?blocks/)layer_\d+/", r"\1layers/", path)
 
 
 def _fit(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
