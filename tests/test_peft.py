@@ -30,8 +30,7 @@ def load(name, **runtime):
   return model, variables["params"], params, spec
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("name,scan", [("llama", False), ("llama", True), ("gpt2", False)])
 def test_a_peft_adapter_gives_peft_logits(name, scan):
   ref = dict(np.load(GOLDEN / "peft" / name / "reference.npz"))
   model, base, params, spec = load(name, scan_layers=scan)

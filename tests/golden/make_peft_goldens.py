@@ -18,6 +18,7 @@ tests/golden/peft/<name>/ (about 50 KB each):
           output and MLP output), c_fc; fan_in_fan_out as peft wants for Conv1D.
 """
 
+import json
 import pathlib
 import shutil
 
@@ -53,6 +54,11 @@ def make(name: str) -> None:
   model.save_pretrained(out)
   np.savez(out / "reference.npz", input_ids=ids.astype(np.int32), logits=logits)
   (out / "README.md").unlink(missing_ok=True)  # peft's model card template: not needed
+  config_file = out / "adapter_config.json"  # the base's path relative to the repository
+  saved = json.loads(config_file.read_text())
+  saved["base_model_name_or_path"] = f"tests/golden/hf/{name}"
+  config_file.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+  (out / "adapter_model.safetensors").chmod(0o644)
   print(f"wrote {out}: {sorted(p.name for p in out.iterdir())}")
 
 
