@@ -46,12 +46,12 @@ def run(rules, mesh_sizes, n_devices):
     for b in batches:
       state, m = p_train(state, sharding.shard_batch(b, mesh), jax.random.key(1))
       losses.append(float(m["train/loss"]))
-  q = state.params["blocks"]["layer_0"]["attn"]["query"]["lora_a"]
+  q = state.params["blocks"]["layer_0"]["attn"]["query"]
   host = jax.device_get(state.params)
   params = {jax.tree_util.keystr(k): np.asarray(v).ravel()[:64].tolist()
             for k, v in jax.tree_util.tree_leaves_with_path(host) if "lora" in jax.tree_util.keystr(k)}
   moments = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
-  return {"losses": losses, "params": params, "spec": str(q.sharding.spec),
+  return {"losses": losses, "params": params, "spec": [str(q[n].sharding.spec) for n in ("lora_a", "lora_b")],
           "moments": int(moments),
           "adapters": lora.count(nn.meta.unbox(host), lora.trainable_mask(host))}
 

@@ -228,7 +228,8 @@ def test_eight_devices_fsdp_tp_equal_one_for_a_lora_step():
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout)
   one, eight = out["one"], out["fsdp_tp"]
-  assert eight["spec"] == "PartitionSpec('fsdp', None)"  # lora_a of a query: ("embed", None)
+  # a query's lora_a ("embed", None) and lora_b (None, "heads", "head_dim") under fsdp_tp
+  assert eight["spec"] == ["P('fsdp', None)", "P(None, 'tensor', None)"]
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
   for k, v in one["params"].items():
     np.testing.assert_allclose(eight["params"][k], v, atol=2e-5, rtol=1e-4, err_msg=k)
