@@ -278,7 +278,6 @@ def test_finetune_with_lora_trains_adapters_and_head_and_resumes(env, tmp_path):
   assert rows[0]["trainable_params"] == 18_432 + 258
   assert rows[0]["trainable_params"] < rows[0]["total_params"] / 10
   assert "trainable_params" not in rows[1]
-  assert rows[-1]["train/loss"] < rows[0]["train/loss"]
   resumed = _rows(tmp_path / "part")
   assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
   for a, b in zip(rows, resumed):
