@@ -9,6 +9,7 @@ them and matches those logits; fmjax's own export has the golden's tensor names 
 import json
 import pathlib
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -134,3 +135,27 @@ def test_peft_reads_fmjax_adapters(tmp_path):
     got = np.asarray(lora.apply(model, params, spec, x))[..., :model.config.vocab_size]
     assert np.abs(got - np.asarray(model.apply({"params": base}, x))[..., :want.shape[-1]]).max() > 1e-3
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_init_from_a_base_checkpoint_leaves_the_adapters_fresh():
+  """fmjax.sources loads the base into a LoRA model (Task.new_params + lora.NEW_PARAMS)."""
+  from fmjax import sharding, sources
+  model, base = fmjax.hf.from_pretrained(GOLDEN / "hf" / "llama",
+                                         runtime=Runtime(attention_impl="xla", scan_layers=True))
+  spec = lora.LoraSpec(rank=2, alpha=4.0)
+  wrapped = lora.LoraModel(model, spec)
+  x = np.zeros((1, 4), np.int32)
+  abstract = jax.eval_shape(lambda: wrapped.init(jax.random.key(0), x)["params"])
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  fresh = jax.jit(lambda k: nn.meta.unbox(wrapped.init(k, x)["params"]))(jax.random.key(3))
+  loaded = sources.parse(f"hf:{GOLDEN / 'hf' / 'llama'}").load(
+      fresh, sharding.shardings_of(abstract, mesh, "dp"), lora.NEW_PARAMS)
+  got, want = lora.split(loaded), lora.split(fresh)
+  for (k, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got[0]),
+                            jax.tree_util.tree_leaves_with_path(nn.meta.unbox(base["params"]))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(k))
+  for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the adapters as initialised
+  with pytest.raises(Exception, match="lacks"):  # without NEW_PARAMS the adapters are missing
+    sources.parse(f"hf:{GOLDEN / 'hf' / 'llama'}").load(
+        fresh, sharding.shardings_of(abstract, mesh, "dp"))
