@@ -198,8 +198,9 @@ def check_targets(spec: LoraSpec, seen: Sequence[tuple[str, list]]) -> None:
 class LoraModel:
   """A model whose `init` and `apply` run inside `adapters(spec)`.
 
-  Everything else (config, runtime, methods) is the wrapped model's. `apply` applies the
-  adapter dropout when called with train=True.
+  Everything else (config, runtime, init_cache) is the wrapped model's, so fmjax.generate and
+  fmjax.trainer.fit take it where they take the model. `apply` applies the adapter dropout
+  when called with train=True.
 
   Args:
     model: any fmjax (flax) model.
@@ -253,6 +254,12 @@ class LoraModel:
       A new LoraModel.
     """
     return LoraModel(self.model.clone(**kwargs), self.spec)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, LoraModel) and (self.model, self.spec) == (other.model, other.spec)
+
+  def __hash__(self) -> int:  # a static argument of jitted functions (fmjax.generate)
+    return hash((LoraModel, self.model, self.spec))
 
   def __getattr__(self, name: str):
     if name in ("model", "spec"):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fmjax import lora, memory, sharding, training
+from fmjax import generate, lora, memory, sharding, training
 from fmjax.layers import Dense
 from fmjax.models import bert, decoder, gpt, seq2seq, vit
 from fmjax.runtime import Runtime
@@ -90,6 +90,11 @@ def test_zero_b_equals_base_and_merge_equals_adapters():
   merged = lora.merge(params, SPEC)
   assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(base)
   np.testing.assert_allclose(plain(merged), adapted, atol=1e-5, rtol=1e-5)
+  # generation (one compiled loop over the KV cache) with the adapters == with merged weights
+  prompts = [[5, 6, 7], [9]]
+  adapted_tokens = generate.generate(lora.LoraModel(model, SPEC), params, prompts, max_new_tokens=4)
+  assert adapted_tokens == generate.generate(model, merged, prompts, max_new_tokens=4)
+  assert adapted_tokens != generate.generate(model, base, prompts, max_new_tokens=4)
   back = lora.unmerge(merged, lora.split(params)[1], SPEC)
   for k, v in flat(params).items():
     np.testing.assert_allclose(flat(back)[k], v, atol=1e-6)
