@@ -34,6 +34,21 @@ def model_config(preset) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
+def lora_config() -> ml_collections.ConfigDict:
+  """config.lora: low-rank adapters on a frozen base (fmjax.lora); rank 0 trains everything.
+
+  e.g. --config.lora.rank=8 --config.lora.alpha=16 --config.lora.targets=query,value
+  """
+  return ml_collections.ConfigDict({
+      "rank": 0,  # 0: full finetuning; r > 0: adapters of rank r, the base frozen
+      "alpha": 16.0,  # the adapters' scale is alpha / rank
+      "dropout": 0.0,  # on the adapters' inputs while training
+      # Comma-separated regular expressions of Dense paths ("query", "attn/out", ...); "":
+      # fmjax.lora.DEFAULT_TARGETS, the attention and MLP projections of every layer.
+      "targets": "",
+  })
+
+
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0

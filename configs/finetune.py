@@ -25,7 +25,7 @@ train by config.train.epochs (with train.steps=0); an explicit --config.train.st
 
 import ml_collections
 
-from configs.common import base_config, model_config
+from configs.common import base_config, lora_config, model_config
 from fmjax.models import bert
 
 VARIANTS = ("tiny", "tiny_qa", "sst2", "sst2_small", "rte", "stsb", "squad", "xquad")
@@ -42,6 +42,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   config.model = model_config(bert.get_config("tiny" if variant.startswith("tiny") else "mini"))
   config.model.vocab_size = -1
   config.runtime.dropout_rate = config.runtime.attention_dropout_rate = 0.1  # BERT's
+  # LoRA (--config.lora.rank=8): adapters train, the encoder stays frozen, the head trains.
+  config.lora = lora_config()
 
   d = config.data = ml_collections.ConfigDict()
   d.train_path = ""  # local file(s) or glob; empty: tfds_name

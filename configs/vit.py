@@ -23,7 +23,7 @@ learning_rate; another image size resizes the position embeddings.
 
 import ml_collections
 
-from configs.common import base_config, model_config
+from configs.common import base_config, lora_config, model_config
 from fmjax.models import vit
 
 VARIANTS = ("tiny", "mnist", "cifar10", "imagenet2012")
@@ -36,6 +36,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   config = base_config()
   config.model = model_config(vit.get_config("tiny"))
   config.model.num_classes = -1  # -1: the number of classes in the data
+  # LoRA (--config.lora.rank=8): adapters train, the encoder stays frozen, the head trains.
+  config.lora = lora_config()
 
   d = config.data = ml_collections.ConfigDict()
   # Exactly one source: IDX files, folders of class folders, or a tfds catalog name.

@@ -4,7 +4,9 @@ Shape key: B global batch, b per-device micro-batch, T length, D width, F MLP wi
 N heads, L layers, V vocab.
 
   params + optimizer state (AdamW: 2 x params) + gradients   from the abstract params and
-                                                              their shardings (exact)
+                                                              their shardings (exact); with a
+                                                              frozen base (LoRA) optimizer and
+                                                              gradients count trained params only
   + activations kept for the backward pass                   per layer and token, by remat
                                                               policy (counted below)
   + the logits and their gradient                            b x T x V float32
@@ -256,8 +258,27 @@ def host_available_bytes() -> int:
   return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def trained_bytes(abstract_params, param_shardings, trainable=None) -> int:
+  """Bytes per device of the trained parameters (those with gradients and optimizer state).
+
+  Args:
+    abstract_params: pytree of ShapeDtypeStruct, the parameters.
+    param_shardings: pytree of NamedSharding, their layout.
+    trainable: a tree of bools like the params (fmjax.lora.trainable_mask), or None: all.
+
+  Returns:
+    sharded_bytes of the leaves where trainable is True.
+  """
+  if trainable is None:
+    return sharded_bytes(abstract_params, param_shardings)
+  keep = [bool(m) for m in jax.tree_util.tree_leaves(trainable)]
+  pick = lambda tree: [x for m, x in zip(keep, jax.tree_util.tree_leaves(tree)) if m]
+  return sharded_bytes(pick(abstract_params), pick(param_shardings))
+
+
 def estimate(abstract_params, param_shardings, s: Shape, *, remat_policy: str,
-             accum_steps: int, budget: int | None = None, optimizer_copies: int = 2) -> Plan:
+             accum_steps: int, budget: int | None = None, optimizer_copies: int = 2,
+             trainable=None) -> Plan:
   """The per-device bytes of one training step with this remat policy and accumulation.
 
   The mesh (the batch and tensor splits of the activations) is the one of `param_shardings`.
@@ -270,20 +291,23 @@ def estimate(abstract_params, param_shardings, s: Shape, *, remat_policy: str,
     accum_steps: gradient accumulation steps.
     budget: bytes per device available; None: `device_memory_bytes()`.
     optimizer_copies: optimizer state size in parameter copies (AdamW: 2).
+    trainable: a tree of bools like the params: only those leaves have gradients and
+      optimizer state (a frozen base, fmjax.lora); None: all.
 
   Returns:
-    The Plan (gradients counted as one parameter copy).
+    The Plan (gradients counted as one copy of the trained parameters).
   """
   mesh_shape = mesh_shape_of(param_shardings)
   params = sharded_bytes(abstract_params, param_shardings)
-  return Plan(remat_policy, accum_steps, params=params, optimizer=optimizer_copies * params,
-              gradients=params,
+  trained = trained_bytes(abstract_params, param_shardings, trainable)
+  return Plan(remat_policy, accum_steps, params=params, optimizer=optimizer_copies * trained,
+              gradients=trained,
               activations=activation_bytes(s, remat_policy, accum_steps, mesh_shape),
               budget=device_memory_bytes() if budget is None else budget)
 
 
 def plan(abstract_params, param_shardings, s: Shape, *, budget: int | None = None,
-         max_accum_steps: int = 64) -> Plan:
+         max_accum_steps: int = 64, trainable=None) -> Plan:
   """The cheapest (remat policy, accumulation steps) that fits `budget` bytes per device.
 
   Candidates are the policies of POLICIES with every accumulation count dividing the
@@ -295,6 +319,7 @@ def plan(abstract_params, param_shardings, s: Shape, *, budget: int | None = Non
     s: the step's Shape.
     budget: bytes per device available; None: `device_memory_bytes()`.
     max_accum_steps: the most accumulation steps tried.
+    trainable: a tree of bools like the params (see `estimate`), or None: all trained.
 
   Returns:
     The first Plan that fits.
@@ -303,7 +328,7 @@ def plan(abstract_params, param_shardings, s: Shape, *, budget: int | None = Non
     MemoryError: naming the smallest plan, when nothing fits.
   """
   fitting, smallest = search(abstract_params, param_shardings, s, budget=budget,
-                             max_accum_steps=max_accum_steps)
+                             max_accum_steps=max_accum_steps, trainable=trainable)
   if fitting is not None:
     return fitting
   raise MemoryError(
@@ -314,7 +339,7 @@ def plan(abstract_params, param_shardings, s: Shape, *, budget: int | None = Non
 
 
 def search(abstract_params, param_shardings, s: Shape, *, budget: int | None = None,
-           max_accum_steps: int = 64) -> tuple[Plan | None, Plan]:
+           max_accum_steps: int = 64, trainable=None) -> tuple[Plan | None, Plan]:
   """`plan`'s search: the cheapest fitting plan, and the smallest plan of all.
 
   Args:
@@ -323,6 +348,7 @@ def search(abstract_params, param_shardings, s: Shape, *, budget: int | None = N
     s: the step's Shape.
     budget: bytes per device available; None: `device_memory_bytes()`.
     max_accum_steps: the most accumulation steps tried.
+    trainable: a tree of bools like the params (see `estimate`), or None: all trained.
 
   Returns:
     (the first Plan that fits in modelled step time order, or None when none does; the Plan
@@ -331,11 +357,12 @@ def search(abstract_params, param_shardings, s: Shape, *, budget: int | None = N
   mesh_shape = mesh_shape_of(param_shardings)
   budget = device_memory_bytes() if budget is None else budget
   params = sharded_bytes(abstract_params, param_shardings)  # once: the same for every candidate
+  trained = trained_bytes(abstract_params, param_shardings, trainable)
   per_device = max(1, s.batch_size // batch_shards(mesh_shape))
   accums = [a for a in range(1, min(per_device, max_accum_steps) + 1) if per_device % a == 0]
   candidates = sorted(((factor * (1 + 0.1 * math.log2(a)), policy, a)
                        for policy, factor in POLICIES.items() for a in accums))
-  plans = [Plan(policy, accum, params=params, optimizer=2 * params, gradients=params,
+  plans = [Plan(policy, accum, params=params, optimizer=2 * trained, gradients=trained,
                 activations=activation_bytes(s, policy, accum, mesh_shape), budget=budget)
            for _, policy, accum in candidates]
   return next((p for p in plans if p.fits), None), min(plans, key=lambda p: p.total)

@@ -108,7 +108,8 @@ class Source:
       params: freshly initialised (sharded) params of the model being trained, in either
         layout (scanned or not).
       param_shardings: their shardings.
-      new_params: path prefixes the source may lack (a new task head); every other
+      new_params: path prefixes the source may lack (a new task head), or "*/NAME" for
+        every parameter named NAME (fmjax.lora.NEW_PARAMS: adapters); every other
         parameter must be in the source with the same shape. Source parameters this model
         does not have (e.g. pretraining heads) are left out.
     Returns:
@@ -123,7 +124,8 @@ class Source:
     scanned = any(checkpoint.is_stacked(p) for p in ours)
     view = {v: shape for p, x in ours.items() for v, shape in _loop_view(p, x.shape).items()}
     theirs = self.shapes()
-    is_new = lambda path: any(path == p or path.startswith(p + "/") for p in new_params)
+    is_new = lambda path: any(path == p or path.startswith(p + "/") or (
+        p.startswith("*/") and path.endswith(p[1:])) for p in new_params)
     missing, matched = [], set()
     for path, shape in view.items():
       if path not in theirs:

@@ -90,6 +90,8 @@ class Task:
     new_params: path prefixes (e.g. "classifier") that the source of the first weights need
       not supply: the task's new head, initialised fresh.
     notes: lines to log once the run has passed its checks (e.g. the memory plan).
+    trainable: params -> tree of bools (e.g. fmjax.lora.trainable_mask): only those leaves
+      are trained and have optimizer state (a frozen base); None: every parameter.
   """
   model: Any
   model_config: Any
@@ -105,6 +107,7 @@ class Task:
   score_fn: Callable | None = None
   new_params: tuple[str, ...] = ()
   notes: tuple[str, ...] = ()  # lines logged once the run has passed its checks (memory plan)
+  trainable: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +270,8 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
   if start is not None:  # refuse another model's checkpoint before touching anything
     saved_meta = ckpt.check_compatible(signature, start)
 
-  init = training.init_fn(task.model, tx, *task.init_args(task.example_batch))
+  init = training.init_fn(task.model, tx, *task.init_args(task.example_batch),
+                          trainable=task.trainable)
   rng = jax.random.key(config.seed)
   abstract = jax.eval_shape(init, rng)
   sharding.check_divisible(abstract, mesh, rules)
@@ -292,7 +296,7 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
     start = 0
 
   train_step = training.make_train_step(task.loss_fn, tx, accum_steps=plan.accum_steps,
-                                        schedule=schedule)
+                                        schedule=schedule, trainable=task.trainable)
   eval_step = training.make_eval_step(task.loss_fn)
   with sharding.context(mesh, rules):
     p_train, p_eval = training.jit_steps(train_step, eval_step, shardings, mesh)
@@ -301,10 +305,15 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
   best = BestTracker(workdir, t.best_metric)
 
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
+  n_trained = n_params if task.trainable is None else sum(
+      int(np.prod(x.shape))
+      for x in jax.tree_util.tree_leaves(training.partition(state.params, task.trainable)[0]))
+  counts = {"trainable_params": n_trained, "total_params": n_params}
   peak, peak_source = metrics.peak_flops_per_device()
   peak_total = peak * jax.device_count()
-  log.info("model: %s parameters; %.3g training FLOPs per token; peak %.3g FLOP/s per device "
-           "(%s) x %d devices; mesh %s, rules %r", f"{n_params:,}",
+  log.info("model: %s parameters (%s trained); %.3g training FLOPs per token; peak %.3g "
+           "FLOP/s per device (%s) x %d devices; mesh %s, rules %r", f"{n_params:,}",
+           f"{n_trained:,}",
            task.flops_per_example / task.tokens_per_example, peak, peak_source,
            jax.device_count(), dict(mesh.shape), config.sharding)
   for note in task.notes:
@@ -317,6 +326,7 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
     metrics.write_atomically(os.path.join(workdir, "config.json"),
                              resolved.to_json_best_effort(indent=2))
   writer = metrics.MetricsWriter(workdir, resume_step=start)
+  counts = {} if writer.last else counts  # in metrics.jsonl's first row only
   ran = {"runtime": dataclasses.asdict(runtime)} if runtime is not None else {}
   meta = lambda: {"model": signature, **ran, "data": task.train_data.get_state(),
                   "seed": config.seed, **nonfinite.logged(), **task.extra_meta}
@@ -377,7 +387,8 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
           if step % t.eval_every == 0 or final:
             m.update(evaluate_if(task, p_eval, p_predict, state, mesh))
             best.update(step, m, state)
-          writer.write(step, m)
+          writer.write(step, {**counts, **m})
+          counts = {}
           last = m
           bar.show(step, m)
         if ckpt.save(step, state, meta(), force=final or signalled) or step % t.log_every == 0:
@@ -500,8 +511,8 @@ def _restore_other_layout(ckpt, step, task, tx, rng, mesh, rules, target, saved_
   """(state, meta) of a checkpoint written with the other scan_layers: restored in its own
   (stacked or per-layer) layout, then converted into `target`'s layout and shardings."""
   saved_model = task.model.clone(runtime=saved_runtime)
-  abstract = jax.eval_shape(training.init_fn(saved_model, tx, *task.init_args(task.example_batch)),
-                            rng)
+  abstract = jax.eval_shape(training.init_fn(saved_model, tx, *task.init_args(task.example_batch),
+                                             trainable=task.trainable), rng)
   saved, meta = ckpt.restore(checkpoint.abstract_with_shardings(
       nn.meta.unbox(abstract), sharding.shardings_of(abstract, mesh, rules)), step)
   flat = checkpoint.convert_layout(checkpoint.flatten_params(saved),

@@ -109,7 +109,8 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
   return tx, schedule
 
 
-def init_fn(model: nn.Module, tx, *example_args, **example_kwargs):
+def init_fn(model: nn.Module, tx, *example_args, trainable: Callable | None = None,
+            **example_kwargs):
   """A function rng -> boxed TrainingState, for sharding.sharded_init.
 
   Args:
@@ -117,19 +118,61 @@ def init_fn(model: nn.Module, tx, *example_args, **example_kwargs):
     tx: the optax optimizer whose state is initialised from the parameters.
     *example_args: example inputs for model.init (only their shapes and dtypes matter), e.g.
       (1, T) int32 token ids.
+    trainable: params -> tree of bools (e.g. fmjax.lora.trainable_mask): only those leaves
+      are trained and get optimizer state; None: all of them.
     **example_kwargs: keyword inputs for model.init.
 
   Returns:
     init(rng) -> TrainingState with step 0, the "params" collection (leaves still boxed with
-    their logical axes) and tx's state; rng seeds both "params" and "dropout".
+    their logical axes) and tx's state (of the trainable params only); rng seeds both
+    "params" and "dropout".
   """
   def init(rng):
     params = model.init({"params": rng, "dropout": rng}, *example_args, **example_kwargs)["params"]
-    return TrainingState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    opt_state = tx.init(params if trainable is None else partition(params, trainable)[0])
+    return TrainingState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
   return init
 
 
-def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None):
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def partition(params, trainable: Callable):
+  """(trainable, frozen): params split by the mask trainable(params).
+
+  Each part is params' tree with optax.MaskedNode() (an empty subtree) where the other part
+  has the leaf, so optax transforms, jit shardings and checkpoints see only real leaves.
+
+  Args:
+    params: the params pytree (boxed with logical axes or not).
+    trainable: params -> the same tree with a bool per leaf (per box for boxed params).
+
+  Returns:
+    (trainable part, frozen part); `join` puts them back together.
+  """
+  mask = trainable(params)
+  pick = lambda keep: jax.tree_util.tree_map(
+      lambda m, x: x if m == keep else optax.MaskedNode(), mask, params)
+  return pick(True), pick(False)
+
+
+def join(trained, frozen, mask):
+  """The params again from `partition`'s two parts.
+
+  Args:
+    trained: the trainable part.
+    frozen: the frozen part.
+    mask: the tree of bools `partition` split by.
+
+  Returns:
+    The whole params pytree.
+  """
+  return jax.tree_util.tree_map(lambda m, a, b: a if m else b, mask, trained, frozen)
+
+
+def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None,
+                    trainable: Callable | None = None):
   """Builds train_step(state, batch, rng) -> (state, metrics).
 
   With accum_steps > 1 the batch's leading dimension is split into accum_steps
@@ -148,36 +191,47 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None)
     tx: the optax optimizer.
     accum_steps: micro-batches per update; the batch's leading dimension B must be a multiple.
     schedule: the learning-rate schedule, logged as metrics["learning_rate"] when given.
+    trainable: params -> tree of bools (e.g. fmjax.lora.trainable_mask): gradients, the
+      optimizer state (from `init_fn` with the same mask) and updates cover only those
+      leaves; the others stay as they are (a frozen base). None: all leaves.
 
   Returns:
     train_step(state, batch, rng) -> (new TrainingState, metrics): metrics holds float32 scalars
     "train/loss", "grad_norm", "train/<name>" for each of loss_fn's metrics, "nonfinite"
     (int32 0/1) and, with a schedule, "learning_rate". rng is folded with the step.
   """
-  grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
-
   def train_step(state: TrainingState, batch, rng):
+    if trainable is None:
+      params, frozen, mask = state.params, None, None
+      grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, r, True), has_aux=True)
+    else:  # differentiate the trainable leaves only: no gradient of the frozen base is made
+      mask = trainable(state.params)
+      params, frozen = partition(state.params, trainable)
+      grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(join(p, frozen, mask), b, r, True),
+                                   has_aux=True)
     rng = jax.random.fold_in(rng, state.step)
     if accum_steps == 1:
-      (loss, aux), grads = grad_fn(state.params, batch, rng)
+      (loss, aux), grads = grad_fn(params, batch, rng)
     else:
       micro = jax.tree_util.tree_map(
           lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
 
       def body(carry, i):
         b = jax.tree_util.tree_map(lambda x: x[i], micro)
-        return jax.tree_util.tree_map(jnp.add, carry, grad_fn(state.params, b, jax.random.fold_in(rng, i))), None
+        return jax.tree_util.tree_map(jnp.add, carry, grad_fn(params, b, jax.random.fold_in(rng, i))), None
 
-      shapes = jax.eval_shape(grad_fn, state.params, jax.tree_util.tree_map(lambda x: x[0], micro), rng)
+      shapes = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda x: x[0], micro), rng)
       zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       ((loss, aux), grads), _ = jax.lax.scan(body, zeros, jnp.arange(accum_steps))
       loss, aux, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, aux, grads))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, params)
     grad_norm = optax.tree.norm(grads)
     finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
               & jnp.isfinite(optax.tree.norm(updates)))  # e.g. a NaN learning rate
-    new = TrainingState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state)
+    params = optax.apply_updates(params, updates)
+    if mask is not None:
+      params = join(params, frozen, mask)
+    new = TrainingState(step=state.step + 1, params=params, opt_state=opt_state)
     new = jax.tree_util.tree_map(lambda n, old: jnp.where(finite, n, old), new, state)
     metrics = {"train/loss": loss, "grad_norm": grad_norm,
                **{f"train/{k}": v for k, v in aux.items()},

@@ -28,6 +28,7 @@ import glob
 import importlib
 import math
 import os
+import re
 from typing import Any, Callable
 
 import jax.numpy as jnp
@@ -342,7 +343,24 @@ RULES: dict[str, Callable] = {
         "encoder_layers": Int(0),
         **{k: Bool() for k in ("gated_mlp", "use_bias", "tie_embeddings", "pre_ln")},
     }.items()},
+    # lora: low-rank adapters on a frozen base (fmjax.lora)
+    "lora.rank": Int(0, note="0 trains every parameter; e.g. 8 trains adapters of rank 8"),
+    "lora.alpha": Float(0, open_low=True, note="the adapters' scale is alpha / rank"),
+    "lora.dropout": FRACTION,
+    "lora.targets": lambda value, config=None: _lora_targets(value),
 }
+
+
+def _lora_targets(value) -> str | None:
+  """Comma-separated regular expressions of Dense module paths ("" for fmjax.lora's default)."""
+  if not isinstance(value, str):
+    return "must be a string of comma-separated patterns, e.g. 'query,value' ('' for the default)"
+  for pattern in (p.strip() for p in value.split(",") if p.strip()):
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      return f"{pattern!r} is not a regular expression ({e})"
+  return None
 
 
 # Keys with no rule above: strings that whoever reads them checks (a tfds name, a column, a

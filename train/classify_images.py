@@ -23,6 +23,10 @@ from a pretrained ViT: its architecture with this run's image size and classes. 
 image size the position embeddings are resized (vit.resize_posemb), and a head for another
 number of classes is replaced by a fresh zero one (the paper's fine-tuning, section 3.2):
 an fmjax.sources.Adapted source, read when the run starts.
+
+LoRA (config.lora.rank > 0, fmjax.lora): adapters on the encoder's attention and MLP
+projections train with the head, the encoder's own weights frozen; the memory plan counts
+optimizer state and gradients for those only.
 """
 
 import dataclasses
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fmjax import errors, memory, trainer
+from fmjax import errors, lora, memory, trainer
 from fmjax import data as fdata
 from fmjax.data import images
 from fmjax.models import vit
@@ -264,13 +268,18 @@ def run(config, workdir: str):
   num_classes = images.check_labels(parts, given)
   c = model_config(config, num_classes, source)
   weights = adapt(weights, c)
+  example = (np.zeros((1, size, size, channels), np.float32),)
+  # config.lora.rank > 0: adapters on the frozen encoder; the head trains in full.
+  _, adapted, spec = common.adapters(config, vit.ViT(c, common.runtime(config)), example,
+                                     keep=("head",))
+  build = lambda rt: vit.ViT(c, rt) if spec is None else lora.LoraModel(vit.ViT(c, rt), spec)
   runtime, accum_steps, memory_note = common.plan_memory(
-      config, lambda rt: vit.ViT(c, rt), (np.zeros((1, size, size, channels), np.float32),),
+      config, build, example,
       memory.Shape(num_layers=c.num_layers, embed_dim=c.embed_dim, mlp_dim=c.mlp_dim,
                    num_heads=c.num_heads, vocab_size=c.num_classes, seq_len=c.num_tokens,
                    batch_size=t.batch_size, logit_positions=1),
-      common.runtime(config), length_flag=None)
-  model = vit.ViT(c, runtime)
+      common.runtime(config), length_flag=None, trainable=adapted.get("trainable"))
+  model = build(runtime)
   n_train = len(train_source)
   trainer.log.info("%d train and %d eval images of %s, %d classes%s", n_train, len(eval_source),
                    (size, size, channels), c.num_classes,
@@ -290,7 +299,7 @@ def run(config, workdir: str):
       flops_per_example=vit.flops_per_token(c) * c.num_tokens, tokens_per_example=c.num_tokens,
       predict_fn=make_predict_fn(model),
       score_fn=lambda predict: score(collect(predict, eval_source, eval_batch), labels),
-      new_params=("head",), notes=(memory_note,))
+      new_params=("head",) + adapted.pop("new_params", ()), notes=(memory_note,), **adapted)
   state, last = common.fit(config, workdir, task, schedule=schedule, source=weights)
 
   # The final score from the best evaluation's params (the last ones without best_metric).

@@ -217,8 +217,48 @@ def as_flags(cls, where: str, **fields):
     raise ValueError(str(e).replace(f"{cls.__name__}.", f"{where}.", 1)) from None
 
 
+def adapters(config, model, example_args, keep: tuple[str, ...] = ()):
+  """LoRA from config.lora: the model wrapped in fmjax.lora.LoraModel and the Task fields.
+
+  config.lora.rank 0 (or no config.lora): the model as it is, every parameter trained.
+
+  Args:
+    config: the run config.
+    model: the program's model.
+    example_args: its example inputs (the targets are checked against its Dense layers now).
+    keep: path prefixes trained in full beside the adapters (a new head: PEFT's
+      modules_to_save).
+
+  Returns:
+    (model, {"trainable": mask fn, "new_params": fmjax.lora.NEW_PARAMS}, spec) with LoRA;
+    (model, {}, None) without.
+
+  Raises:
+    ValueError: a bad config.lora value or a target matching no Dense layer, naming the flag.
+  """
+  c = config.get("lora")
+  if c is None or c.rank == 0:
+    return model, {}, None
+  import jax
+  from fmjax import lora
+  targets = tuple(p.strip() for p in c.targets.split(",") if p.strip()) or lora.DEFAULT_TARGETS
+  spec = as_flags(lora.LoraSpec, "config.lora", rank=c.rank, alpha=float(c.alpha),
+                  dropout=float(c.dropout), targets=targets, modules_to_save=tuple(keep))
+  wrapped = lora.LoraModel(model, spec)
+  rng = jax.random.key(0)
+  try:
+    jax.eval_shape(lambda: wrapped.init({"params": rng, "dropout": rng}, *example_args))
+  except ValueError as e:
+    if "LoraSpec.targets" not in str(e):
+      raise
+    raise ValueError(str(e).replace("LoraSpec.targets:", f"--config.lora.targets={c.targets}:")
+                     + "; set --config.lora.targets to patterns among them") from None
+  return wrapped, {"trainable": functools.partial(lora.trainable_mask, spec=spec),
+                   "new_params": lora.NEW_PARAMS}, spec
+
+
 def plan_memory(config, make_model, example_args, shape, run: Runtime,
-                length_flag: str | None = "--config.data.seq_len"):
+                length_flag: str | None = "--config.data.seq_len", trainable=None):
   """The per-device memory plan of this run, before anything is compiled; refuses one that
   does not fit.
 
@@ -233,6 +273,8 @@ def plan_memory(config, make_model, example_args, shape, run: Runtime,
     run: the runtime from config.runtime.
     length_flag: the flag that sets shape.seq_len, named in the advice (None: no such flag,
       e.g. ViT's tokens per image).
+    trainable: params -> tree of bools (fmjax.lora.trainable_mask): optimizer state and
+      gradients are planned for those leaves only; None: every parameter.
   Returns:
     (runtime, accum_steps, a line describing the plan for Task.notes). With
     config.train.auto_memory: the remat policy (with scanned layers) and the accumulation of
@@ -252,13 +294,14 @@ def plan_memory(config, make_model, example_args, shape, run: Runtime,
       {"params": rng, "dropout": rng}, *example_args)["params"])
   shardings = sharding.shardings_of(abstract, mesh, rules)
   params = nn.meta.unbox(abstract)
+  trained = None if trainable is None else nn.meta.unbox(trainable(abstract))
   t = config.train
   budget = int(t.memory_budget_gb * memory.GiB) or memory.device_memory_bytes()
   shape = dataclasses.replace(shape, compute_bytes=run.compute_dtype.itemsize,
                               attention_impl=attention_kernel(run, shape),
                               scan_layers=run.scan_layers)
   search = lambda s: memory.search(params, shardings, dataclasses.replace(s, scan_layers=True),
-                                   budget=budget)
+                                   budget=budget, trainable=trained)
   accum_steps = t.accum_steps
   if t.auto_memory:
     plan, smallest = search(shape)
@@ -272,7 +315,7 @@ def plan_memory(config, make_model, example_args, shape, run: Runtime,
     accum_steps = plan.accum_steps
   else:
     plan = memory.estimate(params, shardings, shape, remat_policy=run.remat_policy,
-                           accum_steps=accum_steps, budget=budget)
+                           accum_steps=accum_steps, budget=budget, trainable=trained)
     if not plan.fits and not t.get("allow_over_budget", False):
       raise ValueError(over_budget(plan, shape, search, run, t, length_flag,
                                    memory.mesh_shape_of(shardings)))

@@ -18,6 +18,11 @@ eval/pearson, eval/spearman, eval/exact_match as they apply); the best evaluatio
 are kept in DIR/best, and the end of the run writes DIR/predictions/ for the eval file and
 for config.data.predict_path, from those best params. Rerunning resumes (or, when finished,
 only predicts: pass a new --config.data.predict_path to label another file).
+
+LoRA (config.lora.rank > 0, fmjax.lora): adapters of that rank on the encoder's attention and
+MLP projections train with the head; the encoder's own weights stay as loaded, and the
+optimizer keeps state for the adapters and the head only (metrics.jsonl's first row:
+trainable_params, total_params).
 """
 
 import dataclasses
@@ -317,15 +322,19 @@ def run(config, workdir: str):
                                      * int(n) for n in lengths]))
   score_fn = lambda predict: score(config, collect(config, predict, eval_arrays),
                                    eval_arrays, eval_examples, eval_spans)
+  init_args = lambda b: (b["input_ids"], b["token_type_ids"], b["input_mask"])
+  # config.lora.rank > 0: adapters on the frozen encoder; the head trains in full.
+  model, adapted, spec = common.adapters(config, model, init_args(train_data.batch_at(0)),
+                                         keep=(head,))
   task = common.Task(
       model=model, model_config={**dataclasses.asdict(encoder), "task": config.task,
-                                 "num_labels": num_labels},
+                                 "num_labels": num_labels,
+                                 **({"lora": dataclasses.asdict(spec)} if spec else {})},
       loss_fn=make_loss_fn(model, config.task), train_data=train_data, eval_data=None,
-      example_batch=train_data.batch_at(0),
-      init_args=lambda b: (b["input_ids"], b["token_type_ids"], b["input_mask"]),
+      example_batch=train_data.batch_at(0), init_args=init_args,
       flops_per_example=flops_per_example, tokens_per_example=float(np.mean(lengths)),
       predict_fn=make_predict_fn(model, config.task),
-      score_fn=score_fn, new_params=(head,))
+      score_fn=score_fn, new_params=(head,) + adapted.pop("new_params", ()), **adapted)
   state, last = common.fit(config, workdir, task, schedule=schedule, source=source)
 
   # Predictions from the best evaluation's params (the last ones without best_metric).

@@ -10,13 +10,16 @@ Gemma 1/2/3) checkpoints and tokenizers in and out of fmjax.
   model, variables = fmjax.hf.from_pretrained("path/to/vit-base-patch16-224")  # a ViT classifier
   model, variables = fmjax.hf.from_pretrained("path/to/bert", task="classification", num_labels=3)
   fmjax.hf.save_pretrained(model, variables, "out/")  # an HF BertForSequenceClassification
+  fmjax.hf.peft.save_adapter("out/peft", model, params, spec)  # fmjax.lora adapters as PEFT's
+  params, spec = fmjax.hf.peft.load_adapter("peft_dir", model, variables["params"])
 
 `fmjax.data.load_tokenizer(directory)` reads a Hugging Face tokenizer directory too (through
 tokenizer_from_pretrained), as well as the tokenizers fmjax saves.
 
 Needs only `safetensors` and `tokenizers` (torch only to read a legacy pytorch_model.bin).
 Reading order: tables.py (which HF tensor is which fmjax parameter), decoders.py (the same for
-the decoder families), weights.py (files, checks, sharded placement), tokenizer.py.
+the decoder families), weights.py (files, checks, sharded placement), tokenizer.py, peft.py
+(LoRA adapters in PEFT's format, through the same tables).
 """
 
 import importlib
