@@ -55,12 +55,15 @@ def write_jsonl(path, rows):
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
+  return make_chat_dir(tmp_path_factory.mktemp("chat_llama"))
+
+
+def make_chat_dir(d: pathlib.Path) -> pathlib.Path:
   """A tiny random Llama (fmjax.hf.save_pretrained) with a character-level tokenizer.json,
-  ChatML special tokens and chat template (tokenizer_config.json)."""
+  ChatML special tokens and chat template (tokenizer_config.json), in `d`."""
   import jax
   from fmjax import hf
   from fmjax.models import decoder
-  d = tmp_path_factory.mktemp("chat_llama")
   vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
   tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
   tok.add_special_tokens(SPECIALS)
@@ -72,7 +75,7 @@ def chat_dir(tmp_path_factory):
   config = decoder.get_config("tiny", vocab_size=len(vocab), max_len=128, embed_dim=32,
                               mlp_dim=64)
   model = decoder.Decoder(config)
-  variables = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))
+  variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 8), np.int32))
   hf.save_pretrained(model, variables, d)
   return d
 
@@ -171,26 +174,34 @@ def test_packing_by_hand():
   assert single["segment_ids"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]]
 
 
-def test_packed_losses_equal_the_examples_alone(chat_dir, chat_tok):
+@pytest.fixture(scope="module")
+def untrained(chat_dir, chat_tok):
+  """Each TRAIN example's summed response-token loss and token count under the untrained
+  weights, from packed rows and from one row per example (one jitted forward pass)."""
+  import jax
   import optax
   from fmjax import hf
   model, variables = hf.from_pretrained(chat_dir)
-  fmt = sft.make_format(chat_tok)
-  examples, _ = sft.encode_all([sft.parse_row(r, f"t:{i}") for i, r in enumerate(TRAIN)], fmt,
-                               SEQ_LEN)
-
-  def per_segment(rows):
-    """Each example's summed response-token loss, sorted (rows may order them differently)."""
-    logits = model.apply(variables, rows["inputs"], positions=rows["positions"],
-                         segment_ids=rows["segment_ids"])
-    nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"]))
-    nll, seg = nll * rows["weights"], rows["segment_ids"]
-    return sorted(float(nll[r][seg[r] == s].sum())
-                  for r in range(len(seg)) for s in set(seg[r].tolist()) - {0})
-
+  examples, _ = sft.encode_all([sft.parse_row(r, f"t:{i}") for i, r in enumerate(TRAIN)],
+                               sft.make_format(chat_tok), SEQ_LEN)
   packed, alone = sft.pack(examples, SEQ_LEN), sft.pack(examples, SEQ_LEN, packing=False)
-  assert len(packed["inputs"]) < len(alone["inputs"]) == len(TRAIN)
-  np.testing.assert_allclose(per_segment(packed), per_segment(alone), rtol=1e-5, atol=1e-5)
+  both = {k: np.concatenate([packed[k], alone[k]]) for k in packed}
+  logits = jax.jit(model.apply)(variables, both["inputs"], positions=both["positions"],
+                                segment_ids=both["segment_ids"])
+  nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, both["targets"]))
+  nll, seg = nll * both["weights"], both["segment_ids"]
+  per_segment = lambda rows: sorted(float(nll[r][seg[r] == s].sum())
+                                    for r in rows for s in set(seg[r].tolist()) - {0})
+  n = len(packed["inputs"])
+  return {"packed": per_segment(range(n)), "alone": [float(nll[n + i].sum()) for i in range(
+      len(TRAIN))], "tokens": [float(alone["weights"][i].sum()) for i in range(len(TRAIN))],
+          "packed_rows": n}
+
+
+def test_packed_losses_equal_the_examples_alone(untrained):
+  assert untrained["packed_rows"] < len(TRAIN)  # some rows hold several examples
+  np.testing.assert_allclose(untrained["packed"], sorted(untrained["alone"]), rtol=1e-5,
+                             atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ bad rows
@@ -252,7 +263,7 @@ def trained(chat_dir, tmp_path_factory):
   from train import sft as program
   data = tmp_path_factory.mktemp("sft_data")
   write_jsonl(data / "train.jsonl", TRAIN)
-  write_jsonl(data / "eval.jsonl", [TRAIN[0], TRAIN[4]])
+  write_jsonl(data / "eval.jsonl", [TRAIN[0], TRAIN[4]])  # as `untrained` sees them
   workdir = tmp_path_factory.mktemp("sft") / "run"
   state, tokenizer, model, last = program.run(tiny_config(chat_dir, data), str(workdir))
   return data, workdir, state, model, last
@@ -262,22 +273,9 @@ def rows(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def start_loss(chat_dir, chat_tok, conversations) -> float:
-  """The response-token loss of the untrained weights, computed here (not by the program)."""
-  import optax
-  from fmjax import hf
-  model, variables = hf.from_pretrained(chat_dir)
-  examples, _ = sft.encode_all(conversations, sft.make_format(chat_tok), SEQ_LEN)
-  rows = sft.pack(examples, SEQ_LEN)
-  logits = model.apply(variables, rows["inputs"], positions=rows["positions"],
-                       segment_ids=rows["segment_ids"])
-  nll = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, rows["targets"]))
-  return float((nll * rows["weights"]).sum() / rows["weights"].sum())
-
-
-def test_tiny_run_overfits_and_answers_with_the_trained_response(trained, chat_dir, chat_tok):
+def test_tiny_run_overfits_and_answers_with_the_trained_response(trained, untrained):
   data, workdir, _, _, last = trained
-  start = start_loss(chat_dir, chat_tok, sft.read_jsonl(str(data / "eval.jsonl")))
+  start = sum(untrained["alone"][i] for i in (0, 4)) / sum(untrained["tokens"][i] for i in (0, 4))
   assert start > 3.0  # a random model: about ln(100 ids)
   assert last["eval/loss"] < 0.1 * start
   assert last["eval/answer_match"] == 1.0
@@ -304,13 +302,16 @@ def test_resume_equals_uninterrupted(trained, chat_dir, tmp_path):
 
 
 def test_export_reloads_with_equal_logits(trained):
+  import jax
   from fmjax import hf
   _, workdir, state, model, _ = trained
   merged = workdir / "export" / "merged"
   loaded, variables = hf.from_pretrained(merged)
+  assert loaded == model  # the same architecture and runtime: one compiled forward pass
+  forward = jax.jit(model.apply)
   tokens = np.asarray([[5, 9, 2, 40, 41, 3, 17]], np.int32)
-  np.testing.assert_allclose(np.asarray(loaded.apply(variables, tokens)),
-                             np.asarray(model.apply({"params": state.params}, tokens)),
+  np.testing.assert_allclose(np.asarray(forward(variables, tokens)),
+                             np.asarray(forward({"params": state.params}, tokens)),
                              rtol=1e-5, atol=1e-5)
   tok = hf.tokenizer_from_pretrained(merged)
   assert tok.chat_template == CHATML
@@ -346,3 +347,23 @@ def test_every_key_of_every_variant_has_a_rule_or_a_reason(monkeypatch):
   bad.data.prompt_format = "chatml"
   with pytest.raises(ValueError, match="--config.data.prompt_format=chatml: not one of"):
     checks.validate(bad)
+
+
+def test_export_loads_in_transformers_with_equal_logits(trained):
+  """Live: transformers reads export/merged (weights, tokenizer, chat template)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import jax
+  _, workdir, state, model, _ = trained
+  merged = workdir / "export" / "merged"
+  reference = transformers.AutoModelForCausalLM.from_pretrained(merged)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
+  messages = [{"role": "user", "content": "Capital of France?"}]
+  ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+  from fmjax import hf
+  assert ids == hf.tokenizer_from_pretrained(merged).apply_chat_template(
+      messages, add_generation_prompt=True)
+  with torch.no_grad():
+    expected = reference(torch.tensor([ids])).logits.numpy()
+  ours = np.asarray(jax.jit(model.apply)({"params": state.params}, np.asarray([ids], np.int32)))
+  np.testing.assert_allclose(ours[..., :expected.shape[-1]], expected, rtol=1e-4, atol=1e-4)

@@ -80,12 +80,15 @@ def encode(config, fmt, conversations, what: str):
 
 
 def show(tokenizer, ids, loss) -> str:
-  """An encoded example as text, the tokens the loss counts in [[...]]."""
+  """An encoded example as text, the tokens the loss counts in [[...]] (EOS shown, which
+  decode leaves out)."""
+  eos = getattr(tokenizer, "eos_token", "<eos>")
+  text = lambda run: eos.join(tokenizer.decode(part) for part in np.split(
+      run, np.flatnonzero(run == tokenizer.eos_id)) for part in [part[part != tokenizer.eos_id]])
   parts, start = [], 0
   for i in range(1, len(ids) + 1):
     if i == len(ids) or loss[i] != loss[start]:
-      text = tokenizer.decode(ids[start:i].tolist())
-      parts.append(f"[[{text}]]" if loss[start] else text)
+      parts.append(f"[[{text(ids[start:i])}]]" if loss[start] else text(ids[start:i]))
       start = i
   return "".join(parts)
 

@@ -153,7 +153,7 @@ def read_jsonl(paths: str | Sequence[str]) -> list[Conversation]:
           continue
         where = f"{path}:{number}"
         try:
-          row = json.loads(line)
+          row = json.loads(line.rstrip())  # columns as in the file
         except json.JSONDecodeError as e:
           raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line "
                           "must be one JSON object") from None
