@@ -207,8 +207,10 @@ class Evaluation:
       self._tb.close()
 
 
-def export(model, params, tokenizer, source, directory: str) -> None:
-  """The model in Hugging Face format with its tokenizer's files (see the module docstring)."""
+def export(model, params, tokenizer, source, directory: str, stop_tokens=()) -> None:
+  """The model in Hugging Face format with its tokenizer's files (see the module docstring);
+  a source without a Hugging Face directory gets a generation_config.json naming
+  `stop_tokens` (the end-of-turn and EOS ids) as eos_token_id."""
   from fmjax import hf
   hf.save_pretrained(model, params, directory)
   if jax.process_index() != 0:
@@ -222,6 +224,9 @@ def export(model, params, tokenizer, source, directory: str) -> None:
                                                      if os.path.isdir(path) else {}))
     return
   tokenizer.save(directory)  # fmjax_tokenizer.json (+ tokenizer.json for a Hugging Face one)
+  if stop_tokens:
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+      json.dump({"eos_token_id": sorted(int(i) for i in stop_tokens)}, f, indent=2)
   if tokenizer.kind != "hf":
     log.warning("export: the %s tokenizer has no Hugging Face form; fmjax reads "
                                "it (fmjax.data.load_tokenizer), transformers does not",
@@ -317,7 +322,8 @@ def run(config, workdir: str):
       evaluation.close()
 
   merged = os.path.join(workdir, "export", "merged")
-  export(model, state.params, tokenizer, source, merged)
+  export(model, state.params, tokenizer, source, merged,
+         stop_tokens={*fmt.stop_tokens, tokenizer.eos_id})
   common.report(workdir, last)
   if jax.process_index() == 0:
     print(f"  export:      {merged} (Hugging Face format)")
