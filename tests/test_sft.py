@@ -157,6 +157,16 @@ def test_truncation_keeps_the_prompt_end():
   assert (out.tolist(), kept.tolist(), how) == ([4, 5, 6, 7], [False, False, True, True],
                                                 "response")
   assert sft.truncate(ids, loss, 10)[2] is None
+  from fmjax.data import ByteTokenizer
+  rows = [sft.parse_row({"prompt": p, "response": r}, f"t:{i}")
+          for i, (p, r) in enumerate([("a" * 30, "b"), ("c", "d" * 30), ("e", "f")])]
+  examples, cut = sft.encode_all(rows, sft.make_format(ByteTokenizer()), 24)  # 25 tokens
+  assert cut == {"prompt": 1, "response": 1}
+  assert [len(ids) for ids, _ in examples] == [25, 25, 21]  # 21: "User: e\nAssistant: f<EOS>"
+  ids, loss = examples[0]  # 50 tokens: the last 25, the prompt's end
+  assert bytes(ids[:-1].tolist()) == b"a" * 11 + b"\nAssistant: b" and loss.sum() == 2
+  ids, loss = examples[1]  # response of 31 > 25: 12 prompt tokens, the response's first 13
+  assert bytes(ids.tolist()) == b"\nAssistant: " + b"d" * 13 and loss.tolist() == [False] * 12 + [True] * 13
 
 
 def test_packing_by_hand():
