@@ -147,17 +147,22 @@ def read_jsonl(paths: str | Sequence[str]) -> list[Conversation]:
   """
   conversations = []
   for path in resolve_files(paths):
-    with open(path, encoding="utf-8") as f:
-      for number, line in enumerate(f, start=1):
-        if not line.strip():
-          continue
-        where = f"{path}:{number}"
-        try:
-          row = json.loads(line.rstrip())  # columns as in the file
-        except json.JSONDecodeError as e:
-          raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line "
-                          "must be one JSON object") from None
-        conversations.append(parse_row(row, where))
+    try:
+      with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not JSON
+        lines = f.read().split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                      "UTF-8") from None
+    for number, line in enumerate(lines, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); each line "
+                        "must be one JSON object") from None
+      conversations.append(parse_row(row, where))
   if not conversations:
     raise DataError(f"{paths}: no rows; give JSONL files with one example per line")
   return conversations
