@@ -324,7 +324,15 @@ RULES: dict[str, Callable] = {
     "data.in_memory": Bool(),
     "data.crop_padding": Int(0, note="0: no crop"),
     "data.flip": Bool(),
-    # sample: pretrain_gpt's sample at the end
+    # data: sft
+    "data.prompt_format": Choice(_lazy("fmjax.data.sft", "FORMATS")),
+    "data.packing": Bool(),
+    # lora: low-rank adapters (rank 0: full finetuning)
+    "lora.rank": Int(0, note="0: full finetuning"),
+    "lora.alpha": Float(0, open_low=True),
+    "lora.dropout": FRACTION,
+    # sample: pretrain_gpt's sample at the end; sft's answers at each evaluation
+    "sample.num_prompts": Int(0, note="0: none"),
     "sample.num_tokens": Int(0, note="0: no sample"),
     "sample.temperature": Float(0, note="0: greedy"),
     "sample.top_k": Int(0, note="0: every token"),
@@ -367,7 +375,7 @@ def _lora_targets(value) -> str | None:
 # metric, a prompt; the model's choices in MODELS, init_from in DEPENDENT). Every key of a
 # run config is in RULES or here (tests/test_checks.py), so a new key gets a rule or a reason.
 FREE_FORM = frozenset({
-    "init_from", "train.best_metric", "sample.prompt",
+    "init_from", "train.best_metric", "sample.prompt", "lora.targets",
     *(f"data.{k}" for k in ("tfds_name", "text_key", "data_dir", "train_split", "eval_split",
                             "test_split", "source_lang", "target_lang", "text_columns",
                             "label_column", "label_names")),
