@@ -323,6 +323,13 @@ RULES: dict[str, Callable] = {
     "data.in_memory": Bool(),
     "data.crop_padding": Int(0, note="0: no crop"),
     "data.flip": Bool(),
+    # data and loss: detect
+    "data.image_dir": Path("dir"),
+    "data.shapes_train": POSITIVE, "data.shapes_eval": POSITIVE,
+    "data.max_boxes": POSITIVE,
+    "data.min_scale": Float(0, 1, open_low=True, note="1: no scale jitter"),
+    **{f"loss.{k}": NONNEGATIVE for k in ("class_weight", "l1_weight", "giou_weight",
+                                          "no_object_weight")},
     # sample: pretrain_gpt's sample at the end
     "sample.num_tokens": Int(0, note="0: no sample"),
     "sample.temperature": Float(0, note="0: greedy"),
@@ -338,7 +345,8 @@ RULES: dict[str, Callable] = {
         "norm_eps": Float(0, open_low=True),
         **{k: POSITIVE for k in ("max_len", "type_vocab_size", "num_layers", "num_heads",
                                  "embed_dim", "mlp_dim", "decoder_layers", "image_size",
-                                 "patch_size", "num_channels")},
+                                 "patch_size", "num_channels", "backbone_layers",
+                                 "num_queries")},
         "encoder_layers": Int(0),
         **{k: Bool() for k in ("gated_mlp", "use_bias", "tie_embeddings", "pre_ln")},
     }.items()},
