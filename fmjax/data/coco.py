@@ -180,7 +180,8 @@ def prepare(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, size: i
 
   Returns:
     {"image": (S, S, C) uint8, "mask": (S, S) bool, "boxes": (M, 4) float32 cxcywh / S,
-    "labels": (M,) int32, "valid": (M,) bool, "ratio": float32 r}.
+    "labels": (M,) int32, "valid": (M,) bool, "ratio": (2,) float32 canvas pixels per image
+    pixel along x and y (r, up to rounding)}.
   """
   h, w = image.shape[:2]
   r = scale * size / max(h, w)
@@ -201,7 +202,7 @@ def prepare(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, size: i
   lab = np.zeros(max_boxes, np.int32)
   lab[:n] = labels[:n]
   return {"image": canvas, "mask": mask, "boxes": out, "labels": lab,
-          "valid": np.arange(max_boxes) < n, "ratio": np.float32(nw / w)}
+          "valid": np.arange(max_boxes) < n, "ratio": np.array([nw / w, nh / h], np.float32)}
 
 
 def to_pixels(boxes: np.ndarray, ratio, size: int) -> np.ndarray:
@@ -209,14 +210,15 @@ def to_pixels(boxes: np.ndarray, ratio, size: int) -> np.ndarray:
 
   Args:
     boxes: (..., 4) cxcywh in [0, 1] of the canvas.
-    ratio: the `prepare` ratio r (canvas pixels per image pixel), broadcastable to (...).
+    ratio: the `prepare` ratios (canvas pixels per image pixel along x and y), (..., 2).
     size: S.
 
   Returns:
     (..., 4) float xywh in the image's pixels.
   """
-  return detection.xyxy_to_xywh(detection.cxcywh_to_xyxy(np.asarray(boxes, np.float64)) * size
-                                / np.asarray(ratio, np.float64)[..., None])
+  rx, ry = (np.asarray(ratio, np.float64)[..., i, None] for i in range(2))
+  xyxy = detection.cxcywh_to_xyxy(np.asarray(boxes, np.float64)) * size
+  return detection.xyxy_to_xywh(xyxy / np.concatenate([rx, ry, rx, ry], axis=-1))
 
 
 class Detections:
@@ -236,18 +238,18 @@ class Detections:
     self.data, self.size, self.max_boxes = data, size, max_boxes
     self.augment, self.seed = augment, seed
     # Decoded once at the canvas's scale: jitter only shrinks, so nothing is lost.
-    self.images, self.boxes, widths = [], [], []
+    self.images, self.boxes, sides = [], [], []
     for file, b in zip(data.files, data.boxes):
       im = open_image(file, channels)
       h, w = im.shape[:2]
-      widths.append(w)
+      sides.append((w, h))
       r = min(1.0, size / max(h, w))
       nh, nw = max(1, round(h * r)), max(1, round(w * r))
       self.images.append(resize(im, nh, nw) if (nh, nw) != (h, w) else im)
       self.boxes.append(b * np.array([nw / w, nh / h, nw / w, nh / h], np.float32))
     # prepare's ratio is per decoded pixel; this makes it per original pixel.
-    self.scale_back = np.asarray([im.shape[1] / w for im, w in zip(self.images, widths)],
-                                 np.float32)
+    self.scale_back = np.asarray([(im.shape[1] / w, im.shape[0] / h)
+                                  for im, (w, h) in zip(self.images, sides)], np.float32)
     self.truncated = sum(max(0, len(b) - max_boxes) for b in data.boxes)
 
   def __len__(self) -> int:
@@ -269,7 +271,7 @@ class Detections:
       scale, flip = rng.uniform(self.augment[0], 1.0), bool(self.augment[1] and rng.random() < 0.5)
     ex = prepare(self.images[i], self.boxes[i], self.data.labels[i], size=self.size,
                  max_boxes=self.max_boxes, scale=scale, flip=flip)
-    ex["ratio"] = np.float32(ex["ratio"] * self.scale_back[i])
+    ex["ratio"] = ex["ratio"] * self.scale_back[i]
     ex["index"] = np.int32(i)
     return ex
 
