@@ -62,7 +62,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   if variant == "tiny":
     t.steps, t.learning_rate = 60, 2e-3
-    t.log_every, t.eval_every, t.save_every = 20, 30, 30
+    t.log_every, t.eval_every, t.save_every = 15, 30, 30
   elif variant == "shapes":
     config.model = model_config(detr.get_config("small"))
     config.model.num_classes = -1
