@@ -208,14 +208,16 @@ def predict_folder(predict, workdir: str, folder: str, c: detr.DETRConfig, categ
   """Boxes every image of `folder` into predictions/<folder>.json (+ .png); returns the path."""
   files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
   if not files:
-    raise ValueError(f"--config.data.predict_path={folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    raise ValueError(f"--config.data.predict_path={folder}: no images "
+                     f"({', '.join(IMAGE_SUFFIXES)})")
   examples = [coco.prepare(coco.open_image(os.path.join(folder, f), c.num_channels),
                            np.zeros((0, 4)), np.zeros(0, np.int32), size=c.image_size,
                            max_boxes=1) for f in files]
   pred = collect(predict, examples, batch_size)
   boxes = coco.to_pixels(pred["boxes"], pred["ratio"][:, None], c.image_size)
   out = [{"file_name": f, "category_id": int(category_ids[pred["labels"][i, q]]),
-          "category": names[pred["labels"][i, q]], "bbox": [round(float(v), 2) for v in boxes[i, q]],
+          "category": names[pred["labels"][i, q]],
+          "bbox": [round(float(v), 2) for v in boxes[i, q]],
           "score": round(float(pred["scores"][i, q]), 5)}
          for i, f in enumerate(files) for q in range(boxes.shape[1])
          if pred["scores"][i, q] >= DRAW_THRESHOLD]

@@ -119,7 +119,8 @@ def read_coco(path: str, image_dir: str = "", *, categories: list | None = None)
       first = next((a.get("id") for a in coco["annotations"] if a["image_id"] == iid), None)
       raise DataError(f"{path}: image id {iid}: no file {file}"
                       f"{f' (annotation id {first})' if first is not None else ''}; "
-                      "set the image folder (config.data.image_dir) or fix file_name")
+                      "pass the folder the file names are relative to (image_dir) or fix "
+                      "file_name")
     files.append(file)
     sizes.append((im.get("height", 0), im.get("width", 0)))
   return CocoSet(
