@@ -409,8 +409,10 @@ class DecoderBlock(nn.Module):
   Training: __call__(x, memory, memory_mask) -> (x, None). Decoding: `cache` is
   {"self": {"k", "v"} (B, K, S_tgt, H), "cross": {"k", "v"} (B, K, S_src, H)}; memory is given
   on the first step only (its keys and values go into cache["cross"]); returns (x, cache).
+  causal=False (training only) lets every target see every other: DETR's object queries.
   """
   config: BlockConfig
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, memory, memory_mask, *, positions=None, kv_mask=None,
@@ -443,7 +445,8 @@ class DecoderBlock(nn.Module):
     def self_attn(y):
       mha = MultiHeadAttention(c, name="attn")
       if cache is None:
-        return mha(y, q_positions=positions, kv_positions=positions, causal=True, train=train)
+        return mha(y, q_positions=positions, kv_positions=positions, causal=self.causal,
+                   train=train)
       y, new_cache["self"] = mha(y, kv_mask=kv_mask, q_positions=positions,
                                  kv_positions=positions, causal=True, cache=cache["self"],
                                  cache_index=cache_index)

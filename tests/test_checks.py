@@ -25,7 +25,8 @@ from train import checks, common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODULES = {"gpt": "configs.gpt", "bert": "configs.bert", "finetune": "configs.finetune",
-           "translate": "configs.translate", "caption": "configs.caption", "vit": "configs.vit"}
+           "translate": "configs.translate", "caption": "configs.caption", "vit": "configs.vit",
+           "detect": "configs.detect"}
 
 
 @pytest.fixture(autouse=True)

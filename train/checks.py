@@ -331,6 +331,13 @@ RULES: dict[str, Callable] = {
     "lora.rank": Int(0, note="0: full finetuning"),
     "lora.alpha": Float(0, open_low=True),
     "lora.dropout": FRACTION,
+    # data and loss: detect
+    "data.image_dir": Path("dir"),
+    "data.shapes_train": POSITIVE, "data.shapes_eval": POSITIVE,
+    "data.max_boxes": POSITIVE,
+    "data.min_scale": Float(0, 1, open_low=True, note="1: no scale jitter"),
+    **{f"loss.{k}": NONNEGATIVE for k in ("class_weight", "l1_weight", "giou_weight",
+                                          "no_object_weight")},
     # sample: pretrain_gpt's sample at the end; sft's answers at each evaluation
     "sample.num_prompts": Int(0, note="0: none"),
     "sample.num_tokens": Int(0, note="0: no sample"),
@@ -347,7 +354,8 @@ RULES: dict[str, Callable] = {
         "norm_eps": Float(0, open_low=True),
         **{k: POSITIVE for k in ("max_len", "type_vocab_size", "num_layers", "num_heads",
                                  "embed_dim", "mlp_dim", "decoder_layers", "image_size",
-                                 "patch_size", "num_channels")},
+                                 "patch_size", "num_channels", "backbone_layers",
+                                 "num_queries")},
         "encoder_layers": Int(0),
         **{k: Bool() for k in ("gated_mlp", "use_bias", "tie_embeddings", "pre_ln")},
     }.items()},
