@@ -327,10 +327,6 @@ RULES: dict[str, Callable] = {
     # data: sft
     "data.prompt_format": Choice(_lazy("fmjax.data.sft", "FORMATS")),
     "data.packing": Bool(),
-    # lora: low-rank adapters (rank 0: full finetuning)
-    "lora.rank": Int(0, note="0: full finetuning"),
-    "lora.alpha": Float(0, open_low=True),
-    "lora.dropout": FRACTION,
     # data and loss: detect
     "data.image_dir": Path("dir"),
     "data.shapes_train": POSITIVE, "data.shapes_eval": POSITIVE,
@@ -383,7 +379,7 @@ def _lora_targets(value) -> str | None:
 # metric, a prompt; the model's choices in MODELS, init_from in DEPENDENT). Every key of a
 # run config is in RULES or here (tests/test_checks.py), so a new key gets a rule or a reason.
 FREE_FORM = frozenset({
-    "init_from", "train.best_metric", "sample.prompt", "lora.targets",
+    "init_from", "train.best_metric", "sample.prompt",
     *(f"data.{k}" for k in ("tfds_name", "text_key", "data_dir", "train_split", "eval_split",
                             "test_split", "source_lang", "target_lang", "text_columns",
                             "label_column", "label_names")),
