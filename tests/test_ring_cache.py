@@ -7,24 +7,39 @@ prefill longer and shorter than the window and of every decoding step equal the 
 pass (Mistral scanned, Gemma 2, Gemma 3); greedy, sampled and beam-search tokens of
 `generate` (and `stream`) equal the full-length cache's and a recomputation without any
 cache, on left-padded batches whose prompts are longer and shorter than the window; the
-bytes saved on Gemma 3 1B at S = 4096.
+bytes saved on Gemma 3 1B at S = 4096; on 8 simulated devices (fsdp_tp) the ring keeps the
+cache's logical axes (CACHE_AXES) and the logits of one device.
+
+Run as a script (`python tests/test_ring_cache.py --sharded`) it prints the sharded-vs-single
+comparison as JSON: the test runs it in a subprocess with 8 simulated CPU devices.
 """
 
 import dataclasses
 import functools
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+if __name__ == "__main__":  # the subprocess: devices must be set before jax is imported
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
-from fmjax import attention, generate, transformer
-from fmjax.layers import Rope
-from fmjax.models import decoder
-from fmjax.models.decoder import Decoder, Gemma, LocalLayers
-from fmjax.runtime import Runtime
-from fmjax.transformer import AttentionOptions
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from fmjax import attention, generate, sharding, transformer  # noqa: E402
+from fmjax.layers import Rope  # noqa: E402
+from fmjax.models import decoder  # noqa: E402
+from fmjax.models.decoder import Decoder, Gemma, LocalLayers  # noqa: E402
+from fmjax.runtime import Runtime  # noqa: E402
+from fmjax.transformer import AttentionOptions  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _BASE = dict(vocab_size=256, max_len=128, embed_dim=64, mlp_dim=128, num_heads=4,
              num_kv_heads=2)
@@ -305,3 +320,70 @@ def test_beam_search_and_stream_over_the_ring():
     np.testing.assert_allclose(float(out.scores[b]), want, rtol=1e-5)
   want = recomputed("gemma2", False, PROMPTS, NEW)[0]  # greedy: the same alone as batched
   assert list(generate.stream(model, params, PROMPTS[0], max_new_tokens=NEW)) == want
+
+
+# ------------------------------------------------------------------------------ sharding
+
+
+def sharded_results():
+  """A Gemma 3 prefill (16 slots > the window of 5) and one greedy decoding step on a
+  (data 2, fsdp 2, tensor 2) mesh: the logits, the tokens and each cache leaf's shape and
+  whether its sharding is CACHE_AXES' under fsdp_tp."""
+  model, params = make("gemma3")
+  prompts = PROMPTS * 2  # 4 rows: the batch splits over data x fsdp
+  prompt = np.zeros((4, 16), np.int32)
+  for row, p in zip(prompt, prompts):
+    row[16 - len(p):] = p
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+
+  @jax.jit
+  def run(params, prompt, lengths):  # the prefill, then the greedy token's decoding step
+    logits, cache, kv_mask, lengths = generate._prefill(model, params, prompt, lengths, NEW)
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    step, cache = model.apply({"params": params}, tok[:, None], cache, index=16,
+                              positions=lengths[:, None], kv_mask=kv_mask, method="decode")
+    return logits, tok, step, cache
+
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  placed = jax.device_put(params, sharding.shardings_of(abstract, mesh, "fsdp_tp")["params"])
+  with sharding.context(mesh, "fsdp_tp"):
+    logits, tok, step, cache = run(placed, jax.device_put(prompt, sharding.batch_sharding(mesh)),
+                                   jax.device_put(lengths, sharding.batch_sharding(mesh)))
+  want = jax.sharding.NamedSharding(mesh, sharding.logical_to_mesh(
+      jax.sharding.PartitionSpec(*transformer.CACHE_AXES), "fsdp_tp"))
+  return {"devices": jax.device_count(), "logits": np.asarray(logits).tolist(),
+          "tokens": np.asarray(tok).tolist(), "step": np.asarray(step).tolist(),
+          "cache": {path: [list(x.shape), x.sharding.is_equivalent_to(want, x.ndim)]
+                    for path, x in zip(leaf_shapes(cache), jax.tree_util.tree_leaves(cache))},
+          "spec": str(want.spec)}
+
+
+def test_sharded_ring_keeps_the_cache_axes_and_the_logits():
+  """8 simulated devices, fsdp_tp: the rings and the global cache split as CACHE_AXES say
+  (batch over data x fsdp, kv heads over tensor), and the prefill's and the next step's
+  logits equal the forward pass without a cache on one device."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, __file__, "--sharded"], env=env, capture_output=True,
+                        text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 8
+  assert out["spec"] == "P(('data', 'fsdp'), 'tensor', None, None)"
+  assert out["cache"] == {f"layer_{i}/{n}": [[4, 2, 5 if i < 2 else 28, 32], True]
+                          for i in range(3) for n in ("k", "v")}  # the rings too
+  buf = np.zeros((2, 32), np.int32)
+  for b, p in enumerate(PROMPTS):
+    buf[b, :len(p) + 1] = p + [out["tokens"][b]]
+  full = np.asarray(forward("gemma3")(buf))
+  for b, p in enumerate(PROMPTS * 2):
+    for got, want in ((out["logits"][b], full[b % 2, len(p) - 1]),
+                      (out["step"][b], full[b % 2, len(p)])):
+      np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+  assert out["tokens"][:2] == out["tokens"][2:]
+
+
+if __name__ == "__main__":
+  if sys.argv[1:] == ["--sharded"]:
+    print(json.dumps(sharded_results()))
