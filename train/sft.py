@@ -7,7 +7,7 @@ The base model is config.init_from: a Hugging Face directory (hf:DIR, a decoder 
 GPT-2) or an fmjax workdir, whose architecture and tokenizer come with it; without one, a
 config.model GPT over the byte tokenizer starts from random weights (the tiny recipe). The
 JSONL rows (fmjax/data/sft.py) are rendered with the tokenizer's chat template when it has one
-(config.data.prompt_format), the loss counting only the assistant's tokens and the end-of-turn token,
+(config.data.prompt_format), the loss counting only the assistant's tokens and end-of-turn token,
 and packed into config.data.seq_len rows with segment ids (no attention between examples).
 Every evaluation computes eval/loss and eval/accuracy over the eval file's response tokens
 and answers its first config.sample.num_prompts prompts with fmjax.generate (inside the jitted
@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from fmjax import data as fdata
-from fmjax import errors, generate, heads, memory, sources
+from fmjax import errors, generate, heads, hf, memory, sharding, sources
 from fmjax.data import sft
 from fmjax.data.tokenizers import METADATA_FILE
 from fmjax.models import gpt
@@ -211,7 +211,6 @@ def export(model, params, tokenizer, source, directory: str, stop_tokens=()) -> 
   """The model in Hugging Face format with its tokenizer's files (see the module docstring);
   a source without a Hugging Face directory gets a generation_config.json naming
   `stop_tokens` (the end-of-turn and EOS ids) as eos_token_id."""
-  from fmjax import hf
   hf.save_pretrained(model, params, directory)
   if jax.process_index() != 0:
     return
@@ -293,16 +292,15 @@ def run(config, workdir: str):
       fdata.ArraySource({k: v for k, v in train_rows.items() if k != "weight"}),
       batch_size=t.batch_size, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
+  # An answer ends at the template's end-of-turn id, EOS, or the checkpoint's own stop ids.
+  stops = {*fmt.stop_tokens, tokenizer.eos_id}
+  if isinstance(source, sources.HuggingFace):
+    stops |= set(hf.generation_config(source.directory).stop_tokens)
   evaluation = predict_fn = None
   if eval_conversations:
     _, eval_rows = encode(config, fmt, eval_conversations, "eval")
-    stops = {*fmt.stop_tokens, tokenizer.eos_id}
-    if isinstance(source, sources.HuggingFace):
-      from fmjax import hf
-      stops |= set(hf.generation_config(source.directory).stop_tokens)
     settings = generate.GenerateConfig(max_new_tokens=s.num_tokens, temperature=s.temperature,
                                        top_k=s.top_k, stop_tokens=tuple(sorted(stops)))
-    from fmjax import sharding
     evaluation = Evaluation(config, workdir, tokenizer, fmt, eval_conversations, eval_rows,
                             train_data, max_prompt, stops,
                             sharding.batch_shards(sharding.make_mesh(dict(config.mesh))))
@@ -314,16 +312,15 @@ def run(config, workdir: str):
       flops_per_example=flops_per_token(model_config, d.seq_len) * d.seq_len,
       tokens_per_example=d.seq_len, predict_fn=predict_fn, score_fn=evaluation,
       notes=(memory_note,))
+  schedule = common.resolve_schedule(t, len(train_rows["inputs"]), accum_steps=accum_steps)
   try:
-    state, last = common.fit(config, workdir, task, source=source, schedule=common.resolve_schedule(
-        t, len(train_rows["inputs"]), accum_steps=accum_steps))
+    state, last = common.fit(config, workdir, task, source=source, schedule=schedule)
   finally:
     if evaluation is not None:
       evaluation.close()
 
   merged = os.path.join(workdir, "export", "merged")
-  export(model, state.params, tokenizer, source, merged,
-         stop_tokens={*fmt.stop_tokens, tokenizer.eos_id})
+  export(model, state.params, tokenizer, source, merged, stop_tokens=stops)
   common.report(workdir, last)
   if jax.process_index() == 0:
     print(f"  export:      {merged} (Hugging Face format)")
