@@ -159,3 +159,54 @@ def test_init_from_a_base_checkpoint_leaves_the_adapters_fresh():
   with pytest.raises(Exception, match="lacks"):  # without NEW_PARAMS the adapters are missing
     sources.parse(f"hf:{GOLDEN / 'hf' / 'llama'}").load(
         fresh, sharding.shardings_of(abstract, mesh, "dp"))
+
+
+def _bert_cls_with_adapters():
+  model, variables = fmjax.hf.from_pretrained(GOLDEN / "hf" / "bert_cls",
+                                              runtime=Runtime(attention_impl="xla"))
+  base = variables["params"]
+  spec = lora.LoraSpec(rank=2, alpha=4.0, targets=("query", "value"),
+                       modules_to_save=("classifier",))
+  ids = np.random.RandomState(0).randint(5, 100, (2, 7)).astype(np.int32)
+  args = (ids, np.zeros_like(ids), np.ones_like(ids))
+  params = lora.add_adapters(model, base, spec, jax.random.key(0), *args)
+  keys = iter(jax.random.split(jax.random.key(1), 64))
+  params = jax.tree_util.tree_map_with_path(  # B non-zero, and a "trained" classifier
+      lambda p, t: t + 0.1 * jax.random.normal(next(keys), t.shape)
+      if lora._names(p)[-1] == "lora_b" or "classifier" in lora._names(p) else t, params)
+  return model, base, params, spec, args
+
+
+def test_bert_classifier_adapters_and_modules_to_save_round_trip(tmp_path):
+  model, base, params, spec, args = _bert_cls_with_adapters()
+  fpeft.save_adapter(tmp_path, model, params, spec)
+  cfg = json.loads((tmp_path / fpeft.CONFIG_FILE).read_text())
+  assert (cfg["task_type"], cfg["modules_to_save"], cfg["target_modules"]) == (
+      "SEQ_CLS", ["classifier"], ["query", "value"])
+  names = set(safetensors.numpy.load_file(tmp_path / fpeft.WEIGHTS_FILE))
+  assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias",
+          "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"} <= names
+  back, spec2 = fpeft.load_adapter(tmp_path, model, base)
+  assert spec2.modules_to_save == ("classifier/dense",) and spec2.scale == spec.scale
+  for (k, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(params),
+                            jax.tree_util.tree_leaves_with_path(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(k))
+
+
+def test_peft_reads_fmjax_bert_classifier_adapters(tmp_path):
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  transformers = pytest.importorskip("transformers")
+  model, base, params, spec, args = _bert_cls_with_adapters()
+  fmjax.hf.save_pretrained(model, {"params": base}, tmp_path / "base")
+  fpeft.save_adapter(tmp_path / "adapter", model, params, spec)
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base",
+                                                                       dtype=torch.float32)
+  pm = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+  with torch.no_grad():
+    want = pm(input_ids=torch.from_numpy(args[0].astype(np.int64)),
+              token_type_ids=torch.from_numpy(args[1].astype(np.int64)),
+              attention_mask=torch.from_numpy(args[2].astype(np.int64))).logits.numpy()
+  got = np.asarray(lora.apply(model, params, spec, *args))
+  assert np.abs(got - np.asarray(model.apply({"params": base}, *args))).max() > 1e-3
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)

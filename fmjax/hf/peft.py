@@ -27,6 +27,7 @@ kernels the same A and each its rows of B.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -67,6 +68,18 @@ def _modules(model):
   return arch, variant, out, {p[len(root):]: s for p, s in shapes.items()}
 
 
+def _whole(model):
+  """[(HF tensor name as the class saves it, Rule with paths relative to the model)] of every
+  tensor: the full tensors of PEFT's modules_to_save (a classifier trained beside adapters)."""
+  arch, variant = weights._architecture_of(model)  # pylint: disable=protected-access
+  root = variant.root + "/" if variant.root else ""
+  out = []
+  for r in expand(variant.rules(model.config), model.config.num_layers):
+    name = r.hf[len(arch.prefix):] if variant.base_model else r.hf
+    out.append((name, dataclasses.replace(r, fm=tuple(p[len(root):] for p in r.fm))))
+  return out
+
+
 def _flat_loop(model, params) -> dict:
   flat = {p: np.asarray(x) for p, x in weights._flatten(nn.meta.unbox(params)).items()}  # pylint: disable=protected-access
   return unstack_layers(flat) if model.runtime.scan_layers else flat
@@ -83,11 +96,12 @@ def save_adapter(directory, model: nn.Module, params, spec: lora.LoraSpec) -> No
     directory: created if needed; adapter_config.json and adapter_model.safetensors written.
     model: the fmjax model (a class fmjax.hf exports: GPT, the decoder families, BERT, ViT).
     params: its params holding adapters (fmjax.lora), scanned or not, boxed or not.
-    spec: the LoraSpec they were made with.
+    spec: the LoraSpec they were made with; its modules_to_save (e.g. "classifier") are
+      written whole under their torch names, as PEFT saves them.
 
   Raises:
     ValueError: an adapter on a kernel PEFT cannot name (no torch module in the table), on
-      part of a fused torch module, or none at all.
+      part of a fused torch module, or none at all; modules_to_save the table does not write.
   """
   arch, variant, modules, shapes = _modules(model)
   flat = _flat_loop(model, params)
@@ -129,6 +143,18 @@ def save_adapter(directory, model: nn.Module, params, spec: lora.LoraSpec) -> No
   if left:
     raise ValueError(f"adapters on {sorted(left)[:5]} have no torch module in fmjax.hf's "
                      f"{arch.model_type} table; PEFT cannot name them")
+  saved, unpadded = set(), weights._param_shapes(arch, variant, weights._unpadded(model))  # pylint: disable=protected-access
+  root = variant.root + "/" if variant.root else ""
+  for hf, r in _whole(model):  # modules_to_save: whole tensors, under the module's own name
+    if all(any(p == k or p.startswith(k + "/") for k in spec.modules_to_save) for p in r.fm):
+      xs = [weights._fit(flat[p], unpadded[root + p]) for p in r.fm]  # pylint: disable=protected-access
+      tensors[PREFIX + hf] = np.ascontiguousarray(r.to_hf(xs))
+      saved.add(hf.rsplit(".", 1)[0])
+  missing = [k for k in spec.modules_to_save
+             if not any(p == k or p.startswith(k + "/") for _, r in _whole(model) for p in r.fm)]
+  if missing:
+    raise ValueError(f"LoraSpec.modules_to_save {missing} are no parameters fmjax.hf's "
+                     f"{arch.model_type} table writes")
   if not names:
     raise ValueError("params hold no adapters (fmjax.lora.add_adapters adds them)")
   shorts = sorted({n.rsplit(".", 1)[-1] for n in names})
@@ -140,7 +166,7 @@ def save_adapter(directory, model: nn.Module, params, spec: lora.LoraSpec) -> No
       "target_modules": shorts if every == set(names) else sorted(names),
       "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
       "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": False,
-      "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+      "modules_to_save": sorted(saved) or None, "init_lora_weights": True, "inference_mode": True,
       "layers_to_transform": None, "layers_pattern": None, "revision": None,
   }
   directory = pathlib.Path(directory)
@@ -167,7 +193,8 @@ def load_adapter(directory, model: nn.Module, params):
     params: its params without adapters (nested dicts, scanned or not).
 
   Returns:
-    (params with the adapters, the LoraSpec to run them with: fmjax.lora.apply / LoraModel).
+    (params with the adapters (and the modules_to_save tensors in place of the base's), the
+    LoraSpec to run them with: fmjax.lora.apply / LoraModel).
 
   Raises:
     FileNotFoundError: no adapter files in `directory`.
@@ -220,6 +247,19 @@ def load_adapter(directory, model: nn.Module, params):
       scales.add(scale)  # a block-diagonal split keeps the module's scale
       ranks.add(r)
       adapted.append(p)
+  flat_params, keep = None, []
+  for hf, r in _whole(model):  # modules_to_save: whole tensors replacing the base's
+    if PREFIX + hf in tensors:
+      if flat_params is None:
+        flat_params = _flat_loop(model, params)
+      w = tensors.pop(PREFIX + hf)
+      for p, x in zip(r.fm, r.to_fmjax(w, [shapes[p] for p in r.fm])):
+        flat_params[p] = weights._fit(x.astype(flat_params[p].dtype), padded_shapes[p])  # pylint: disable=protected-access
+        keep.append(p)
+  if flat_params is not None:
+    if model.runtime.scan_layers:
+      flat_params = stack_layers(flat_params)
+    params = unflatten_params({p: jnp.asarray(x) for p, x in flat_params.items()})
   if tensors:
     raise ValueError(f"{directory / WEIGHTS_FILE}: {len(tensors)} tensors match no weight matrix "
                      f"of a {type(model).__name__} with this config, e.g. {sorted(tensors)[:4]}")
@@ -230,7 +270,8 @@ def load_adapter(directory, model: nn.Module, params):
                      f"{sorted(scales)}; fmjax.lora runs one rank and one alpha / r per model")
   rank, scale = ranks.pop(), scales.pop()
   spec = lora.LoraSpec(rank=rank, alpha=scale * rank, dropout=float(cfg.get("lora_dropout", 0.0)),
-                       targets=_targets(adapted, [p for _, ps, _ in modules for p in ps]))
+                       targets=_targets(adapted, [p for _, ps, _ in modules for p in ps]),
+                       modules_to_save=tuple(sorted({p.rsplit("/", 1)[0] for p in keep})))
   adapters = {p: jnp.asarray(x) for p, x in adapters.items()}
   if model.runtime.scan_layers:
     adapters = stack_layers(adapters, stack=jnp.stack)
