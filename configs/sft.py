@@ -23,8 +23,8 @@ Variants:
         Llama/Mistral/Qwen/Gemma or GPT-2 directory, or an fmjax workdir, works the same):
         on the bundled sample unless --config.data.train_path/eval_path name yours;
         lr 2e-5, 512 tokens, bfloat16 compute with scanned, rematerialised layers.
-  lora  the same with LoRA's learning rate (2e-4); config.lora.rank is 0 (full finetuning)
-        until fmjax.lora is wired into train/sft.py: rank > 0 is refused for now.
+  lora  the same with rank-8 LoRA adapters (alpha 16) on the attention and MLP projections
+        and LoRA's learning rate (2e-4); export/peft/ holds the adapter for peft.
 At the end, WORKDIR/export/merged/ holds the model in Hugging Face format (config.json,
 model.safetensors and the tokenizer files), loadable by fmjax.hf.from_pretrained and
 transformers; evaluations write eval/loss (response tokens) and the sampled answers to the log,
@@ -35,7 +35,7 @@ import os
 
 import ml_collections
 
-from configs.common import base_config, model_config
+from configs.common import base_config, lora_config, model_config
 from fmjax.models import gpt
 
 VARIANTS = ("tiny", "full", "lora")
@@ -65,12 +65,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   s.temperature = 0.0  # 0: greedy
   s.top_k = 0  # 0: every token
 
-  # LoRA (fmjax.lora): rank 0 is full finetuning, the only mode train/sft.py runs for now.
-  lora = config.lora = ml_collections.ConfigDict()
-  lora.rank = 0
-  lora.alpha = 16.0
-  lora.dropout = 0.0
-  lora.targets = ""  # comma-separated parameter-path patterns; empty: fmjax.lora's default
+  config.lora = lora_config()  # rank 0: full finetuning
 
   t = config.train
   t.epochs = 0.0  # with steps 0: steps = epochs x packed rows / batch_size
@@ -86,6 +81,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     config.runtime.update(scan_layers=True, remat_policy="dots_no_batch", dtype="bfloat16")
     t.steps, t.batch_size, t.warmup_steps = 200, 8, 20
     t.learning_rate = 2e-5 if variant == "full" else 2e-4
+    if variant == "lora":
+      config.lora.rank, config.lora.alpha = 8, 16.0
     t.decay, t.end_factor = "cosine", 0.1
     t.log_every, t.eval_every, t.save_every = 10, 50, 50
     s.num_prompts, s.num_tokens = 4, 128

@@ -15,7 +15,11 @@ predict step, on the mesh): the answers go to the log, TensorBoard (text, "eval_
 DIR/predictions/step_N.jsonl, and eval/answer_match is the fraction equal to the reference.
 When training ends, DIR/export/merged/ gets the model in Hugging Face format with its tokenizer
 files (rerun a finished run to export again). Rerunning resumes from DIR/checkpoints.
-config.lora.rank > 0 (LoRA) is refused until fmjax.lora is wired in.
+config.lora.rank > 0 (LoRA, fmjax.lora): adapters of that rank on the attention and MLP
+projections (config.lora.targets) train while the base stays as loaded, with optimizer state
+for the adapters only; the end also writes DIR/export/peft/ (adapter_config.json +
+adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained(base, DIR/export/peft))
+and export/merged/ holds the model with the adapters merged in.
 """
 
 import json
@@ -30,7 +34,8 @@ import numpy as np
 import optax
 
 from fmjax import data as fdata
-from fmjax import errors, generate, heads, hf, memory, sharding, sources
+from fmjax import errors, generate, heads, hf, lora, memory, sharding, sources
+from fmjax.hf import peft as hf_peft
 from fmjax.data import sft
 from fmjax.data.tokenizers import METADATA_FILE
 from fmjax.models import gpt
@@ -45,8 +50,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def tokenizer_settings(config) -> list[str]:
-  """The config keys that decide the tokenizer (fixed on resume): the source's or bytes."""
-  return ["init_from"]
+  """The config keys fixed on resume: the source (it decides the tokenizer: the source's or
+  bytes) and the adapters' rank and targets (the checkpoint's parameters)."""
+  return ["init_from", "lora.rank", "lora.targets"]
 
 
 def build_tokenizer(workdir: str, source):
@@ -243,9 +249,6 @@ def export(model, params, tokenizer, source, directory: str, stop_tokens=()) -> 
 def run(config, workdir: str):
   """Finetunes per `config` in `workdir`; returns (state, tokenizer, model, last metrics)."""
   common.prepare_workdir(config, workdir)
-  if config.lora.rank:
-    raise ValueError(f"--config.lora.rank={config.lora.rank}: LoRA is not wired into "
-                     "train/sft.py yet; use --config.lora.rank=0 (full finetuning)")
   common.refuse_changed_settings(config, workdir, tokenizer_settings)
   d, t, s = config.data, config.train, config.sample
   source = common.sources.parse(config.init_from)
@@ -277,14 +280,21 @@ def run(config, workdir: str):
   train_examples, train_rows = encode(config, fmt, train_conversations, "train")
   log.info("first training example, the trained tokens in [[...]]: %r",
                           show(tokenizer, *train_examples[0]))
+  example = (np.zeros((1, d.seq_len), np.int32),)
+  # config.lora.rank > 0: adapters on the frozen model's attention and MLP projections.
+  _, adapted, spec = common.adapters(config, make_model(model_config, common.runtime(config)),
+                                     example)
+  build = lambda rt: (make_model(model_config, rt) if spec is None
+                      else lora.LoraModel(make_model(model_config, rt), spec))
   runtime, accum_steps, memory_note = common.plan_memory(
-      config, lambda rt: make_model(model_config, rt), (np.zeros((1, d.seq_len), np.int32),),
+      config, build, example,
       memory.Shape(num_layers=model_config.num_layers, embed_dim=model_config.embed_dim,
                    mlp_dim=model_config.mlp_dim, num_heads=model_config.num_heads,
                    num_kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
                    vocab_size=model_config.padded_vocab_size, seq_len=d.seq_len,
-                   batch_size=t.batch_size), common.runtime(config))
-  model = make_model(model_config, runtime)
+                   batch_size=t.batch_size), common.runtime(config),
+      trainable=adapted.get("trainable"))
+  model = build(runtime)
   if jax.process_index() == 0 and not resumed:
     tokenizer.save(os.path.join(workdir, "tokenizer"))
 
@@ -311,7 +321,7 @@ def run(config, workdir: str):
       init_args=lambda b: (b["inputs"],),
       flops_per_example=flops_per_token(model_config, d.seq_len) * d.seq_len,
       tokens_per_example=d.seq_len, predict_fn=predict_fn, score_fn=evaluation,
-      notes=(memory_note,))
+      notes=(memory_note,), **adapted)
   schedule = common.resolve_schedule(t, len(train_rows["inputs"]), accum_steps=accum_steps)
   try:
     state, last = common.fit(config, workdir, task, source=source, schedule=schedule)
@@ -320,10 +330,20 @@ def run(config, workdir: str):
       evaluation.close()
 
   merged = os.path.join(workdir, "export", "merged")
-  export(model, state.params, tokenizer, source, merged, stop_tokens=stops)
+  if spec is None:
+    export(model, state.params, tokenizer, source, merged, stop_tokens=stops)
+  else:  # the adapters as PEFT saves them, and the model with them merged in
+    peft_dir = os.path.join(workdir, "export", "peft")
+    if jax.process_index() == 0:
+      hf_peft.save_adapter(peft_dir, model.model, state.params, spec)
+    export(model.model, lora.merge(state.params, spec), tokenizer, source, merged,
+           stop_tokens=stops)
   common.report(workdir, last)
   if jax.process_index() == 0:
     print(f"  export:      {merged} (Hugging Face format)")
+    if spec is not None:
+      print(f"               {peft_dir} (PEFT adapter: "
+            f"peft.PeftModel.from_pretrained(base, this directory))")
   return state, tokenizer, model, last
 
 
