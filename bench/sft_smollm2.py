@@ -1,7 +1,7 @@
 """LoRA vs full supervised finetuning of SmolLM2-135M-Instruct on a small instruction set.
 
   python bench/make_smollm2.py            # once: the Hugging Face directory (see that file)
-  python bench/sft_smollm2.py [--steps 120 --batch 8 --seq_len 192 --rank 8]
+  python bench/sft_smollm2.py [--steps 60 --batch 4 --seq_len 128 --rank 8]
 
 The instruction set is made here from SST-2 sentences (../shared/data/sst2: train.tsv for
 training rows, test.tsv -- GLUE's dev set -- for the held-out rows), two tasks in a format
@@ -15,7 +15,8 @@ Each run is `python -m train.sft --config=configs/sft.py:lora` (LoRA: --config.l
 subprocess of its own (its peak resident memory is its own, from wait4):
   base  one LoRA step at learning rate 1e-9 (B starts at zero: the checkpoint itself), whose
         evaluation gives the untrained response loss and answers;
-  lora  rank --rank adapters on attention and MLP projections, lr 2e-4;
+  lora  rank --rank adapters (alpha 2 x rank) on --targets (default the attention
+        projections q, k, v, o: under 1% of the parameters at rank 8), lr 2e-4;
   full  every parameter, lr 2e-5.
 The same data order, steps, batch and sequence length for lora and full; one evaluation at
 the end (eval/loss: the response tokens of the held-out rows; answers: greedy, 24 tokens).
@@ -47,10 +48,13 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--hf", default=SMOLLM2, help="the SmolLM2 Hugging Face directory")
-  p.add_argument("--steps", type=int, default=120)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq_len", type=int, default=192)
+  p.add_argument("--steps", type=int, default=60)
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--targets", default="query,key,value,out",
+                 help="config.lora.targets (default: the attention projections, as PEFT's "
+                      "q/k/v/o; '' for fmjax.lora's default, attention and MLP)")
   p.add_argument("--train_rows", type=int, default=600)
   p.add_argument("--eval_rows", type=int, default=40)
   p.add_argument("--runs", default="base,lora,full")
@@ -135,7 +139,8 @@ def run(name: str, args, train_path: str, eval_path: str) -> dict:
          f"--config.train.log_every={max(1, min(10, steps))}",
          f"--config.sample.num_prompts={args.eval_rows}", "--config.sample.num_tokens=24",
          "--config.runtime.dtype=float32", "--config.runtime.remat_policy=none",
-         *([f"--config.lora.rank={args.rank}", f"--config.lora.alpha={2.0 * args.rank}"]
+         *([f"--config.lora.rank={args.rank}", f"--config.lora.alpha={2.0 * args.rank}",
+            f"--config.lora.targets={args.targets}"]
            if variant == "lora" else [])]
   load_before = os.getloadavg()[0]
   began = time.perf_counter()
