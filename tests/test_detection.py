@@ -266,3 +266,22 @@ def test_perfect_detections_score_map_one_through_cocoeval(shapes):
   assert shifted["eval/AP50"] == pytest.approx(1.0) and shifted["eval/AP75"] == 0.0
   assert 0.05 < shifted["eval/mAP"] < 0.2
   assert detect.coco_scores(shapes.coco, [])["eval/mAP"] == 0.0
+
+
+def test_tfds_coco_records_become_pixel_boxes_and_ground_truth(monkeypatch):
+  """coco/2017 through tfds.data_source (stubbed: no network here), features as the tfds
+  catalog has them: normalised [ymin, xmin, ymax, xmax] boxes, crowd boxes kept out of
+  training but in the ground truth."""
+  import tensorflow_datasets as tfds
+  record = {"image": np.zeros((20, 40, 3), np.uint8), "image/id": 139,
+            "objects": {"bbox": np.array([[0.5, 0.25, 1.0, 0.5], [0, 0, 0.5, 0.5]], np.float32),
+                        "label": np.array([2, 0]), "is_crowd": np.array([False, True])}}
+  monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir=None: [record])
+  data = coco.TfdsCoco("coco/2017", "validation", with_truth=True)
+  image, boxes, labels = data.load(0)
+  np.testing.assert_allclose(boxes, [[10, 10, 10, 10]])  # x = 0.25 * 40, y = 0.5 * 20
+  assert labels.tolist() == [2] and data.image_ids.tolist() == [139]
+  assert [(a["bbox"], a["iscrowd"]) for a in data.coco["annotations"]] == [
+      ([10, 10, 10, 10], 0), ([0, 0, 20, 10], 1)]
+  ex = coco.Detections(data, size=32, channels=3, max_boxes=2)[0]
+  np.testing.assert_allclose(ex["boxes"][0], np.array([12, 12, 8, 8]) / 32, rtol=1e-6)

@@ -5,7 +5,8 @@
 Data (config.data), one of:
   train_path + eval_path  COCO-format JSON files (images[].file_name relative to the JSON's
                           folder, or to image_dir);
-  tfds_name               coco/2017 through tfds (train_split, eval_split, data_dir);
+  tfds_name               coco/2017 through tfds (train_split, eval_split, data_dir), read
+                          record by record; tfds's labels are the category ids;
   neither                 generated shapes scenes (fmjax.data.coco.write_shapes) in DIR/data,
                           shapes_train and shapes_eval of them, held out from each other.
 Images are resized to fit config.model.image_size, padded (with a pixel mask) and, in
@@ -43,13 +44,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 # Data -------------------------------------------------------------------------------------------
 
-def load_sets(config, workdir: str) -> tuple[coco.CocoSet, coco.CocoSet]:
-  """(train, eval) CocoSets: the given JSON files, or the generated shapes scenes."""
+def load_sets(config, workdir: str):
+  """(train, eval) CocoSets (the given JSON files, or the generated shapes scenes), or
+  TfdsCoco splits."""
   d = config.data
   if d.tfds_name:
-    raise ValueError(f"--config.data.tfds_name={d.tfds_name}: the tfds COCO reader is not "
-                     "built yet; export the set as COCO JSON and pass --config.data.train_path "
-                     "and --config.data.eval_path")
+    return (coco.TfdsCoco(d.tfds_name, d.train_split, data_dir=d.data_dir),
+            coco.TfdsCoco(d.tfds_name, d.eval_split, data_dir=d.data_dir, with_truth=True))
   if bool(d.train_path) != bool(d.eval_path):
     raise ValueError("set both --config.data.train_path and --config.data.eval_path (COCO "
                      "JSON files), or neither for the generated shapes scenes")
