@@ -285,3 +285,29 @@ def test_tfds_coco_records_become_pixel_boxes_and_ground_truth(monkeypatch):
       ([10, 10, 10, 10], 0), ([0, 0, 20, 10], 1)]
   ex = coco.Detections(data, size=32, channels=3, max_boxes=2)[0]
   np.testing.assert_allclose(ex["boxes"][0], np.array([12, 12, 8, 8]) / 32, rtol=1e-6)
+
+
+def test_a_pretrained_vit_becomes_the_backbone():
+  """init_from=hf:<the golden ViT>: its widths, its encoder as the backbone with positions
+  resized to this run's grid ([CLS] and head left out); shapes equal the DETR's own."""
+  import pathlib
+  import ml_collections
+  from fmjax import checkpoint, sources
+  from fmjax.models import vit
+  vit_dir = pathlib.Path(__file__).resolve().parent / "golden" / "hf" / "vit"
+  weights = sources.parse(f"hf:{vit_dir}")
+  source = weights.architecture(vit.ViTConfig)
+  config = ml_collections.ConfigDict({"model": dict(detr.get_config("tiny").__dict__)})
+  c = detect.model_config(config, 3, source)
+  assert (c.embed_dim, c.backbone_layers, c.patch_size) == (
+      source.embed_dim, source.num_layers, source.patch_size)
+  adapted = detect.backbone_source(weights, source, c).read()
+  ours = jax.eval_shape(detr.DETR(c).init, jax.random.PRNGKey(0),
+                        jnp.zeros((1, c.image_size, c.image_size, c.num_channels)))
+  ours = {p: x.shape for p, x in checkpoint.flatten_params(nn.unbox(ours["params"])).items()}
+  backbone = {p: s for p, s in ours.items() if p.startswith("backbone/")}
+  assert {p: x.shape for p, x in adapted.items()} == backbone
+  theirs = checkpoint.flatten_params(weights.read())
+  np.testing.assert_array_equal(adapted["backbone/patch_embed/kernel"],
+                                theirs["encoder/patch_embed/kernel"])
+  assert not any(p.startswith(detect.NEW_PARAMS) for p in backbone)

@@ -20,6 +20,10 @@ of the input JSON, [x, y, w, h] in its pixels) and a picture to DIR/predictions/
 The best evaluation's params are kept (DIR/best) and scored into DIR/eval_results.json;
 with data.predict_path (a folder of images) they box every image into
 DIR/predictions/<folder>.json. Rerunning resumes.
+
+config.init_from (a classify_images workdir, or hf:DIRECTORY of a Hugging Face ViT) starts
+the backbone from a pretrained ViT: its widths and weights, the positions resized to this
+run's patch grid; the encoder, decoder and heads start fresh.
 """
 
 import contextlib
@@ -35,9 +39,11 @@ import numpy as np
 from fmjax import detection, errors, trainer
 from fmjax import data as fdata
 from fmjax.data import coco
-from fmjax.models import detr
+from fmjax.models import detr, vit
 from train import common
 
+# What a pretrained ViT does not bring: everything but the backbone (and decoder_i).
+NEW_PARAMS = ("encoder", "queries", "ln_dec", "class_head", "box_0", "box_1", "box_2")
 DRAW_THRESHOLD = 0.5  # predicted boxes drawn in the PNGs: those scoring at least this
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -69,12 +75,36 @@ def load_sets(config, workdir: str):
   return train, coco.read_coco(paths[1], categories=train.category_ids)
 
 
-def model_config(config, num_classes: int) -> detr.DETRConfig:
-  """config.model, num_classes -1 taking the data's."""
+# Backbone fields a pretrained ViT (init_from) brings; the rest are this run's.
+BACKBONE_FIELDS = {"backbone_layers": "num_layers", "num_heads": "num_heads",
+                   "embed_dim": "embed_dim", "mlp_dim": "mlp_dim", "patch_size": "patch_size",
+                   "num_channels": "num_channels", "norm_eps": "norm_eps"}
+
+
+def model_config(config, num_classes: int, source: vit.ViTConfig | None = None):
+  """config.model, num_classes -1 taking the data's; with a pretrained ViT its widths."""
   fields = dict(config.model)
   if fields["num_classes"] == -1:
     fields["num_classes"] = num_classes
+  if source is not None:
+    fields.update({ours: getattr(source, theirs) for ours, theirs in BACKBONE_FIELDS.items()})
   return common.as_flags(detr.DETRConfig, "config.model", **fields)
+
+
+def backbone_source(weights, source: vit.ViTConfig, c: detr.DETRConfig):
+  """A ViT classifier's weights (a classify_images workdir or a Hugging Face ViT) as the
+  DETR backbone's: encoder/* -> backbone/*, the [CLS] token, its position and the head left
+  out, the positions resized to this run's patch grid (vit.resize_posemb)."""
+  prefix = int(source.pool == "cls")
+
+  def to_backbone(params):
+    out = {"backbone/" + p[len("encoder/"):]: x for p, x in params.items()
+           if p.startswith("encoder/") and p != "encoder/cls"}
+    out["backbone/posemb"] = vit.resize_posemb(params["encoder/posemb"][prefix:], c.grid,
+                                               num_prefix=0)
+    return out
+  return common.sources.Adapted(weights, to_backbone, f"ViT encoder -> DETR backbone, "
+                                f"positions resized to {c.grid} x {c.grid} patches")
 
 
 # Loss, predictions and scores -------------------------------------------------------------------
@@ -238,11 +268,12 @@ def predict_folder(predict, workdir: str, folder: str, c: detr.DETRConfig, categ
 def run(config, workdir: str):
   common.prepare_workdir(config, workdir)
   d, t = config.data, config.train
-  if config.init_from:
-    raise ValueError(f"--config.init_from={config.init_from}: starting DETR from a pretrained "
-                     "ViT is not built yet; leave it empty")
+  weights = common.sources.parse(config.init_from)
+  source = weights.architecture(vit.ViTConfig)  # a classify_images workdir or hf:DIR
   train_set, eval_set = load_sets(config, workdir)
-  c = model_config(config, len(train_set.category_ids))
+  c = model_config(config, len(train_set.category_ids), source)
+  if source is not None:
+    weights = backbone_source(weights, source, c)
   if c.num_classes < len(train_set.category_ids):
     raise ValueError(f"--config.model.num_classes={c.num_classes} but {train_set.path} has "
                      f"{len(train_set.category_ids)} categories; use -1 to take the data's")
@@ -273,8 +304,9 @@ def run(config, workdir: str):
       init_args=lambda b: (np.zeros(b["image"].shape, np.float32), np.ones(b["mask"].shape,
                                                                            bool)),
       flops_per_example=detr.flops_per_image(c), tokens_per_example=c.grid ** 2,
-      predict_fn=make_predict_fn(model), score_fn=evaluate_with)
-  state, last = common.fit(config, workdir, task, schedule=schedule)
+      predict_fn=make_predict_fn(model), score_fn=evaluate_with,
+      new_params=NEW_PARAMS + tuple(f"decoder_{i}" for i in range(c.decoder_layers)))
+  state, last = common.fit(config, workdir, task, schedule=schedule, source=weights)
 
   params = trainer.best_params(workdir, state.params)
   predict = trainer.make_predict(task.predict_fn, params)
