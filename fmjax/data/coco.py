@@ -264,7 +264,14 @@ class TfdsCoco:
     return len(self.source)
 
   def read(self, i: int):
-    """Record i as (image (H, W, 3) uint8, boxes (n, 4) xywh pixels, labels (n,), crowd (n,))."""
+    """Record i, crowd boxes included.
+
+    Args:
+      i: the record's index in the split.
+
+    Returns:
+      (image (H, W, 3) uint8, boxes (n, 4) xywh pixels, labels (n,) int32, crowd (n,) bool).
+    """
     record = self.source[i]
     image = np.asarray(record["image"], np.uint8)
     image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
@@ -276,7 +283,14 @@ class TfdsCoco:
     return image, boxes, np.asarray(objects["label"], np.int32).reshape(-1), crowd
 
   def load(self, i: int):
-    """Record i's (image, boxes (n, 4) xywh pixels, labels (n,)) without crowd boxes."""
+    """Record i for training, crowd boxes left out.
+
+    Args:
+      i: the record's index in the split.
+
+    Returns:
+      (image (H, W, 3) uint8, boxes (n, 4) xywh pixels, labels (n,) int32).
+    """
     image, boxes, labels, crowd = self.read(i)
     return image, boxes[~crowd], labels[~crowd]
 
