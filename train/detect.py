@@ -295,11 +295,11 @@ def run(config, workdir: str):
       seed=config.seed, transform=lambda ex, i, epoch: train_examples.example(i, epoch),
       process_index=jax.process_index(), process_count=jax.process_count())
   eval_batch = d.eval_batch_size or t.batch_size
-  weights = detection.LossWeights(**config.loss)
+  loss_weights = detection.LossWeights(**config.loss)
   evaluate_with = lambda predict: evaluate(predict, workdir, eval_set, eval_examples,
                                            eval_batch, c.image_size)
   task = common.Task(
-      model=model, model_config=c, loss_fn=make_loss_fn(model, weights),
+      model=model, model_config=c, loss_fn=make_loss_fn(model, loss_weights),
       train_data=train_data, eval_data=None, example_batch=train_data.batch_at(0),
       init_args=lambda b: (np.zeros(b["image"].shape, np.float32), np.ones(b["mask"].shape,
                                                                            bool)),
