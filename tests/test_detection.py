@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -315,3 +316,17 @@ def test_a_pretrained_vit_becomes_the_backbone():
   np.testing.assert_array_equal(adapted["backbone/patch_embed/kernel"],
                                 theirs["encoder/patch_embed/kernel"])
   assert not any(p.startswith(detect.NEW_PARAMS) for p in backbone)
+
+
+def test_detect_config_keys_are_checked_before_any_work():
+  from configs import detect as detect_configs
+  from train import checks
+  for key, value, words in (("data.min_scale", 0.0, "must be a number in (0, 1]"),
+                            ("data.max_boxes", 0, "must be an integer >= 1"),
+                            ("model.num_queries", 0, "must be an integer >= 1"),
+                            ("loss.no_object_weight", -0.1, "must be a number >= 0")):
+    config = detect_configs.get_config("tiny")
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=rf"--config\.{key}={value}: {re.escape(words)}"):
+      checks.validate(config)
