@@ -2,8 +2,9 @@
 
 The tiny model learns four generated scenes by heart (AP50 >= 0.8 through COCOeval), writes
 a COCO results file with the input JSON's ids and a picture; a rerun from its middle
-checkpoint ends where the uninterrupted run ended; --predict_path boxes a folder; 8 devices (data x fsdp) give the
-losses of 1; a bad annotation is one error line naming the file and the annotation id.
+checkpoint ends where the uninterrupted run ended; --predict_path boxes a folder; 8 devices
+(data x fsdp) give the losses of 1; a bad annotation is one error line naming the file and
+the annotation id.
 """
 
 import json
