@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -139,13 +140,14 @@ def test_model_parameter_count_axes_and_outputs():
   model = detr.DETR(c)
   x = jnp.zeros((2, 32, 32, 3))
   mask = jnp.ones((2, 32, 32), bool).at[1, :, 16:].set(False)
-  out, variables = jax.jit(model.init_with_output)(jax.random.PRNGKey(0), x, mask)
+  # Shapes only (no compilation): the count pins every parameter's shape.
+  out, variables = jax.eval_shape(model.init_with_output, jax.random.PRNGKey(0), x, mask)
   leaves = jax.tree.leaves(variables["params"], is_leaf=lambda v: isinstance(v, nn.Partitioned))
-  assert all(isinstance(v, nn.Partitioned) and len(v.names) == v.value.ndim for v in leaves)
+  assert all(isinstance(v, nn.Partitioned) and len(v.names) == len(v.value.shape)
+             for v in leaves)
   params = nn.unbox(variables["params"])
-  assert sum(p.size for p in jax.tree.leaves(params)) == detr.num_params(c)
+  assert sum(math.prod(p.shape) for p in jax.tree.leaves(params)) == detr.num_params(c)
   assert out["logits"].shape == (2, 2, 8, 4) and out["boxes"].shape == (2, 2, 8, 4)
-  assert ((out["boxes"] > 0) & (out["boxes"] < 1)).all()
 
 
 def test_sine_positions_and_patch_mask_by_hand():
@@ -162,10 +164,13 @@ def test_decoder_block_without_causality_lets_the_first_query_see_the_last():
   x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 8))
   memory = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 8))
   both = jnp.concatenate([x, x.at[0, 2].set(memory[0, 0])])  # not a shift: LN removes those
-  params = jax.jit(DecoderBlock(block).init)(jax.random.PRNGKey(2), x, memory, None)
-  for causal, changes in ((True, False), (False, True)):
-    y, _ = jax.jit(DecoderBlock(block, causal=causal).apply)(
-        params, both, jnp.concatenate([memory, memory]), None)
+
+  @jax.jit
+  def outputs():  # one compilation
+    params = DecoderBlock(block).init(jax.random.PRNGKey(2), x, memory, None)
+    return [DecoderBlock(block, causal=causal).apply(
+        params, both, jnp.concatenate([memory, memory]), None)[0] for causal in (True, False)]
+  for y, changes in zip(outputs(), (False, True)):
     assert (not np.allclose(y[0, 0], y[1, 0])) == changes
 
 
@@ -266,3 +271,62 @@ def test_perfect_detections_score_map_one_through_cocoeval(shapes):
   assert shifted["eval/AP50"] == pytest.approx(1.0) and shifted["eval/AP75"] == 0.0
   assert 0.05 < shifted["eval/mAP"] < 0.2
   assert detect.coco_scores(shapes.coco, [])["eval/mAP"] == 0.0
+
+
+def test_tfds_coco_records_become_pixel_boxes_and_ground_truth(monkeypatch):
+  """coco/2017 through tfds.data_source (stubbed: no network here), features as the tfds
+  catalog has them: normalised [ymin, xmin, ymax, xmax] boxes, crowd boxes kept out of
+  training but in the ground truth."""
+  import tensorflow_datasets as tfds
+  record = {"image": np.zeros((20, 40, 3), np.uint8), "image/id": 139,
+            "objects": {"bbox": np.array([[0.5, 0.25, 1.0, 0.5], [0, 0, 0.5, 0.5]], np.float32),
+                        "label": np.array([2, 0]), "is_crowd": np.array([False, True])}}
+  monkeypatch.setattr(tfds, "data_source", lambda name, split, data_dir=None: [record])
+  data = coco.TfdsCoco("coco/2017", "validation", with_truth=True)
+  image, boxes, labels = data.load(0)
+  np.testing.assert_allclose(boxes, [[10, 10, 10, 10]])  # x = 0.25 * 40, y = 0.5 * 20
+  assert labels.tolist() == [2] and data.image_ids.tolist() == [139]
+  assert [(a["bbox"], a["iscrowd"]) for a in data.coco["annotations"]] == [
+      ([10, 10, 10, 10], 0), ([0, 0, 20, 10], 1)]
+  ex = coco.Detections(data, size=32, channels=3, max_boxes=2)[0]
+  np.testing.assert_allclose(ex["boxes"][0], np.array([12, 12, 8, 8]) / 32, rtol=1e-6)
+
+
+def test_a_pretrained_vit_becomes_the_backbone():
+  """init_from=hf:<the golden ViT>: its widths, its encoder as the backbone with positions
+  resized to this run's grid ([CLS] and head left out); shapes equal the DETR's own."""
+  import pathlib
+  import ml_collections
+  from fmjax import checkpoint, sources
+  from fmjax.models import vit
+  vit_dir = pathlib.Path(__file__).resolve().parent / "golden" / "hf" / "vit"
+  weights = sources.parse(f"hf:{vit_dir}")
+  source = weights.architecture(vit.ViTConfig)
+  config = ml_collections.ConfigDict({"model": dict(detr.get_config("tiny").__dict__)})
+  c = detect.model_config(config, 3, source)
+  assert (c.embed_dim, c.backbone_layers, c.patch_size) == (
+      source.embed_dim, source.num_layers, source.patch_size)
+  adapted = detect.backbone_source(weights, source, c).read()
+  ours = jax.eval_shape(detr.DETR(c).init, jax.random.PRNGKey(0),
+                        jnp.zeros((1, c.image_size, c.image_size, c.num_channels)))
+  ours = {p: x.shape for p, x in checkpoint.flatten_params(nn.unbox(ours["params"])).items()}
+  backbone = {p: s for p, s in ours.items() if p.startswith("backbone/")}
+  assert {p: x.shape for p, x in adapted.items()} == backbone
+  theirs = checkpoint.flatten_params(weights.read())
+  np.testing.assert_array_equal(adapted["backbone/patch_embed/kernel"],
+                                theirs["encoder/patch_embed/kernel"])
+  assert not any(p.startswith(detect.NEW_PARAMS) for p in backbone)
+
+
+def test_detect_config_keys_are_checked_before_any_work():
+  from configs import detect as detect_configs
+  from train import checks
+  for key, value, words in (("data.min_scale", 0.0, "must be a number in (0, 1]"),
+                            ("data.max_boxes", 0, "must be an integer >= 1"),
+                            ("model.num_queries", 0, "must be an integer >= 1"),
+                            ("loss.no_object_weight", -0.1, "must be a number >= 0")):
+    config = detect_configs.get_config("tiny")
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=rf"--config\.{key}={value}: {re.escape(words)}"):
+      checks.validate(config)

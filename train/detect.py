@@ -5,7 +5,8 @@
 Data (config.data), one of:
   train_path + eval_path  COCO-format JSON files (images[].file_name relative to the JSON's
                           folder, or to image_dir);
-  tfds_name               coco/2017 through tfds (train_split, eval_split, data_dir);
+  tfds_name               coco/2017 through tfds (train_split, eval_split, data_dir), read
+                          record by record; tfds's labels are the category ids;
   neither                 generated shapes scenes (fmjax.data.coco.write_shapes) in DIR/data,
                           shapes_train and shapes_eval of them, held out from each other.
 Images are resized to fit config.model.image_size, padded (with a pixel mask) and, in
@@ -19,6 +20,10 @@ of the input JSON, [x, y, w, h] in its pixels) and a picture to DIR/predictions/
 The best evaluation's params are kept (DIR/best) and scored into DIR/eval_results.json;
 with data.predict_path (a folder of images) they box every image into
 DIR/predictions/<folder>.json. Rerunning resumes.
+
+config.init_from (a classify_images workdir, or hf:DIRECTORY of a Hugging Face ViT) starts
+the backbone from a pretrained ViT: its widths and weights, the positions resized to this
+run's patch grid; the encoder, decoder and heads start fresh.
 """
 
 import contextlib
@@ -34,22 +39,24 @@ import numpy as np
 from fmjax import detection, errors, trainer
 from fmjax import data as fdata
 from fmjax.data import coco
-from fmjax.models import detr
+from fmjax.models import detr, vit
 from train import common
 
+# What a pretrained ViT does not bring: everything but the backbone (and decoder_i).
+NEW_PARAMS = ("encoder", "queries", "ln_dec", "class_head", "box_0", "box_1", "box_2")
 DRAW_THRESHOLD = 0.5  # predicted boxes drawn in the PNGs: those scoring at least this
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 # Data -------------------------------------------------------------------------------------------
 
-def load_sets(config, workdir: str) -> tuple[coco.CocoSet, coco.CocoSet]:
-  """(train, eval) CocoSets: the given JSON files, or the generated shapes scenes."""
+def load_sets(config, workdir: str):
+  """(train, eval) CocoSets (the given JSON files, or the generated shapes scenes), or
+  TfdsCoco splits."""
   d = config.data
   if d.tfds_name:
-    raise ValueError(f"--config.data.tfds_name={d.tfds_name}: the tfds COCO reader is not "
-                     "built yet; export the set as COCO JSON and pass --config.data.train_path "
-                     "and --config.data.eval_path")
+    return (coco.TfdsCoco(d.tfds_name, d.train_split, data_dir=d.data_dir),
+            coco.TfdsCoco(d.tfds_name, d.eval_split, data_dir=d.data_dir, with_truth=True))
   if bool(d.train_path) != bool(d.eval_path):
     raise ValueError("set both --config.data.train_path and --config.data.eval_path (COCO "
                      "JSON files), or neither for the generated shapes scenes")
@@ -68,12 +75,36 @@ def load_sets(config, workdir: str) -> tuple[coco.CocoSet, coco.CocoSet]:
   return train, coco.read_coco(paths[1], categories=train.category_ids)
 
 
-def model_config(config, num_classes: int) -> detr.DETRConfig:
-  """config.model, num_classes -1 taking the data's."""
+# Backbone fields a pretrained ViT (init_from) brings; the rest are this run's.
+BACKBONE_FIELDS = {"backbone_layers": "num_layers", "num_heads": "num_heads",
+                   "embed_dim": "embed_dim", "mlp_dim": "mlp_dim", "patch_size": "patch_size",
+                   "num_channels": "num_channels", "norm_eps": "norm_eps"}
+
+
+def model_config(config, num_classes: int, source: vit.ViTConfig | None = None):
+  """config.model, num_classes -1 taking the data's; with a pretrained ViT its widths."""
   fields = dict(config.model)
   if fields["num_classes"] == -1:
     fields["num_classes"] = num_classes
+  if source is not None:
+    fields.update({ours: getattr(source, theirs) for ours, theirs in BACKBONE_FIELDS.items()})
   return common.as_flags(detr.DETRConfig, "config.model", **fields)
+
+
+def backbone_source(weights, source: vit.ViTConfig, c: detr.DETRConfig):
+  """A ViT classifier's weights (a classify_images workdir or a Hugging Face ViT) as the
+  DETR backbone's: encoder/* -> backbone/*, the [CLS] token, its position and the head left
+  out, the positions resized to this run's patch grid (vit.resize_posemb)."""
+  prefix = int(source.pool == "cls")
+
+  def to_backbone(params):
+    out = {"backbone/" + p[len("encoder/"):]: x for p, x in params.items()
+           if p.startswith("encoder/") and p != "encoder/cls"}
+    out["backbone/posemb"] = vit.resize_posemb(params["encoder/posemb"][prefix:], c.grid,
+                                               num_prefix=0)
+    return out
+  return common.sources.Adapted(weights, to_backbone, f"ViT encoder -> DETR backbone, "
+                                f"positions resized to {c.grid} x {c.grid} patches")
 
 
 # Loss, predictions and scores -------------------------------------------------------------------
@@ -237,11 +268,12 @@ def predict_folder(predict, workdir: str, folder: str, c: detr.DETRConfig, categ
 def run(config, workdir: str):
   common.prepare_workdir(config, workdir)
   d, t = config.data, config.train
-  if config.init_from:
-    raise ValueError(f"--config.init_from={config.init_from}: starting DETR from a pretrained "
-                     "ViT is not built yet; leave it empty")
+  weights = common.sources.parse(config.init_from)
+  source = weights.architecture(vit.ViTConfig)  # a classify_images workdir or hf:DIR
   train_set, eval_set = load_sets(config, workdir)
-  c = model_config(config, len(train_set.category_ids))
+  c = model_config(config, len(train_set.category_ids), source)
+  if source is not None:
+    weights = backbone_source(weights, source, c)
   if c.num_classes < len(train_set.category_ids):
     raise ValueError(f"--config.model.num_classes={c.num_classes} but {train_set.path} has "
                      f"{len(train_set.category_ids)} categories; use -1 to take the data's")
@@ -263,17 +295,18 @@ def run(config, workdir: str):
       seed=config.seed, transform=lambda ex, i, epoch: train_examples.example(i, epoch),
       process_index=jax.process_index(), process_count=jax.process_count())
   eval_batch = d.eval_batch_size or t.batch_size
-  weights = detection.LossWeights(**config.loss)
+  loss_weights = detection.LossWeights(**config.loss)
   evaluate_with = lambda predict: evaluate(predict, workdir, eval_set, eval_examples,
                                            eval_batch, c.image_size)
   task = common.Task(
-      model=model, model_config=c, loss_fn=make_loss_fn(model, weights),
+      model=model, model_config=c, loss_fn=make_loss_fn(model, loss_weights),
       train_data=train_data, eval_data=None, example_batch=train_data.batch_at(0),
       init_args=lambda b: (np.zeros(b["image"].shape, np.float32), np.ones(b["mask"].shape,
                                                                            bool)),
       flops_per_example=detr.flops_per_image(c), tokens_per_example=c.grid ** 2,
-      predict_fn=make_predict_fn(model), score_fn=evaluate_with)
-  state, last = common.fit(config, workdir, task, schedule=schedule)
+      predict_fn=make_predict_fn(model), score_fn=evaluate_with,
+      new_params=NEW_PARAMS + tuple(f"decoder_{i}" for i in range(c.decoder_layers)))
+  state, last = common.fit(config, workdir, task, schedule=schedule, source=weights)
 
   params = trainer.best_params(workdir, state.params)
   predict = trainer.make_predict(task.predict_fn, params)

@@ -222,11 +222,85 @@ def to_pixels(boxes: np.ndarray, ratio, size: int) -> np.ndarray:
   return detection.xyxy_to_xywh(xyxy / np.concatenate([rx, ry, rx, ry], axis=-1))
 
 
-class Detections:
-  """A CocoSet as an indexable source of `prepare`d examples (decoded once, in memory).
+class TfdsCoco:
+  """A tfds COCO split (e.g. coco/2017) read through tfds.data_source, record by record, with
+  the attributes of a CocoSet that training and evaluation read.
+
+  Records hold "image", "image/id" and "objects" {"bbox": (n, 4) normalised [ymin, xmin,
+  ymax, xmax], "label": (n,) in [0, 80), "is_crowd"}; the classes are tfds's labels and the
+  category ids the results file names are those labels.
 
   Args:
-    data: the CocoSet.
+    name: the tfds name, e.g. "coco/2017".
+    split: e.g. "train", "validation".
+    data_dir: tfds data_dir; "" for the default.
+    with_truth: read every record once now for `coco` and `image_ids` (evaluation).
+  """
+
+  def __init__(self, name: str, split: str, *, data_dir: str = "", with_truth: bool = False):
+    import tensorflow_datasets as tfds  # the data machinery, imported only when asked for
+    self.source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    self.path = f"tfds:{name}/{split}"
+    try:
+      names = list(self.source.dataset_info.features["objects"]["label"].names)
+    except (AttributeError, KeyError, TypeError):
+      names = [str(k) for k in range(80)]
+    self.category_ids, self.category_names = list(range(len(names))), names
+    self.image_ids, self.coco = np.arange(len(self.source)), None
+    if with_truth:
+      images, annotations = [], []
+      for i in range(len(self.source)):
+        record, (image, boxes, labels, crowd) = self.source[i], self.read(i)
+        iid = int(record.get("image/id", i))
+        images.append({"id": iid, "width": image.shape[1], "height": image.shape[0]})
+        annotations += [{"id": len(annotations) + 1, "image_id": iid, "category_id": int(lab),
+                         "bbox": [float(v) for v in box], "iscrowd": int(c)}
+                        for box, lab, c in zip(boxes, labels, crowd)]
+      self.image_ids = np.asarray([im["id"] for im in images])
+      self.coco = {"images": images, "annotations": annotations,
+                   "categories": [{"id": k, "name": n} for k, n in enumerate(names)]}
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def read(self, i: int):
+    """Record i, crowd boxes included.
+
+    Args:
+      i: the record's index in the split.
+
+    Returns:
+      (image (H, W, 3) uint8, boxes (n, 4) xywh pixels, labels (n,) int32, crowd (n,) bool).
+    """
+    record = self.source[i]
+    image = np.asarray(record["image"], np.uint8)
+    image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    h, w = image.shape[:2]
+    objects = record["objects"]
+    yxyx = np.asarray(objects["bbox"], np.float32).reshape(-1, 4) * np.array([h, w, h, w])
+    boxes = detection.xyxy_to_xywh(yxyx[:, [1, 0, 3, 2]])
+    crowd = np.asarray(objects.get("is_crowd", np.zeros(len(boxes))), bool).reshape(-1)
+    return image, boxes, np.asarray(objects["label"], np.int32).reshape(-1), crowd
+
+  def load(self, i: int):
+    """Record i for training, crowd boxes left out.
+
+    Args:
+      i: the record's index in the split.
+
+    Returns:
+      (image (H, W, 3) uint8, boxes (n, 4) xywh pixels, labels (n,) int32).
+    """
+    image, boxes, labels, crowd = self.read(i)
+    return image, boxes[~crowd], labels[~crowd]
+
+
+class Detections:
+  """A CocoSet as an indexable source of `prepare`d examples (decoded once, in memory), or a
+  TfdsCoco (read record by record).
+
+  Args:
+    data: the CocoSet or TfdsCoco.
     size: S.
     channels: C.
     max_boxes: M.
@@ -238,6 +312,9 @@ class Detections:
                augment: tuple | None = None, seed: int = 0):
     self.data, self.size, self.max_boxes = data, size, max_boxes
     self.augment, self.seed = augment, seed
+    self.images, self.truncated = None, 0
+    if isinstance(data, TfdsCoco):
+      return
     # Decoded once at the canvas's scale: jitter only shrinks, so nothing is lost.
     self.images, self.boxes, sides = [], [], []
     for file, b in zip(data.files, data.boxes):
@@ -270,9 +347,14 @@ class Detections:
     if self.augment is not None:
       rng = np.random.default_rng([self.seed, i, epoch])
       scale, flip = rng.uniform(self.augment[0], 1.0), bool(self.augment[1] and rng.random() < 0.5)
-    ex = prepare(self.images[i], self.boxes[i], self.data.labels[i], size=self.size,
-                 max_boxes=self.max_boxes, scale=scale, flip=flip)
-    ex["ratio"] = ex["ratio"] * self.scale_back[i]
+    if self.images is None:
+      image, boxes, labels = self.data.load(i)
+      ex = prepare(image, boxes, labels, size=self.size, max_boxes=self.max_boxes,
+                   scale=scale, flip=flip)
+    else:
+      ex = prepare(self.images[i], self.boxes[i], self.data.labels[i], size=self.size,
+                   max_boxes=self.max_boxes, scale=scale, flip=flip)
+      ex["ratio"] = ex["ratio"] * self.scale_back[i]
     ex["index"] = np.int32(i)
     return ex
 

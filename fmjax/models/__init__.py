@@ -5,6 +5,7 @@
            through fmjax.hf.from_pretrained)
   bert     BERT encoder with pretraining, masked-LM, classification and QA heads (BertConfig)
   vit      ViT image classifier over patches (ViTConfig)
+  detr     DETR object detector on a ViT backbone (DETRConfig; loss in fmjax.detection)
   seq2seq  encoder-decoder Transformer for translation, and an image captioner (Seq2SeqConfig)
 
 Each file assembles the shared layers of fmjax.layers and fmjax.transformer; how a model runs
