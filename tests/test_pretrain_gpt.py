@@ -189,9 +189,11 @@ def test_cli_end_to_end_writes_every_artifact(tiny):
   workdir, proc = tiny
   rows = metrics(workdir)
   assert [r["step"] for r in rows] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
+  first = {"trainable_params", "total_params"}  # the first row says what trains
+  assert rows[0]["trainable_params"] == rows[0]["total_params"] > 0  # no LoRA: everything
   for r in rows:
     want = TRAIN_KEYS | (EVAL_KEYS if r["step"] % EVAL_EVERY == 0 else set())
-    assert set(r) == want, r["step"]
+    assert set(r) == want | (first if r is rows[0] else set()), r["step"]
     assert all(math.isfinite(v) for v in r.values())
     assert r["tokens_per_second"] > 0 and r["mfu"] > 0
     assert 0 <= r["train/accuracy"] <= 1
