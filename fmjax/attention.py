@@ -159,9 +159,11 @@ def _auto_impl(q, S, dropout, has_positions, window_or_softcap=False):
     return "xla"
   if backend == "tpu" and not has_positions and min(T, S) >= 128:  # shorter pads to a 128 block
     return "splash"
-  # cuDNN takes a window only as a dense (T, S) mask, and no soft-capping.
+  # cuDNN takes a window only as a dense (T, S) mask, and no soft-capping; with a mask (a bias
+  # to cuDNN) its backward pass needs even lengths (seen on an H200: "Unsupported sequence
+  # length Q 37, KV 45"), and auto cannot know whether a mask or a gradient will come.
   if backend == "gpu" and not window_or_softcap and q.dtype in (jnp.bfloat16, jnp.float16) \
-      and H <= 128 and H % 8 == 0:
+      and H <= 128 and H % 8 == 0 and T % 2 == 0 and S % 2 == 0:
     return "cudnn"
   return "chunked" if T * S > _AUTO_CHUNKED_MIN_LOGITS else "xla"
 
@@ -441,6 +443,10 @@ def _cudnn(q, k, v, inputs, causal, scale, only_causal, window=None):
   # at all needs nothing); anything else becomes a dense mask, which cuDNN turns into a bias.
   plain_causal = causal and T == S and only_causal
   needs_mask = not (plain_causal or (only_causal and not causal))
+  if needs_mask and (T % 2 or S % 2):
+    raise ValueError(f"impl='cudnn' with a mask (padding, segments, positions, a window or "
+                     f"non-square causality) needs even lengths for its backward pass; got "
+                     f"T={T}, S={S}. Pad to an even length, or use impl='auto' or 'chunked'.")
   mask = _mask_block(*inputs, causal, window)[:, None] if needs_mask else None  # (B|1, 1, T, S)
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=plain_causal,
                                      implementation="cudnn")
