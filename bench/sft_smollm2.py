@@ -58,7 +58,7 @@ def parse_args(argv=None):
   p.add_argument("--train_rows", type=int, default=600)
   p.add_argument("--eval_rows", type=int, default=40)
   p.add_argument("--runs", default="base,lora,full")
-  p.add_argument("--workdir", default="/tmp/fmjax_sft_bench")
+  p.add_argument("--workdir", default=os.path.join(REPO, "workdirs", "sft_bench"))
   p.add_argument("--out", default=os.path.join(REPO, "bench", "results", "sft_smollm2.jsonl"))
   return p.parse_args(argv)
 
