@@ -1,8 +1,24 @@
 """Fixtures shared by the tests that run the programs as subprocesses."""
 
 import os
+import pathlib
 
 import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"  # the team's datasets, ../shared beside the repo
+
+
+def pytest_sessionstart(session):
+  """Stops the run at once, with where the data must be, when ../shared/data is missing: the
+  tests that read it fail loudly instead of skipping (what the repo bundles, data/, they read
+  from there)."""
+  del session
+  if not SHARED_DATA.is_dir():
+    raise pytest.UsageError(
+        f"{SHARED_DATA} is missing: fmjax's tests read WikiText-2, RTE/SST-2 and MNIST from "
+        "../shared/data, a folder beside the repo (clone or copy the shared folder there, so "
+        f"that {SHARED_DATA / 'mnist'} exists), then run `make test` again")
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import pytest
 from fmjax import data
 from fmjax.data import bert_pretraining as bp
 
-SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared
-SAMPLE_TEXT = SHARED / "bert_sample_text" / "sample_text.txt"
-WIKITEXT = SHARED / "wikitext-2" / "valid.txt"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE_TEXT = REPO / "data" / "bert_sample_text.txt"  # bundled: ../shared's sample_text.txt
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"  # conftest checks ../shared
 BERT_SPECIALS = dict(pad_piece="[PAD]", unk_piece="[UNK]",
                      special_tokens=("[CLS]", "[SEP]", "[MASK]"))
 FIELDS = {"input_ids": (128, np.int32), "input_mask": (128, np.int32),
@@ -28,8 +28,6 @@ FIELDS = {"input_ids": (128, np.int32), "input_mask": (128, np.int32),
 @pytest.fixture(scope="module")
 def wiki_docs():
   """60 WikiText-2 articles, at most 40 sentences each; every sentence ends with " ."."""
-  if not WIKITEXT.is_file():
-    pytest.skip(f"{WIKITEXT} not present")
   docs = []
   for line in WIKITEXT.read_text(encoding="utf-8").split("\n"):
     line = line.strip()
@@ -43,8 +41,6 @@ def wiki_docs():
 
 @pytest.fixture(scope="module")
 def sample_docs():
-  if not SAMPLE_TEXT.is_file():
-    pytest.skip(f"{SAMPLE_TEXT} not present")
   return data.read_pretraining_documents(SAMPLE_TEXT)
 
 

@@ -8,14 +8,11 @@ import pytest
 
 from fmjax import data
 
-SHAKESPEARE = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare"
-               / "input.txt")  # ../shared
+SHAKESPEARE = pathlib.Path(__file__).resolve().parents[1] / "data" / "tiny_shakespeare.txt"
 
 
 @pytest.fixture(scope="module")
 def shakespeare_text():
-  if not SHAKESPEARE.is_file():
-    pytest.skip(f"{SHAKESPEARE} not present")
   return SHAKESPEARE.read_text(encoding="utf-8")
 
 

@@ -209,7 +209,6 @@ def test_pair_encoding_by_hand():
   np.testing.assert_array_equal(single["input_ids"][0], [2, 7, 8, 3, 0])
 
 
-@pytest.mark.skipif(not (SHARED / "rte").is_dir(), reason="../shared/data absent")
 def test_shared_glue_files_read_with_their_quoting():
   rte = glue.read_examples(str(SHARED / "rte" / "dev.tsv"), glue.TableFormat(
       ("sentence1", "sentence2"), quoting="csv", label_names=("entailment", "not_entailment")))

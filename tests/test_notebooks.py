@@ -21,7 +21,6 @@ SHARED = ROOT.parent / "shared" / "data"
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 NAMES = ["01_gpt_quickstart", "02_bert_pretrain_finetune", "03_huggingface", "04_sharding",
          "05_vit", "06_decoder_chat"]
-NEEDS_SHARED = {"02_bert_pretrain_finetune": "sst2", "05_vit": "mnist"}
 
 
 def _load(path):
@@ -103,8 +102,6 @@ def tiny_decoder(directory: pathlib.Path) -> pathlib.Path:
 def test_notebook_runs_top_to_bottom_on_cpu(name, scratch_repo):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")
-  if name in NEEDS_SHARED and not (SHARED / NEEDS_SHARED[name]).is_dir():
-    pytest.skip(f"needs ../shared/data/{NEEDS_SHARED[name]} (offline: no tfds download here)")
   nb = nbformat.read(scratch_repo / "colab" / f"{name}.ipynb", as_version=4)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"

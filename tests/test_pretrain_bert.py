@@ -100,7 +100,6 @@ def test_bad_corpus_is_one_clear_error(env, tmp_path, content, needle):
   assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.skipif(not (REPO / "data" / "bert_sample_text.txt").exists(), reason="no sample text")
 def test_sample_overfits_mlm_and_nsp(env, tmp_path):
   """The acceptance run: a mini BERT memorises the sample text's instances. Evaluated (and
   saved) once, at the end: the intermediate evaluations cost a third of the run's time."""

@@ -11,6 +11,7 @@ finetune program (tests/test_runtime.py), the exported classifier read by transf
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -203,3 +204,21 @@ def test_the_causal_lm_loss_is_in_fmjax():
   loss, metrics = heads.causal_lm_loss(logits, jnp.array([[1, 2]]))
   np.testing.assert_allclose(loss, np.log(2), rtol=1e-6)
   assert float(metrics["accuracy"]) == 1.0
+
+
+def test_tests_without_the_shared_data_stop_with_where_it_must_be(tmp_path):
+  """Without ../shared/data beside the repo the suite stops at once, saying where the data
+  must be, instead of skipping the tests that read it."""
+  repo = tmp_path / "repo"
+  (repo / "tests").mkdir(parents=True)
+  shutil.copy(pathlib.Path(__file__).with_name("conftest.py"), repo / "tests" / "conftest.py")
+  (repo / "tests" / "test_one.py").write_text("def test_one():\n  assert True\n")
+  run = lambda: subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                "tests"], cwd=repo, capture_output=True, text=True, timeout=120)
+  proc = run()
+  assert proc.returncode == 4, proc.stdout + proc.stderr
+  assert f"{tmp_path / 'shared' / 'data'} is missing" in proc.stdout + proc.stderr
+  assert "../shared/data" in proc.stdout + proc.stderr
+  (tmp_path / "shared" / "data").mkdir(parents=True)
+  proc = run()
+  assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr

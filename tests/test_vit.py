@@ -28,7 +28,7 @@ from fmjax.runtime import Runtime
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VIT_DIR = REPO / "tests" / "golden" / "hf" / "vit"
-MNIST = REPO.parent / "shared" / "data" / "mnist"  # where configs/vit.py looks (skip when absent)
+MNIST = REPO.parent / "shared" / "data" / "mnist"  # where configs/vit.py looks
 ATOL = 1e-5  # float32 vs transformers' float32 PyTorch outputs
 
 
@@ -430,7 +430,6 @@ def synthetic(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist absent")
 def test_tiny_program_learns_mnist_and_scores_every_eval_image(env, tmp_path):
   proc = program(env, tmp_path / "tiny")  # 400 steps on 2,048 images, 250 held out
   check_ok(proc)
