@@ -48,7 +48,7 @@ def run(rules, mesh_sizes, n_devices):
       losses.append(float(m["train/loss"]))
   q = state.params["blocks"]["layer_0"]["attn"]["query"]
   host = jax.device_get(state.params)
-  params = {jax.tree_util.keystr(k): np.asarray(v).ravel()[:64].tolist()
+  params = {jax.tree_util.keystr(k): np.asarray(v).ravel().tolist()  # whole parameters
             for k, v in jax.tree_util.tree_leaves_with_path(host) if "lora" in jax.tree_util.keystr(k)}
   moments = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
   return {"losses": losses, "params": params, "spec": [str(q[n].sharding.spec) for n in ("lora_a", "lora_b")],

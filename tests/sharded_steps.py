@@ -51,7 +51,7 @@ def run(rules_name, mesh_sizes, n_devices, accum=1, adamw=False, model=None):
       state, m = p_train(state, sharding.shard_batch(b, mesh), jax.random.key(1))
       losses.append(float(m["train/loss"]))
   wte = state.params["wte"]["embedding"]
-  params = {jax.tree_util.keystr(k): np.asarray(v).ravel()[:64].tolist()
+  params = {jax.tree_util.keystr(k): np.asarray(v).ravel().tolist()  # whole parameters
             for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
   return {"losses": losses, "params": params, "wte_spec": str(wte.sharding.spec),
           "num_shards": len(wte.addressable_shards)}

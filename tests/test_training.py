@@ -64,6 +64,36 @@ def test_adamw_leaves_undecayed_params_alone_with_zero_grad():
   np.testing.assert_allclose(new["ln"]["scale"], 1.0)
 
 
+def test_gradient_clipping_scales_to_the_global_norm_then_adam_by_hand():
+  """Two AdamW steps with clipping at 1.0, against NumPy Adam on hand-clipped gradients: the
+  first gradient (global norm 13 over two leaves) is scaled by 1/13, the second (norm 0.5) is
+  left alone. Without clipping the two steps differ (Adam is not scale-invariant across steps)."""
+  lr, b1, b2, eps = 0.1, 0.9, 0.95, 1e-8
+  make = lambda clip: training.make_optimizer(learning_rate=lr, total_steps=10, warmup_steps=0,
+                                              decay="constant", weight_decay=0.0, b1=b1, b2=b2,
+                                              eps=eps, grad_clip=clip)[0]
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(1)}
+  grads = [{"a": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])},  # norm 13
+           {"a": jnp.array([0.3, 0.0]), "b": jnp.array([-0.4])}]  # norm 0.5
+
+  def run(tx):
+    p, state = params, tx.init(params)
+    for g in grads:
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    return np.concatenate([np.asarray(p["a"]), np.asarray(p["b"])])
+
+  flat = [np.concatenate([np.asarray(g["a"]), np.asarray(g["b"])]) for g in grads]
+  clipped = [g * min(1.0, 1.0 / np.linalg.norm(g)) for g in flat]
+  np.testing.assert_allclose(np.linalg.norm(clipped[0]), 1.0, rtol=1e-6)
+  w, m, v = np.zeros(3), np.zeros(3), np.zeros(3)
+  for t, g in enumerate(clipped, 1):
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    w = w - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+  np.testing.assert_allclose(run(make(1.0)), w, rtol=1e-5, atol=1e-7)
+  assert np.abs(run(make(None)) - w).max() > 1e-3  # the clip changed the result
+
+
 def test_cross_entropy_hand_computed():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1]]]))
   targets = jnp.array([[0, 2]])
