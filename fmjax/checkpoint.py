@@ -81,6 +81,19 @@ def _restore(manager, step: int, what: str, **items):
         f"or damaged. {advice} or use a new workdir. Nothing was changed.") from e
 
 
+# A test hook: FMJAX_TEST_KILL_AT="POINT@STEP" sends this process SIGKILL at POINT of the save
+# of STEP into a training run's checkpoints/ (not the best-params copy): "before_save" (nothing of it written), "in_save" (orbax's save started, not yet
+# committed) or "before_checksums" (committed, no checksums yet). tests/test_reliability.py
+# kills there and checks the rerun resumes to the uninterrupted run.
+
+
+def _kill_if_asked(point: str, step: int, directory: str) -> None:
+  if (os.environ.get("FMJAX_TEST_KILL_AT") == f"{point}@{step}"
+      and os.path.basename(os.path.normpath(directory)) == "checkpoints"):
+    log.warning("FMJAX_TEST_KILL_AT=%s@%d: SIGKILL", point, step)
+    os.kill(os.getpid(), 9)
+
+
 _CHUNK = 4 << 20  # bytes read at a time: CRC-32 runs at memory speed, a file never in memory
 
 
@@ -500,11 +513,13 @@ class Checkpointer:
       if (force or self.due(step)) and self._unsummed is not None:
         self._manager.wait_until_finished()  # as orbax's save would: the previous one is done
       self._sum_finished()
+      _kill_if_asked("before_save", step, self.directory)
       saved = self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
     except Exception as e:  # also the previous async save's failure, reported here
       self._failed(self._saving if self._saving is not None else step, e)
     if saved:
+      _kill_if_asked("in_save", step, self.directory)
       self._saving = self._unsummed = step
       self._sum_finished()  # a synchronous save is finished already
     return saved
@@ -546,6 +561,7 @@ class Checkpointer:
     step_dir = os.path.join(self.directory, str(step))
     if not os.path.isdir(step_dir):
       return
+    _kill_if_asked("before_checksums", step, self.directory)
     try:
       write_checksums(step_dir)
     except OSError as e:
