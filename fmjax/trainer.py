@@ -300,8 +300,10 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
   eval_step = training.make_eval_step(task.loss_fn)
   with sharding.context(mesh, rules):
     p_train, p_eval = training.jit_steps(train_step, eval_step, shardings, mesh)
-    p_predict = None if task.predict_fn is None else jax.jit(
-        task.predict_fn, in_shardings=(shardings.params, sharding.batch_sharding(mesh)))
+    p_eval = LogsCompiles(p_eval, "eval step")
+    p_predict = None if task.predict_fn is None else LogsCompiles(jax.jit(
+        task.predict_fn, in_shardings=(shardings.params, sharding.batch_sharding(mesh))),
+        "predict step")
   best = BestTracker(workdir, t.best_metric)
 
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state.params))
@@ -961,6 +963,31 @@ class NonFiniteGuard:
       {"skipped_steps": int} with `skip`, else {}.
     """
     return {"skipped_steps": self.skipped} if self.skip else {}
+
+
+class LogsCompiles:
+  """A jitted function that logs how long its first call for each batch shape took: the
+  compilation, mostly (the train step's is logged by the loop, apart from its throughput).
+
+  Args:
+    fn: the jitted function, called as fn(params, batch).
+    name: what the log line calls it, e.g. "eval step".
+  """
+
+  def __init__(self, fn, name: str):
+    self.fn, self.name, self._seen = fn, name, set()
+
+  def __call__(self, params, batch):
+    """fn(params, batch); the first call for a batch shape is waited for and timed."""
+    shape = _batch_shape(batch)
+    if shape in self._seen:
+      return self.fn(params, batch)
+    self._seen.add(shape)
+    began = time.perf_counter()
+    out = jax.block_until_ready(self.fn(params, batch))
+    log.info("compiled the %s for batch shape %s in %.1f s (its first call, run included)",
+             self.name, _describe_shape(shape), time.perf_counter() - began)
+    return out
 
 
 def evaluate_if(task: Task, p_eval, p_predict, state, mesh) -> dict:

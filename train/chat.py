@@ -137,6 +137,7 @@ def main(argv):
                 "bench/make_smollm2.py prints)")
   given = {name: FLAGS[name].value if FLAGS[name].present else None
            for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed")}
+  common.enable_compilation_cache()
   try:
     run(FLAGS.hf, prompt=FLAGS.prompt, system=FLAGS.system, **given)
   except common.EXPECTED_ERRORS as e:

@@ -139,6 +139,7 @@ def main(argv):
   if FLAGS.num_beams > 1:  # beam search is deterministic: drop the sampling defaults
     temperature = temperature if FLAGS["temperature"].present else 0.0
     top_k = top_k if FLAGS["top_k"].present else 0
+  common.enable_compilation_cache()
   try:
     if FLAGS.hf is not None:  # the checkpoint's generation_config.json for what is not given
       given = lambda name: FLAGS[name].value if FLAGS[name].present else None
