@@ -151,6 +151,9 @@ def digit_phrasings(label: int) -> list[str]:
 
   Returns:
     2 * len(DIGIT_TEMPLATES) lower-case captions, e.g. "the digit seven", "the digit 7".
+
+  Raises:
+    ValueError: a label outside 0-9.
   """
   if not 0 <= int(label) <= 9:
     raise ValueError(f"label={label}: a digit caption needs a label 0-9")
