@@ -27,6 +27,10 @@ PEAK_FLOPS = {
     "V100": 125e12, "T4": 65e12, "B200": 2250e12,
 }
 
+# Dense TF32 peak FLOP/s per GPU: what float32 matmuls run at there, at JAX's default
+# precision. (A TPU runs float32 matmuls at default precision as bf16 passes on its MXU.)
+PEAK_FLOPS_TF32 = {"H200": 494.7e12, "H100": 494.7e12, "A100": 156e12, "L4": 60e12,
+                   "A10": 62.5e12, "B200": 1100e12}
 
 PEAK_MAX_AGE_DAYS = 30
 
@@ -91,16 +95,19 @@ def measure_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n ** 3 / best
 
 
-def peak_flops_per_device(device=None, *, remeasure: bool = False) -> tuple[float, str]:
+def peak_flops_per_device(device=None, *, remeasure: bool = False,
+                          dtype: str = "bfloat16") -> tuple[float, str]:
   """(peak FLOP/s of one device, where the number comes from).
 
   Args:
     device: a jax Device; defaults to jax.devices()[0]. Accelerators are looked up in
-      PEAK_FLOPS by device kind (dense bf16); a CPU is measured with `measure_cpu_peak_flops`
+      PEAK_FLOPS by device kind (dense bf16; on a GPU a float32 `dtype` looks up
+      PEAK_FLOPS_TF32 instead); a CPU is measured with `measure_cpu_peak_flops`
       and cached under $XDG_CACHE_HOME/fmjax (or ~/.cache/fmjax), keyed by the CPU model, the
       cores this process may use, the JAX device count and XLA_FLAGS.
     remeasure: measure the CPU again even if a fresh entry is cached (FMJAX_MEASURE_PEAK=1
       does the same for every call).
+    dtype: the compute dtype of the model's matmuls ("bfloat16", "float16" or "float32").
 
   Returns:
     (FLOP/s as a float, NaN for an unknown accelerator; a sentence naming the source, with the
@@ -109,10 +116,14 @@ def peak_flops_per_device(device=None, *, remeasure: bool = False) -> tuple[floa
   device = device or jax.devices()[0]
   kind = device.device_kind
   if device.platform != "cpu":
-    for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    tf32 = device.platform == "gpu" and dtype == "float32"
+    table, what = (PEAK_FLOPS_TF32, "tf32 dense, for float32") if tf32 else (
+        PEAK_FLOPS, "bf16 dense" + (", float32 matmuls run as bf16 passes"
+                                    if dtype == "float32" else ""))
+    for name, flops in sorted(table.items(), key=lambda kv: -len(kv[0])):
       if name.lower() in kind.lower():
-        return flops, f"data sheet ({kind}, bf16 dense)"
-    return float("nan"), f"unknown device kind {kind!r}: MFU not reported"
+        return flops, f"data sheet ({kind}, {what})"
+    return float("nan"), f"unknown device kind {kind!r} for {dtype}: MFU not reported"
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   key = (f"{cpu_model()} | cores {cores} | devices {jax.device_count()} | "
          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")

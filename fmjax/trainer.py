@@ -311,7 +311,8 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
       int(np.prod(x.shape))
       for x in jax.tree_util.tree_leaves(training.partition(state.params, task.trainable)[0]))
   counts = {"trainable_params": n_trained, "total_params": n_params}
-  peak, peak_source = metrics.peak_flops_per_device()
+  compute_dtype = runtime.dtype if runtime is not None else "float32"
+  peak, peak_source = metrics.peak_flops_per_device(dtype=compute_dtype)
   peak_total = peak * jax.device_count()
   log.info("model: %s parameters (%s trained); %.3g training FLOPs per token; peak %.3g "
            "FLOP/s per device (%s) x %d devices; mesh %s, rules %r", f"{n_params:,}",
@@ -382,7 +383,8 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
             try:
               m["mfu"] = metrics.mfu(examples_per_s * task.flops_per_example, peak_total)
             except ValueError:  # a peak cached on a loaded machine reads low: measure it again
-              peak, peak_source = metrics.peak_flops_per_device(remeasure=True)
+              peak, peak_source = metrics.peak_flops_per_device(remeasure=True,
+                                                                dtype=compute_dtype)
               peak_total = peak * jax.device_count()
               log.info("peak measured again (%s): %.3g FLOP/s per device", peak_source, peak)
               m["mfu"] = metrics.mfu(examples_per_s * task.flops_per_example, peak_total)

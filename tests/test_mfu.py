@@ -62,3 +62,19 @@ def test_an_mfu_above_one_is_an_error():
   assert metrics.mfu(1e10, 1e10) == 1.0
   with pytest.raises(ValueError, match=r"MFU 1\.006 > 1"):
     metrics.mfu(1.006e10, 1e10)
+
+
+def test_accelerator_peaks_come_from_the_data_sheets_by_dtype():
+  class Device:  # what jax reports for the accelerators (no such device here)
+    def __init__(self, platform, kind):
+      self.platform, self.device_kind = platform, kind
+
+  h200, v5e = Device("gpu", "NVIDIA H200"), Device("tpu", "TPU v5 lite")
+  assert metrics.peak_flops_per_device(h200, dtype="bfloat16") == (
+      989e12, "data sheet (NVIDIA H200, bf16 dense)")
+  assert metrics.peak_flops_per_device(h200, dtype="float32") == (
+      494.7e12, "data sheet (NVIDIA H200, tf32 dense, for float32)")
+  assert metrics.peak_flops_per_device(v5e, dtype="float32") == (
+      197e12, "data sheet (TPU v5 lite, bf16 dense, float32 matmuls run as bf16 passes)")
+  flops, source = metrics.peak_flops_per_device(Device("gpu", "Some GPU"))
+  assert flops != flops and "unknown device kind 'Some GPU'" in source  # NaN: no MFU
