@@ -9,19 +9,25 @@ N heads, L layers, V vocab.
                                                               gradients count trained params only
   + activations kept for the backward pass                   per layer and token, by remat
                                                               policy (counted below)
-  + the logits and their gradient                            b x T x V float32
+  + the logits and their gradient                            1.5 x b x T x V float32
 
-Activation elements kept per token and layer, fitted to XLA's buffer assignment for the
-block fmjax.transformer writes (pre-/post-LN, GELU MLP), where A = N T is the attention
+Activation elements kept per token, fitted to XLA's buffer assignment for the block
+fmjax.transformer writes (pre-/post-LN, GELU MLP) over 35 GPT shapes (widths 128-256, lengths
+64-1024, vocabularies 512-4096, 2-4 layers; the plan is 0.89-1.27 of XLA's total there) and
+checked on others (tests/test_memory.py: MLP ratios 3 and 4, 2-8 heads, widths to 384,
+lengths to 2048, fsdp and data x tensor meshes: within 0.8-1.3). A = N T is the attention
 scores and probabilities of the `xla` kernel (0 for the flash kernels `chunked`, `splash` and
-`cudnn`, which keep O(T) statistics):
-  none, layers in a Python loop   12 D + 3 F + 2 A   norms, q k v, scores, probabilities,
-                                                     attention and MLP outputs, residuals
-  none, nn.scan over layers       16 D + 4 F + 4 A   scan also stacks each layer's residuals
+`cudnn`, which keep O(T) statistics); a full layer is 12 D + 3 F (norms, q k v, attention and
+MLP outputs, residuals):
+  none, layers in a Python loop   12 D + 3 F + A per layer
+  none, nn.scan over layers       22 D + 3 F + 2 A per layer: scan also stacks each layer's
+                                  residuals and carries
   dots                            D + F + A per layer, plus one layer rebuilt in full
   dots_no_batch                   D + F per layer (matmul outputs without a batch dimension),
-                                  plus one layer rebuilt in full (12 D + 3 F + 3 A)
+                                  plus one layer rebuilt in full (12 D + 3 F + 1.5 A)
   full                            D per layer (its input), plus one layer rebuilt in full
+  and, whatever the policy, 12 D outside the layers (embeddings, the final norm, their
+  gradients), and 4 N T for `chunked` when T fits one chunk (its one block is a T x T one).
 With grouped-query attention or a head width other than D / N (Llama, Qwen, Gemma: queries
 N H wide, keys and values K H), a full layer's queries and attention output count N H and
 its keys and values K H each instead of D.
@@ -46,6 +52,7 @@ from fmjax.sharding import batch_shards, tensor_shards
 
 POLICIES = {"none": 1.0, "dots_no_batch": 1.15, "full": 1.33}  # relative step time
 FLASH_KERNELS = ("chunked", "splash", "cudnn")  # attention kernels that keep no T x S scores
+CHUNK = 512  # fmjax.attention's default chunk_size for "chunked"
 GiB = 1024 ** 3
 HOST_FRACTION = 0.8  # of a host's free RAM that CPU devices plan with (device_memory_bytes)
 
@@ -164,12 +171,15 @@ def activation_elements_per_token(s: Shape, policy: str) -> float:
   h = s.head_dim or d // s.num_heads
   q, kv = s.num_heads * h, (s.num_kv_heads or s.num_heads) * h
   qkv = 2 * (q - d) + 2 * (kv - d)  # queries, attention output, keys, values not D wide
+  layer = 12 * d + 3 * f + qkv  # one layer's activations, attention scores apart
+  outside = 12 * d  # embeddings, the final norm, and their gradients
+  if s.attention_impl == "chunked" and s.seq_len <= CHUNK:  # one block: one layer's (N, T, T)
+    outside += 4 * s.num_heads * s.seq_len  # scores, forward and backward
   if policy == "none":
-    return l * ((16 * d + 4 * f + 4 * a + 4 * qkv / 3) if s.scan_layers
-                else (12 * d + 3 * f + 2 * a + qkv))
-  rebuilt = 12 * d + 3 * f + 3 * a + qkv  # the one layer whose backward pass is running
+    return l * ((layer + 10 * d + 2 * a) if s.scan_layers else (layer + a)) + outside
+  rebuilt = layer + 1.5 * a  # the one layer whose backward pass is running
   kept = {"dots": d + f + a, "dots_no_batch": d + f, "full": d}[policy]
-  return l * kept + rebuilt
+  return l * kept + rebuilt + outside
 
 
 def activation_bytes(s: Shape, policy: str, accum_steps: int, mesh_shape: dict) -> int:
@@ -198,7 +208,7 @@ def activation_bytes(s: Shape, policy: str, accum_steps: int, mesh_shape: dict) 
   tokens = micro * s.seq_len
   layers = activation_elements_per_token(s, policy) / tensor
   rows = micro * (s.logit_positions if s.logit_positions is not None else s.seq_len)
-  logits = 3 * rows * s.vocab_size * 4 / tensor  # float32 logits, softmax and their gradient
+  logits = 1.5 * rows * s.vocab_size * 4 / tensor  # float32 logits and their gradient, fused
   return int(tokens * layers * s.compute_bytes + logits)
 
 
@@ -228,7 +238,7 @@ def device_memory_bytes() -> int:
 
   CPU devices share the host's RAM with everything else running there, so their budget is
   what the host can still give (MemAvailable of /proc/meminfo, where there is one), not its
-  size. And only HOST_FRACTION of it: the plan is within 20% of XLA's own count, the process
+  size. And only HOST_FRACTION of it: the plan can be 20% under XLA's own count, the process
   needs memory besides the step (data, compiling), and a host that runs out swaps or kills
   the process where an accelerator's allocator fails cleanly.
 

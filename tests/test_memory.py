@@ -11,21 +11,28 @@ from fmjax.models import gpt
 from fmjax.runtime import Runtime
 
 MiB = 1024 ** 2
-TOLERANCE = 0.2  # the estimate is within 20% of XLA's total for these shapes
+# fmjax/memory.py's coefficients were fitted on 35 GPT shapes (4 widths x lengths x vocabularies
+# x 5 policies/kernels: 0.89-1.27 of XLA's total there); the cases below are others (MLP
+# ratios 3 and 4, 2-8 heads, widths 128-384, lengths 128-2048, another mesh), where the plan
+# must stay within the README's bound: at most 20% under XLA's total, at most 30% over.
+LOW, HIGH = 0.8, 1.3
 
 
-def gpt_case(policy="none", impl="xla", b=8, t=256, scan=True, layers=4, d=256, v=512):
-  c = gpt.GPTConfig(vocab_size=v, max_len=t, num_layers=layers, num_heads=4, embed_dim=d,
-                    mlp_dim=4 * d)
+def gpt_case(policy="none", impl="xla", b=8, t=256, scan=True, layers=4, d=256, v=512,
+             heads=4, f=None, mesh=None, rules="fsdp"):
+  f = f or 4 * d
+  c = gpt.GPTConfig(vocab_size=v, max_len=t, num_layers=layers, num_heads=heads, embed_dim=d,
+                    mlp_dim=f)
   model = gpt.GPT(c, Runtime(remat_policy=policy, attention_impl=impl, scan_layers=scan))
   tx, schedule = training.make_optimizer(learning_rate=1e-3, total_steps=10, warmup_steps=1)
   init = training.init_fn(model, tx, jnp.zeros((b, t), jnp.int32))
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-  rules = sharding.get_rules("fsdp")
+  mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                    devices=jax.devices()[:1])
+  rules = sharding.get_rules(rules)
   abstract = jax.eval_shape(init, jax.random.key(0))
   unboxed = nn.meta.unbox(abstract)
   shardings = sharding.shardings_of(abstract, mesh, rules)
-  shape = memory.Shape(num_layers=layers, embed_dim=d, mlp_dim=4 * d, num_heads=4,
+  shape = memory.Shape(num_layers=layers, embed_dim=d, mlp_dim=f, num_heads=heads,
                        vocab_size=v, seq_len=t, batch_size=b, attention_impl=impl,
                        scan_layers=scan)
   return model, tx, schedule, mesh, rules, unboxed, shardings, shape
@@ -49,16 +56,54 @@ def xla_bytes(case):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(policy="none", scan=False), dict(policy="none", scan=True), dict(policy="full"),
-    dict(policy="dots_no_batch"), dict(policy="none", scan=False, impl="chunked"),
+    dict(policy="none", t=384, b=4, d=192, f=576, heads=8, v=1000, layers=3),
+    dict(policy="none", scan=False, t=768, b=2, d=128, f=512, heads=2, v=2000, layers=3),
+    dict(policy="full", t=768, b=2, d=192, f=768, heads=6, v=1000, layers=3),
+    dict(policy="dots_no_batch", t=384, b=4, d=320, f=960, heads=8, v=3000, layers=2),
+    dict(policy="none", scan=False, impl="chunked", t=2048, b=1, d=128, f=384, heads=4,
+         v=1000, layers=2),
+    dict(policy="full", t=128, b=16, d=384, f=1536, heads=6, v=8000, layers=2),
 ])
-def test_estimate_is_within_tolerance_of_xla(kwargs):
+def test_estimate_is_within_the_bound_at_shapes_it_was_not_fitted_on(kwargs):
   case = gpt_case(**kwargs)
   *_, unboxed, shardings, shape = case
   plan = memory.estimate(unboxed.params, shardings.params, shape,
                          remat_policy=kwargs["policy"], accum_steps=1, budget=1 << 40)
   actual = xla_bytes(case)
-  assert abs(plan.total / actual - 1) < TOLERANCE, (plan.describe(), actual / MiB)
+  assert LOW <= plan.total / actual <= HIGH, (plan.describe(), actual / MiB)
+
+
+MESH_CASE = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, sys.argv[1])
+import jax
+from test_memory import gpt_case, memory, sharding, xla_bytes
+for sizes, rules in (({"data": 1, "fsdp": 4, "tensor": 1}, "fsdp"),
+                     ({"data": 2, "fsdp": 1, "tensor": 2}, "fsdp_tp")):
+  mesh = sharding.make_mesh(sizes, devices=jax.devices()[:4])
+  case = gpt_case("none", t=256, b=8, d=256, f=1024, heads=4, v=2048, layers=2, mesh=mesh,
+                  rules=rules)
+  *_, unboxed, shardings, shape = case
+  plan = memory.estimate(unboxed.params, shardings.params, shape, remat_policy="none",
+                         accum_steps=1, budget=1 << 40)
+  print(rules, plan.total / xla_bytes(case))
+"""
+
+
+def test_estimate_is_within_the_bound_per_device_on_other_meshes():
+  """4 simulated devices, fsdp=4 and data=2 x tensor=2: XLA's per-device total."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-c", MESH_CASE, os.path.dirname(__file__)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ratios = dict(line.split() for line in proc.stdout.splitlines())
+  assert set(ratios) == {"fsdp", "fsdp_tp"}, proc.stdout
+  for rules, ratio in ratios.items():
+    assert LOW <= float(ratio) <= HIGH, (rules, ratio)
 
 
 def test_parameter_bytes_are_exact_and_split_by_the_mesh():
