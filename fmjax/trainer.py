@@ -980,7 +980,15 @@ class LogsCompiles:
     self.fn, self.name, self._seen = fn, name, set()
 
   def __call__(self, params, batch):
-    """fn(params, batch); the first call for a batch shape is waited for and timed."""
+    """fn(params, batch); the first call for a batch shape is waited for and timed.
+
+    Args:
+      params: the parameters, as fn takes them.
+      batch: a sharded batch; its shape names the compilation.
+
+    Returns:
+      fn's outputs.
+    """
     shape = _batch_shape(batch)
     if shape in self._seen:
       return self.fn(params, batch)
