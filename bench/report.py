@@ -178,12 +178,15 @@ class Table:
       objects it came from) give its machine / versions / load columns.
     columns: (header, row -> cell text) pairs.
     provenance: append the machine, versions and load columns.
+    optional: RESULTS.md may leave it out (a table whose measurements are still to be made;
+      adding its markers to the text is enough to have it generated).
   """
   name: str
   files: tuple[str, ...]
   rows: Callable[[dict[str, list[Run]]], list[dict]]
   columns: tuple[tuple[str, Callable[[dict], str]], ...]
   provenance: bool = True
+  optional: bool = False
 
 
 def render(table: Table, results_dir: str = RESULTS_DIR) -> str:
@@ -223,7 +226,7 @@ def update(text: str, tables, results_dir: str = RESULTS_DIR) -> tuple[str, list
   by_name = {t.name: t for t in tables}
   found = BLOCK.findall(text)
   unknown = [name for name, _ in found if name not in by_name]
-  missing = sorted(set(by_name) - {name for name, _ in found})
+  missing = sorted({t.name for t in tables if not t.optional} - {name for name, _ in found})
   if unknown or missing:
     raise ValueError(f"markers without a table spec: {unknown}; table specs without a marker "
                      f"in the text: {missing}")
@@ -407,6 +410,15 @@ def _sft_loss(r) -> str:
   return f"**{cut}**" if line["impl"] == "fmjax_lora" else cut
 
 
+def _startup_rows(runs):
+  """One row per (config, cache) of the last run: its summary line, its measurements."""
+  run = runs["startup.jsonl"][-1]
+  measured = [x for x in run.lines if "first_step_s" in x]
+  return [{"line": x, "lines": [m for m in measured
+                                if (m["config"], m["cache"]) == (x["config"], x["cache"])]}
+          for x in run.lines if "median_first_step_s" in x]
+
+
 TABLES = (
     Table("train_speed", ("train_speed.jsonl",), _train_speed_rows, (
         ("command", lambda r: f"`{r['run'].command.split('train_speed.py ')[-1]}` "
@@ -473,6 +485,14 @@ TABLES = (
         ("sentiment right", lambda r: pct(r["line"]["sentiment_accuracy"])),
         ("s/step", lambda r: num(r["line"]["seconds_per_step"], 1)),
         ("peak RSS", lambda r: f"{r['line']['peak_rss_gb']:.2f} GB"))),
+    Table("startup", ("startup.jsonl",), _startup_rows, (
+        ("program", lambda r: f"`configs/gpt.py:{r['line']['config']}`"),
+        ("compilation cache", lambda r: r["line"]["cache"]),
+        ("rounds", lambda r: str(r["line"]["rounds"])),
+        ("launch to first step, s (median)", lambda r: num(r["line"]["median_first_step_s"], 1)),
+        ("of which compiling the step, s", lambda r: num(r["line"]["median_compile_s"], 1)),
+        ("whole process, s", lambda r: num(r["line"]["median_process_s"], 1))),
+          optional=True),
 )
 
 

@@ -8,9 +8,11 @@ and times, from the launch, the moment its log says `compiled the train step ...
 tokenizer, init, compilation and one step). Both variants run one step (the program still
 evaluates, saves and samples after it; `process_s` is the whole run, for reference):
   tiny        configs/gpt.py:tiny as the tests run it (2 layers x 64, the bundled text).
-  gpt2_small  the GPT-2 124M architecture of configs/gpt.py:gpt2_small (its scanned layers and
-              remat) on the bundled tiny Shakespeare, char tokens, fp32, 2 x 128 tokens: a
-              CPU-sized batch of the real model, so the compile is the real model's.
+  gpt2_small  configs/gpt.py:gpt2_small's architecture (12 layers x 768, 12 heads, its scanned
+              layers and remat) on the bundled tiny Shakespeare with char tokens, so its
+              embedding has the char vocabulary's rows (padded to 128) instead of 50,257 (~85M
+              parameters rather than 124M), fp32,
+              batch 2 x 128 tokens: a CPU-sized step whose compile is the real stack's.
 Cache: `cold` runs with FMJAX_COMPILATION_CACHE set to a new empty directory; `warm` runs
 again with the same directory (the programs keep JAX's persistent compilation cache by
 default, train/common.py). Rounds interleave the variants and cache states (round r: tiny

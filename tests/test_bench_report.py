@@ -2,6 +2,7 @@
 on a hand-made file; bench/machine.py's load rule."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -111,3 +112,37 @@ def test_machine_records_cpu_cores_versions_and_flags():
   assert m["cores"] == len(os.sched_getaffinity(0)) and m["cpu"]
   assert set(m) == {"cpu", "cores", "versions", "xla_flags"}
   assert "python" in m["versions"] and "jax" in m["versions"]
+
+
+def test_startup_reads_the_trainers_first_step_log_line():
+  """bench/startup.py times the trainer's own log line: its pattern must match the format
+  string fmjax/trainer.py logs with (read from the source, so a reworded log fails here)."""
+  from bench import startup
+  with open(os.path.join(REPO, "fmjax", "trainer.py"), encoding="utf-8") as f:
+    source = f.read()
+  start = source.index('"compiled the train step')
+  fmt = "".join(eval(part) for part in  # noqa: S307 -- two string literals of our own source
+                re.findall(r'"[^"]*"', source[start:source.index(", _describe_shape", start)]))
+  line = "I1130 19:30:01 trainer.py:363] " + fmt % ("(8, 32)", 13.04, 1)
+  match = startup.FIRST_STEP.search(line)
+  assert match and match.group(1) == "(8, 32)" and float(match.group(2)) == 13.0
+  assert startup.FIRST_STEP.search(fmt % ("(8, 32)", 2.0, 2)) is None  # a later bucket's step
+
+
+def test_startup_table_renders_the_summary_rows(tmp_path):
+  host = {"cpu": "Some CPU", "cores": 2, "versions": {"jax": "0.1"}}
+  rows = [{"config": "tiny", "cache": c, "round": 1, "first_step_s": s, "compile_s": k,
+           "process_s": p, "load_average": [1.0, l], "loaded": l > 2, "machine": host}
+          for c, s, k, p, l in (("cold", 33.21, 13.0, 43.34, 1.5), ("warm", 5.75, 1.3, 9.18, 2.5))]
+  summaries = [{"config": "tiny", "cache": c, "rounds": 1, "median_first_step_s": s,
+                "median_compile_s": k, "median_process_s": p, "loaded_rounds": 0}
+               for c, s, k, p in (("cold", 33.21, 13.0, 43.34), ("warm", 5.75, 1.3, 9.18))]
+  with open(tmp_path / "startup.jsonl", "w") as f:
+    f.write("# python bench/startup.py --configs tiny\n")
+    f.writelines(json.dumps(x) + "\n" for x in rows + summaries)
+  table = next(t for t in report.TABLES if t.name == "startup")
+  assert report.render(table, str(tmp_path)).splitlines()[2:] == [
+      "| `configs/gpt.py:tiny` | cold | 1 | 33.2 | 13.0 | 43.3 | Some CPU, 2 cores | jax 0.1 "
+      "| 1.00 / 1.50 |",
+      "| `configs/gpt.py:tiny` | warm | 1 | 5.8 | 1.3 | 9.2 | Some CPU, 2 cores | jax 0.1 "
+      "| 1.00 / 2.50 loaded |"]
