@@ -11,9 +11,11 @@ are compared. Each timing covers a whole call, prefill included, and tokens/s co
 tokens. Prints one JSON object per implementation and a last line with the fmjax/reference
 median ratio; load_average is the host's 1-minute load before and after (other jobs sharing
 the CPU slow both, PyTorch's spinning OpenMP threads far more): a ratio measured at a load
-above 2 on a 2-core machine is not a valid measurement (the last line says `valid`). Each line
-also records the machine (CPU model, cores) and the versions of jax, jaxlib, flax, torch and
-transformers. Without torch + transformers only fmjax runs.
+above 2 on a 2-core machine is not a valid measurement (the last line says `valid`). A round run
+at a load above the core count is repeated up to --retries times and, if still loaded, kept and
+marked (`loaded`, `loaded_rounds`; bench/machine.py). Each line also records the machine (CPU
+model, cores, XLA flags) and the versions of jax, jaxlib, flax, optax, torch and transformers.
+Without torch + transformers only fmjax runs.
 
 --hf DIR: any causal LM directory fmjax.hf.from_pretrained(DIR, task="causal_lm") loads (GPT-2,
 Llama/SmolLM2, Mistral, Qwen2/3, Gemma 1/2/3), its real weights in float32, against

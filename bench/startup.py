@@ -11,8 +11,8 @@ evaluates, saves and samples after it; `process_s` is the whole run, for referen
   gpt2_small  configs/gpt.py:gpt2_small's architecture (12 layers x 768, 12 heads, its scanned
               layers and remat) on the bundled tiny Shakespeare with char tokens, so its
               embedding has the char vocabulary's rows (padded to 128) instead of 50,257 (~85M
-              parameters rather than 124M), fp32,
-              batch 2 x 128 tokens: a CPU-sized step whose compile is the real stack's.
+              parameters rather than 124M), fp32, batch 2 x 128 tokens: a CPU-sized step
+              whose compile is the real stack's.
 Cache: `cold` runs with FMJAX_COMPILATION_CACHE set to a new empty directory; `warm` runs
 again with the same directory (the programs keep JAX's persistent compilation cache by
 default, train/common.py). Rounds interleave the variants and cache states (round r: tiny

@@ -6,7 +6,9 @@ Both implementations train the same architecture (random tokens, AdamW, fp32, no
 BERT: MLM at 20 masked positions per example + NSP, HF BertForPreTraining as the reference)
 on this machine in the same process; timings are interleaved round by round (the machine
 drifts) and the medians compared. Prints one JSON object per implementation and a last one
-with the fmjax/reference ratio. Without torch+transformers (`pip install -e '.[bench]'
+with the fmjax/reference ratio; every line records the machine and the load (a round run at a
+load above the core count is repeated up to --retries times, then kept marked `loaded`;
+bench/machine.py). Without torch+transformers (`pip install -e '.[bench]'
 torch==2.13.0`), only fmjax runs.
 """
 
