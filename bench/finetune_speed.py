@@ -50,7 +50,6 @@ makes the ratio meaningless.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -59,6 +58,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "sst2")
 RESULTS = os.path.join(REPO, "bench", "results", "finetune_speed.jsonl")
+
+from bench.machine import Load, machine, versions  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -98,30 +99,15 @@ def model_dir(args) -> str:
 
 
 def host() -> dict:
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
+  """The fields each line has always had (cpu, cores, python, the commit) and machine()."""
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
                             capture_output=True).stdout.strip()
   except OSError:
     commit = ""
-  return {"cpu": model, "cores": os.cpu_count(), "fmjax_commit": commit,
-          "python": platform.python_version()}
-
-
-def versions(*names) -> dict:
-  import importlib.metadata
-  out = {}
-  for name in names:
-    try:
-      out[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return out
+  m = machine()
+  return {"cpu": m["cpu"], "cores": m["cores"], "fmjax_commit": commit,
+          "python": m["versions"]["python"], "machine": m}
 
 
 def read_sst2(args):
@@ -184,11 +170,12 @@ def run_fmjax(args, directory: str) -> dict:
     return next_batch(self)
 
   trainer.evaluate_if, bucketing.BucketedBatches.__next__ = timed_evaluate, timed_next
-  load = os.getloadavg()[0]
+  load = Load()
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
     finetune.run(config, workdir)
     wall = time.perf_counter() - start
+    load.close()
   trainer.evaluate_if, bucketing.BucketedBatches.__next__ = evaluate_if, next_batch
 
   # The tokens trained on, from the same encoding and order (outside the timing).
@@ -200,9 +187,8 @@ def run_fmjax(args, directory: str) -> dict:
   padded = int(sum(batches.lengths(args.steps))) * args.batch
   return {"impl": "fmjax", "devices": jax.device_count(), "wall_s": wall,
           "first_batch_s": first_batch[0], "evals": evals, "real_tokens": real,
-          "padded_tokens": padded, "dataset_tokens": dataset_tokens, "load_average": [round(load, 2),
-                                                    round(os.getloadavg()[0], 2)],
-          "versions": versions("jax", "jaxlib", "flax", "optax", "grain", "tokenizers")}
+          "padded_tokens": padded, "dataset_tokens": dataset_tokens, **load.fields(),
+          "versions": versions(("jax", "jaxlib", "flax", "optax", "grain", "tokenizers"))}
 
 
 # transformers ------------------------------------------------------------------------------------
@@ -214,7 +200,7 @@ def run_torch(args, directory: str) -> dict:
 
   from fmjax.data import bucketing, glue  # noqa: F401  (imported before the clock starts)
 
-  load = os.getloadavg()[0]
+  load = Load()
   start = time.perf_counter()
   torch.manual_seed(args.seed)
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -282,12 +268,13 @@ def run_torch(args, directory: str) -> dict:
       evals.append({"step": step, "accuracy": accuracy, "at_s": now - start,
                     "eval_s": now - began})
   wall = time.perf_counter() - start
+  load.close()
   return {"impl": "hf_torch", "threads": torch.get_num_threads(), "wall_s": wall,
           "first_batch_s": first_batch, "evals": evals,
           "real_tokens": int(sum(lengths[i].sum() for i in steps)), "padded_tokens": padded,
           "dataset_tokens": int(lengths.sum()),
-          "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],
-          "versions": versions("torch", "transformers", "tokenizers")}
+          **load.fields(),
+          "versions": versions(("torch", "transformers", "tokenizers"))}
 
 
 # Both, and the ratios ------------------------------------------------------------------------------
@@ -315,7 +302,8 @@ def summarize(row: dict, target: float, args) -> dict:
       "eval_accuracy": last["accuracy"],
       "evals": [[e["step"], round(e["accuracy"], 4), round(e["at_s"], 2)] for e in evals],
       **{k: row[k] for k in ("devices", "threads") if k in row},
-      **host(), "versions": row["versions"], "load_average": row["load_average"]}
+      **host(), "versions": row["versions"], "load_average": row["load_average"],
+      "loaded": row["loaded"]}
 
 
 def main(argv=None):
@@ -346,7 +334,8 @@ def main(argv=None):
            "time_to_target_ratio": (round(b["time_to_target_s"] / a["time_to_target_s"], 3)
                                     if a["time_to_target_s"] and b["time_to_target_s"] else None),
            "tokens_per_second_ratio": round(a["tokens_per_second"] / b["tokens_per_second"], 3),
-           "target_accuracy": target, "accuracy": [a["eval_accuracy"], b["eval_accuracy"]]}
+           "target_accuracy": target, "accuracy": [a["eval_accuracy"], b["eval_accuracy"]],
+           "loaded": a["loaded"] or b["loaded"]}
   lines = [json.dumps(rows["fmjax"]), json.dumps(rows["hf_torch"]), json.dumps(ratio)]
   print("\n".join(lines), flush=True)
   if not args.no_save:

@@ -11,9 +11,11 @@ are compared. Each timing covers a whole call, prefill included, and tokens/s co
 tokens. Prints one JSON object per implementation and a last line with the fmjax/reference
 median ratio; load_average is the host's 1-minute load before and after (other jobs sharing
 the CPU slow both, PyTorch's spinning OpenMP threads far more): a ratio measured at a load
-above 2 on a 2-core machine is not a valid measurement (the last line says `valid`). Each line
-also records the machine (CPU model, cores) and the versions of jax, jaxlib, flax, torch and
-transformers. Without torch + transformers only fmjax runs.
+above 2 on a 2-core machine is not a valid measurement (the last line says `valid`). A round run
+at a load above the core count is repeated up to --retries times and, if still loaded, kept and
+marked (`loaded`, `loaded_rounds`; bench/machine.py). Each line also records the machine (CPU
+model, cores, XLA flags) and the versions of jax, jaxlib, flax, optax, torch and transformers.
+Without torch + transformers only fmjax runs.
 
 --hf DIR: any causal LM directory fmjax.hf.from_pretrained(DIR, task="causal_lm") loads (GPT-2,
 Llama/SmolLM2, Mistral, Qwen2/3, Gemma 1/2/3), its real weights in float32, against
@@ -59,6 +61,9 @@ def parse_args(argv=None):
   p.add_argument("--no-reference", action="store_true", help="skip HF transformers")
   p.add_argument("--static", action="store_true",
                  help="also transformers with a static cache + torch.compile")
+  p.add_argument("--retries", type=int, default=2,
+                 help="times a round whose load exceeded the core count is repeated "
+                      "(bench/machine.py); still loaded: kept, marked loaded")
   return p.parse_args(argv)
 
 
@@ -78,8 +83,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import platform  # noqa: E402
-
+from bench.machine import combine, machine, measured  # noqa: E402
 from fmjax import generate, hf, metrics  # noqa: E402
 from fmjax.models import decoder, gpt  # noqa: E402
 from fmjax.runtime import Runtime  # noqa: E402
@@ -177,43 +181,39 @@ def has_reference() -> bool:
     return False
 
 
-def interleaved(runs: dict, *, rounds: int, warmup: int = 1, settle: float = 1.0):
+def interleaved(runs: dict, *, rounds: int, warmup: int = 1, settle: float = 1.0,
+                retries: int = 2):
   """Seconds per call of each impl in every round, alternating impls (and their order), and
   the best fp32 matmul FLOP/s seen between rounds (the MFU denominator: a CPU peak cached
   while other jobs loaded the machine would flatter every MFU). Each timed call starts after
   `settle` idle seconds: OpenMP (torch) and Eigen (XLA) workers spin for a while after their
-  last task and would otherwise steal the cores from the call that follows."""
+  last task and would otherwise steal the cores from the call that follows. A round run while
+  the load exceeded the core count is repeated up to `retries` times (bench/machine.py);
+  returns (times, peak, outputs, the kept rounds' Loads)."""
   outputs = {}
   for name, run in runs.items():
     for _ in range(warmup):
       outputs[name] = run()
   times = {name: [] for name in runs}
-  names, peak = list(runs), 0.0
-  for r in range(rounds):
-    peak = max(peak, metrics.measure_cpu_peak_flops())
+  names, peak, loads = list(runs), [0.0], []
+
+  def one_round(r):
+    peak[0] = max(peak[0], metrics.measure_cpu_peak_flops())
+    out = {}
     for name in (names if r % 2 == 0 else names[::-1]):
       time.sleep(settle)  # let the other runtime's worker threads stop spinning
       t = time.perf_counter()
       runs[name]()
-      times[name].append(time.perf_counter() - t)
-  return times, peak, outputs
+      out[name] = time.perf_counter() - t
+    return out
 
-
-def machine() -> dict:
-  """The CPU, its cores and the versions the numbers depend on."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  versions = {"python": platform.python_version(), "jax": jax.__version__}
-  for name in ("jaxlib", "flax", "torch", "transformers"):
-    try:
-      versions[name] = __import__(name).__version__
-    except ImportError:
-      pass
-  return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "versions": versions}
+  for r in range(rounds):
+    out, load = measured(lambda: one_round(r), retries=retries,
+                         log=lambda m: print(m, file=sys.stderr))
+    loads.append(load)
+    for name, t in out.items():
+      times[name].append(t)
+  return times, peak[0], outputs, loads
 
 
 def main(argv=None):
@@ -250,7 +250,7 @@ def main(argv=None):
                                                     args.threads, True)
     flops = hf_forward_flops_per_token(model.config, context)
   load_before = os.getloadavg()
-  times, peak, outputs = interleaved(runs, rounds=args.rounds)
+  times, peak, outputs, loads = interleaved(runs, rounds=args.rounds, retries=args.retries)
   if args.hf is not None and "hf_torch" in outputs:
     agree = [a == b for a, b in zip(outputs["fmjax"], outputs["hf_torch"])]
     extra["tokens_agree"] = round(sum(agree) / len(agree), 3)
@@ -269,6 +269,7 @@ def main(argv=None):
                   "threads": args.threads or "all",
                   "load_average": [round(load_before[0], 2), round(load_after[0], 2)],
                   "load_average_1_5_15_after": [round(x, 2) for x in load_after],
+                  **{k: v for k, v in combine(loads).items() if k != "load_average"},
                   "machine": host}
     print(json.dumps(rows[impl]), flush=True)
   references = [r for r in ("hf_torch", "hf_torch_static") if r in rows]
@@ -280,7 +281,7 @@ def main(argv=None):
     print(json.dumps({"model": name, "batch": args.batch, "ratio": ratios[strongest],
                       "fmjax_over": strongest, "ratios": ratios,
                       "max_load_average": round(load, 2),
-                      "valid": load <= len(os.sched_getaffinity(0))}))
+                      "valid": load <= host["cores"] and not rows["fmjax"]["loaded"]}))
 
 
 if __name__ == "__main__":

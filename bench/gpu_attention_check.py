@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.machine import machine  # noqa: E402
 from fmjax import attention  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def main():
     all_ok &= row["ok"]
     print(json.dumps(row), flush=True)
   print(json.dumps({"device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
-                    "jax": jax.__version__, "all_ok": all_ok}), flush=True)
+                    "jax": jax.__version__, "all_ok": all_ok, "machine": machine()}), flush=True)
 
 
 if __name__ == "__main__":

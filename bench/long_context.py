@@ -13,7 +13,9 @@ A run that exceeds --timeout seconds is reported as failed; a quadratic implemen
 attention scores alone (3 x layers x heads x T^2 float32) exceed --limit_gb is skipped
 rather than run into the machine's memory.
 Prints one JSON object per (impl, length): impl, model, batch, seq_len, step_seconds,
-tokens_per_second, mfu, peak_rss_gb.
+tokens_per_second, mfu, peak_rss_gb, with the machine and the load around it (a run made while
+the load exceeded the core count is repeated up to --retries times, then kept marked loaded;
+bench/machine.py).
 """
 
 import argparse
@@ -97,11 +99,16 @@ def main():
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--limit_gb", type=float, default=16.0)
   parser.add_argument("--timeout", type=float, default=900)
+  parser.add_argument("--retries", type=int, default=2,
+                      help="times a run made under a load above the core count is repeated")
   parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     child(args.child[0], int(args.child[1]), int(args.child[2]))
     return
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from bench.machine import machine, measured
+  host = machine()
   for impl in args.impls.split(","):
     if impl == "hf":
       try:
@@ -119,20 +126,28 @@ def main():
       if impl != "chunked" and quadratic > limit:
         row["skipped"] = (f"its (T, T) attention scores alone need ~{quadratic / 1024 ** 3:.0f} GiB "
                           f"> --limit_gb={args.limit_gb:g}")
-        print(json.dumps(row), flush=True)
+        print(json.dumps({**row, "machine": host}), flush=True)
         continue
-      try:
-        proc = subprocess.run([sys.executable, __file__, "--child", impl, str(seq_len),
-                               str(args.steps)], capture_output=True, text=True,
-                              timeout=args.timeout, preexec_fn=set_limit if impl == "hf" else None)
-        out = proc.stdout.strip().splitlines()
-        if proc.returncode or not out:
-          row["failed"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
-        else:
-          result = json.loads(out[-1])
-          row.update(result, tokens_per_second=seq_len / result["step_seconds"])
-      except subprocess.TimeoutExpired:
-        row["failed"] = f"over {args.timeout:.0f} s"
+
+      def attempt():
+        out = {}
+        try:
+          proc = subprocess.run([sys.executable, __file__, "--child", impl, str(seq_len),
+                                 str(args.steps)], capture_output=True, text=True,
+                                timeout=args.timeout,
+                                preexec_fn=set_limit if impl == "hf" else None)
+          lines = proc.stdout.strip().splitlines()
+          if proc.returncode or not lines:
+            out["failed"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+          else:
+            result = json.loads(lines[-1])
+            out.update(result, tokens_per_second=seq_len / result["step_seconds"])
+        except subprocess.TimeoutExpired:
+          out["failed"] = f"over {args.timeout:.0f} s"
+        return out
+      result, load = measured(attempt, retries=args.retries,
+                              log=lambda m: print(m, file=sys.stderr))
+      row.update(result, **load.fields(), machine=host)
       print(json.dumps(row), flush=True)
 
 

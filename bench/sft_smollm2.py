@@ -37,6 +37,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from bench.machine import Load, machine  # noqa: E402
+
 DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "sst2")
 SMOLLM2 = os.environ.get("FMJAX_SMOLLM2") or os.path.join(
     os.path.expanduser("~"), ".cache", "fmjax", "smollm2-135m-instruct")
@@ -142,13 +144,14 @@ def run(name: str, args, train_path: str, eval_path: str) -> dict:
          *([f"--config.lora.rank={args.rank}", f"--config.lora.alpha={2.0 * args.rank}",
             f"--config.lora.targets={args.targets}"]
            if variant == "lora" else [])]
-  load_before = os.getloadavg()[0]
+  load = Load()
   began = time.perf_counter()
   log_path = os.path.join(args.workdir, f"{name}.log")
   with open(log_path, "w") as log:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak resident memory
   wall = time.perf_counter() - began
+  load.close()
   code = os.waitstatus_to_exitcode(status)
   if code:
     with open(log_path) as log:
@@ -169,13 +172,12 @@ def run(name: str, args, train_path: str, eval_path: str) -> dict:
           "tokens_per_second": tps,
           "seconds_per_step": round(args.batch * args.seq_len / tps, 3) if tps else None,
           "peak_rss_gb": round(peak_gb, 2), "wall_s": round(wall, 1),
-          "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+          **load.fields(),
           "answers": [a["answer"] for a in answers[:4]]}
 
 
 def main(argv=None):
   args = parse_args(argv)
-  from generate_speed import machine  # the CPU, cores and versions
   train_path, eval_path = make_data(os.path.join(args.workdir, "data"), args.train_rows,
                                     args.eval_rows)
   results = {}
@@ -197,11 +199,11 @@ def main(argv=None):
           "sentiment_accuracy": {k: r["sentiment_accuracy"] for k, r in results.items()},
           "seconds_per_step": {"lora": lo["seconds_per_step"], "full": fu["seconds_per_step"]},
           "peak_rss_gb": {"lora": lo["peak_rss_gb"], "full": fu["peak_rss_gb"]},
-          "valid": max(x for r in results.values() for x in r["load_average"]) <= cores}
+          "valid": (max(x for r in results.values() for x in r["load_average"]) <= cores
+                    and not any(r["loaded"] for r in results.values()))}
       print(json.dumps(summary), flush=True)
       f.write(json.dumps(summary) + "\n")
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   main()

@@ -10,7 +10,9 @@ implementation gets `--minutes` of training wall time on this machine; the two a
             cosine, no dropout (the recipe the issue measured at val loss 1.57).
 A first 20-step calibration sets each run's step count so its cosine ends at the budget.
 Val loss is the mean next-char cross-entropy over every non-overlapping window of the val
-split. Prints one JSON line per implementation and a summary line.
+split. Prints one JSON line per implementation and a summary line; each line records the
+machine and the load over its turns (`loaded` when any turn ran at a load above the core
+count: the turns are the training itself, so they are marked, not repeated; bench/machine.py).
 """
 
 import argparse
@@ -27,6 +29,7 @@ import train  # noqa: E402,F401  (first: one JAX device per CPU core, as the pro
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.machine import Load, combine, machine  # noqa: E402
 from configs import gpt as gpt_configs  # noqa: E402
 from fmjax import data as fdata  # noqa: E402
 from fmjax import heads, sharding, training  # noqa: E402
@@ -206,9 +209,11 @@ def main(argv=None):
       print(json.dumps({"note": "torch/transformers not installed: reference skipped"}))
   per_step = {name: calibrate(run, budget) for name, run in runs.items()}
   used = {name: 0.0 for name in runs}
+  loads = {name: [] for name in runs}
   while any(used[n] < budget and runs[n].steps < runs[n].total_steps for n in runs):
     for name, run in runs.items():
       turn = min(args.chunk, budget - used[name])
+      load = Load()
       t = time.perf_counter()
       m = None
       while time.perf_counter() - t < turn and run.steps < run.total_steps:
@@ -218,17 +223,20 @@ def main(argv=None):
       if m is not None:
         run.sync(m)
       used[name] += time.perf_counter() - t
-  results = {}
+      loads[name].append(load.close())
+  results, host = {}, machine()
   for name, run in runs.items():
     results[name] = {"impl": name, "val_loss": round(run.val_loss(), 4), "steps": run.steps,
                      "train_seconds": round(used[name], 1),
                      "tokens_per_second": round(run.steps * run.batch * run.seq_len / used[name], 1),
-                     "calibrated_seconds_per_step": round(per_step[name], 4), **run.describe()}
+                     "calibrated_seconds_per_step": round(per_step[name], 4), **run.describe(),
+                     **(combine(loads[name]) if loads[name] else {}), "machine": host}
     print(json.dumps(results[name]), flush=True)
   if len(results) == 2:
     print(json.dumps({"minutes": args.minutes, "fmjax_val_loss": results["fmjax"]["val_loss"],
                       "hf_torch_val_loss": results["hf_torch"]["val_loss"],
-                      "fmjax_lower": results["fmjax"]["val_loss"] < results["hf_torch"]["val_loss"]}))
+                      "fmjax_lower": results["fmjax"]["val_loss"] < results["hf_torch"]["val_loss"],
+                      "loaded": any(r.get("loaded", False) for r in results.values())}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Both implementations train the same architecture (random tokens, AdamW, fp32, no
 BERT: MLM at 20 masked positions per example + NSP, HF BertForPreTraining as the reference)
 on this machine in the same process; timings are interleaved round by round (the machine
 drifts) and the medians compared. Prints one JSON object per implementation and a last one
-with the fmjax/reference ratio. Without torch+transformers (`pip install -e '.[bench]'
+with the fmjax/reference ratio; every line records the machine and the load (a round run at a
+load above the core count is repeated up to --retries times, then kept marked `loaded`;
+bench/machine.py). Without torch+transformers (`pip install -e '.[bench]'
 torch==2.13.0`), only fmjax runs.
 """
 
@@ -23,6 +25,7 @@ import train  # noqa: E402,F401  (first: one JAX device per CPU core, as the pro
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.machine import combine, machine, measured  # noqa: E402
 from fmjax import metrics, sharding, training  # noqa: E402
 from fmjax.models import bert, gpt  # noqa: E402
 
@@ -158,19 +161,32 @@ def has_reference() -> bool:
     return False
 
 
-def interleaved(steps_by_impl: dict, *, rounds: int, steps: int, warmup: int = 2) -> dict:
-  """Median seconds per step for each impl, alternating impls every round."""
+def interleaved(steps_by_impl: dict, *, rounds: int, steps: int, warmup: int = 2,
+                retries: int = 2) -> tuple[dict, list]:
+  """Median seconds per step for each impl, alternating impls every round, and the kept
+  rounds' Loads: a round run while the load exceeded the core count is repeated up to
+  `retries` times (bench/machine.py)."""
   for step in steps_by_impl.values():
     for _ in range(warmup):
       step()
   times = {name: [] for name in steps_by_impl}
-  for _ in range(rounds):
+
+  def one_round():
+    out = {}
     for name, step in steps_by_impl.items():
       t = time.perf_counter()
       for _ in range(steps):
         step()
-      times[name].append((time.perf_counter() - t) / steps)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+      out[name] = (time.perf_counter() - t) / steps
+    return out
+
+  loads = []
+  for _ in range(rounds):
+    out, load = measured(one_round, retries=retries, log=lambda m: print(m, file=sys.stderr))
+    loads.append(load)
+    for name, t in out.items():
+      times[name].append(t)
+  return {name: statistics.median(ts) for name, ts in times.items()}, loads
 
 
 def main(argv=None):
@@ -180,6 +196,9 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--steps", type=int, default=5, help="steps per round")
   p.add_argument("--no-reference", action="store_true", help="skip HF transformers")
+  p.add_argument("--retries", type=int, default=2,
+                 help="times a round whose load exceeded the core count is repeated "
+                      "(bench/machine.py); still loaded: kept, marked loaded")
   args = p.parse_args(argv)
 
   c, batch, seq_len = SIZES[args.model][args.size]
@@ -188,7 +207,8 @@ def main(argv=None):
   impls = {"fmjax": fmjax_fn(c, batch, seq_len)}
   if not args.no_reference and has_reference():
     impls["hf_torch"] = torch_fn(c, batch, seq_len)
-  sec = interleaved(impls, rounds=args.rounds, steps=args.steps)
+  sec, loads = interleaved(impls, rounds=args.rounds, steps=args.steps, retries=args.retries)
+  host, load = machine(), combine(loads)
   peak, source = metrics.peak_flops_per_device()
   peak *= jax.local_device_count()  # the host's peak: both implementations use every core
   flops_per_token = flops_fn(c, seq_len)
@@ -199,12 +219,12 @@ def main(argv=None):
                   "seq_len": seq_len, "tokens_per_second": round(tps, 1),
                   "mfu": round(metrics.mfu(tps * flops_per_token, peak), 4), "seconds_per_step": round(s, 4),
                   "peak_flops": peak, "peak_source": source, "rounds": args.rounds,
-                  "steps_per_round": args.steps}
+                  "steps_per_round": args.steps, **load, "machine": host}
     print(json.dumps(rows[name]), flush=True)
   if "hf_torch" in rows:
     ratio = rows["fmjax"]["tokens_per_second"] / rows["hf_torch"]["tokens_per_second"]
     print(json.dumps({"model": f"{args.model}_{args.size}", "ratio": round(ratio, 3),
-                      "fmjax_over": "hf_torch"}))
+                      "fmjax_over": "hf_torch", "loaded": load["loaded"]}))
 
 
 if __name__ == "__main__":
