@@ -54,7 +54,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   d.train_path = "data/mnist_tiny"  # digits: the IDX folder; folder: the image folder
   d.eval_path = ""  # folder only: a held-out folder; empty: the last num_eval of train_path
   d.num_train, d.num_eval = 768, 256  # digits: the first num_train, then num_eval; shapes: counts
-  d.vocab_size = 96  # SentencePiece pieces learned on the training captions
+  d.vocab_size = 200  # SentencePiece pieces learned on the training captions (~ one a word)
   d.crop_padding = 2  # training: zero-pad this many pixels and crop back at random (0: off)
 
   t = config.train
@@ -66,12 +66,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       tower.embed_dim, tower.mlp_dim, tower.num_layers = 32, 64, 2
     config.vit.num_channels = 1
     config.model.embed_dim = 32
-    t.steps, t.log_every, t.eval_every, t.save_every = 120, 20, 60, 60
+    t.learning_rate, t.warmup_steps = 2e-3, 30
+    t.steps, t.log_every, t.eval_every, t.save_every = 300, 50, 150, 150
   elif variant == "digits":
     d.train_path = "../shared/data/mnist"
     d.num_train, d.num_eval = 8000, 2000
     t.batch_size, t.learning_rate, t.warmup_steps = 128, 1e-3, 100
-    t.steps, t.log_every, t.eval_every, t.save_every = 3000, 100, 500, 500
+    t.steps, t.log_every, t.eval_every, t.save_every = 1500, 100, 500, 500
     t.best_metric = "eval/zero_shot_accuracy"
   else:  # shapes
     d.kind, d.train_path, d.crop_padding = "shapes", "", 0

@@ -121,7 +121,7 @@ LOADERS = {"digits": load_digits, "shapes": load_shapes, "folder": load_folder}
 def tokenizer_settings(config) -> list[str]:
   """The config keys that decide the tokenizer `build_tokenizer` makes (fixed on resume)."""
   del config
-  return ["data.vocab_size", "data.kind", "data.train_path"]
+  return ["data.vocab_size", "data.kind"]
 
 
 def build_tokenizer(config, workdir: str, texts):

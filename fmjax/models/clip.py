@@ -99,12 +99,12 @@ class CLIPConfig:
 PRESETS = {
     # 32 x 32 RGB in 8 x 8 patches, 2 + 2 layers 64 wide: seconds on a CPU.
     "tiny": CLIPConfig(),
-    # MNIST padded to 32 x 32 grey in 4 x 4 patches (configs/clip.py:digits).
+    # MNIST padded to 32 x 32 grey in 8 x 8 patches (configs/clip.py:digits).
     "digits": CLIPConfig(
-        text=TextConfig(num_layers=2, num_heads=4, embed_dim=96, mlp_dim=384),
-        image=vit.ViTConfig(image_size=32, patch_size=4, num_channels=1, num_classes=0,
-                            pool="gap", num_layers=3, num_heads=4, embed_dim=96, mlp_dim=384),
-        embed_dim=96),
+        text=TextConfig(num_layers=2, num_heads=4, embed_dim=64, mlp_dim=256),
+        image=vit.ViTConfig(image_size=32, patch_size=8, num_channels=1, num_classes=0,
+                            pool="gap", num_layers=4, num_heads=4, embed_dim=64, mlp_dim=256),
+        embed_dim=64),
 }
 
 
@@ -241,7 +241,7 @@ class CLIP(nn.Module):
 
     Args:
       images: (B, S, S, C) float in [-1, 1].
-      tokens: (B', T) int ids; mask: (B', T) bool.
+      tokens, mask: (B', T) int ids and (B', T) bool, False on padding.
       train: enables dropout.
 
     Returns:
@@ -317,7 +317,7 @@ def zero_shot_classifier(model, params, tokenizer, classnames, templates: Sequen
   """CLIP's zero-shot classifier: every template filled with every name of a class.
 
   Args:
-    model: a CLIP module. params: its parameters.
+    model, params: a CLIP module and its parameters.
     tokenizer: the texts' tokenizer (see `tokenize`).
     classnames: one entry per class: a name, or a sequence of names (e.g. ("seven", "7")).
     templates: prompts with "{}" for the name, e.g. "a photo of the digit {}".
@@ -354,9 +354,9 @@ def score(model, params, images, tokens, mask):
   generated candidates).
 
   Args:
-    model: a CLIP module. params: its parameters.
+    model, params: a CLIP module and its parameters.
     images: (B, S, S, C) float in [-1, 1], the model's image size and channels.
-    tokens: (B, T) int ids; mask: (B, T) bool (`tokenize`). Row i is image i's text.
+    tokens, mask: (B, T) int ids and (B, T) bool (`tokenize`); row i is image i's text.
 
   Returns:
     (B,) float32 cosine similarities in [-1, 1].
