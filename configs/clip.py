@@ -6,18 +6,22 @@ Run:
 
 Variants:
   tiny    the first 1,024 MNIST t10k digits bundled in data/mnist_tiny (768 to train, 256
-          held out), each with a caption in one of ~50 phrasings ("a handwritten seven",
+          held out), each with a caption in one of 48 phrasings ("a handwritten seven",
           "the digit 7", ...); 32 x 32 grey images in 8 x 8 patches, towers of 2 layers 32
           wide; seconds on a CPU; the tests run it. It learns (in-batch retrieval above
           chance), it does not classify well.
   digits  MNIST t10k from config.data.train_path (default ../shared/data/mnist): the first
-          8,000 images to train, the last 2,000 to evaluate, captions as above; 3-layer towers
-          96 wide. eval/zero_shot_accuracy is the share of the 2,000 held-out digits whose
-          nearest class prompt ("a photo of the digit {}", "the number {}", ... with the word
-          and the numeral) names their label: see the final report of issue 19 for the
-          measured value and wall time (the aim: >= 0.8 within ~10 CPU minutes).
+          8,000 images to train, the last 2,000 to evaluate, captions as above; a 4-layer ViT
+          over 8 x 8 patches and a 2-layer text tower, 64 wide, 1,500 steps of 128.
+          eval/zero_shot_accuracy, the share of the 2,000 held-out digits whose nearest class
+          embedding (ZERO_SHOT_TEMPLATES in train/clip.py, with the word and the numeral)
+          names their label: 0.9595 in 5 min 11 s of wall time on the shared 2-core VM (load
+          ~5.5; 0.80 at step 500, 0.95 with prompt phrasings never seen in training); 3,000
+          steps gave 0.9745 in 14 min.
   shapes  generated scenes of two coloured shapes with their captions ("a red circle above a
-          blue square", fmjax/data/captions.py), 32 x 32 RGB.
+          blue square", fmjax/data/captions.py), 32 x 32 RGB, 4,096 to train and 512 held
+          out: in-batch retrieval 0.76 image->text, 0.77 text->image (batches of 64) in
+          2 min 49 s.
 Your own image-caption pairs: --config.data.kind=folder --config.data.train_path=DIR (every
 image in DIR with its caption in <stem>.txt beside it; --config.data.eval_path=DIR2 for a
 held-out folder, else the last data.num_eval images are held out), on the shapes recipe or
