@@ -334,6 +334,15 @@ RULES: dict[str, Callable] = {
     "data.min_scale": Float(0, 1, open_low=True, note="1: no scale jitter"),
     **{f"loss.{k}": NONNEGATIVE for k in ("class_weight", "l1_weight", "giou_weight",
                                           "no_object_weight")},
+    # clip (train/clip.py): the data kind, the joint space (config.model), the text tower
+    # (config.text; config.vit is caption's block)
+    "data.kind": Choice(("digits", "shapes", "folder")),  # where image-caption pairs come from
+    "model.init_temperature": Float(0.01, note="the logit scale 1 / temperature is at most 100"),
+    **{f"text.{k}": rule for k, rule in {
+        "vocab_size": Int(1, also=(-1,), note="-1: the tokenizer's"),
+        **{k: POSITIVE for k in ("vocab_multiple", "max_length", "num_layers", "num_heads",
+                                 "embed_dim", "mlp_dim")},
+        "causal": Bool(), "pool": Choice(_lazy("fmjax.models.clip", "POOLS"))}.items()},
     # sample: pretrain_gpt's sample at the end; sft's answers at each evaluation
     "sample.num_prompts": Int(0, note="0: none"),
     "sample.num_tokens": Int(0, note="0: no sample"),
