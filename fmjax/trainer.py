@@ -92,6 +92,8 @@ class Task:
     notes: lines to log once the run has passed its checks (e.g. the memory plan).
     trainable: params -> tree of bools (e.g. fmjax.lora.trainable_mask): only those leaves
       are trained and have optimizer state (a frozen base); None: every parameter.
+    post_update: (params, batch, rng) -> params, applied to the parameters after each optimizer
+      step, inside the jitted step (training.make_train_step), e.g. a VQ-VAE's EMA codebook.
     images_fn: optional (predict) -> {name: (H, W, C) uint8 image}, predict as for score_fn:
       pictures of the current params at each evaluation (e.g. samples for fixed prompts),
       written to WORKDIR/<name>/step_XXXXXX.png and to TensorBoard.
@@ -111,6 +113,7 @@ class Task:
   new_params: tuple[str, ...] = ()
   notes: tuple[str, ...] = ()  # lines logged once the run has passed its checks (memory plan)
   trainable: Callable | None = None
+  post_update: Callable | None = None
   images_fn: Callable | None = None
 
 
@@ -300,7 +303,8 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
     start = 0
 
   train_step = training.make_train_step(task.loss_fn, tx, accum_steps=plan.accum_steps,
-                                        schedule=schedule, trainable=task.trainable)
+                                        schedule=schedule, trainable=task.trainable,
+                                        post_update=task.post_update)
   eval_step = training.make_eval_step(task.loss_fn)
   with sharding.context(mesh, rules):
     p_train, p_eval = training.jit_steps(train_step, eval_step, shardings, mesh)

@@ -172,7 +172,7 @@ def join(trained, frozen, mask):
 
 
 def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None,
-                    trainable: Callable | None = None):
+                    trainable: Callable | None = None, post_update: Callable | None = None):
   """Builds train_step(state, batch, rng) -> (state, metrics).
 
   With accum_steps > 1 the batch's leading dimension is split into accum_steps
@@ -194,6 +194,9 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None,
     trainable: params -> tree of bools (e.g. fmjax.lora.trainable_mask): gradients, the
       optimizer state (from `init_fn` with the same mask) and updates cover only those
       leaves; the others stay as they are (a frozen base). None: all leaves.
+    post_update: (params, batch, rng) -> params, applied to the parameters after each optimizer
+      update, on the whole batch of the step (all micro-batches), e.g. a VQ-VAE's EMA codebook
+      (fmjax.models.vqvae.make_post_update); a non-finite step discards its result too.
 
   Returns:
     train_step(state, batch, rng) -> (new TrainingState, metrics): metrics holds float32 scalars
@@ -231,6 +234,8 @@ def make_train_step(loss_fn: LossFn, tx, *, accum_steps: int = 1, schedule=None,
     params = optax.apply_updates(params, updates)
     if mask is not None:
       params = join(params, frozen, mask)
+    if post_update is not None:  # its own rng: the loss used rng or fold_in(rng, 0..accum-1)
+      params = post_update(params, batch, jax.random.fold_in(rng, accum_steps))
     new = TrainingState(step=state.step + 1, params=params, opt_state=opt_state)
     new = jax.tree_util.tree_map(lambda n, old: jnp.where(finite, n, old), new, state)
     metrics = {"train/loss": loss, "grad_norm": grad_norm,
