@@ -59,7 +59,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   # Phase 1 (the tokenizer): these train keys replace config.train's; the rest are shared.
   v = config.vq_train = ml_collections.ConfigDict()
-  v.steps, v.batch_size, v.learning_rate, v.warmup_steps = 1500, 64, 2e-3, 50
+  v.steps, v.batch_size, v.learning_rate, v.warmup_steps = 500, 64, 2e-3, 50
   v.weight_decay, v.log_every, v.eval_every, v.save_every = 0.0, 100, 500, 500
 
   d = config.data = ml_collections.ConfigDict()

@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fmjax import data as fdata
 from fmjax.metrics import read_metrics
+from fmjax.models import text_to_image as t2i
 from train import checks
 from train import sample_images as program
+from train import text_to_image as t2i_program
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -80,6 +83,13 @@ def test_tiny_learns_samples_and_resumes(trained):
   grid = np.asarray(Image.open(workdir / "samples" / "step_000060.png"))
   assert grid.shape == (2 + 2 * 66, 2 + 2 * 66)  # 2 prompts x 2 images, 16 px zoomed to 64
   assert list((workdir / "tensorboard").iterdir())
+
+  # The empty caption encodes to the null caption that caption dropout and guidance use.
+  tok = fdata.load_tokenizer(str(workdir / "tokenizer"))
+  text, mask = t2i_program.encode_text(tok, [""], 16)
+  null_text, null_mask = t2i.null_caption(1, 16, tok.eos_id)
+  np.testing.assert_array_equal(text, null_text)
+  np.testing.assert_array_equal(mask, null_mask)
 
   check_ok(again)  # the rerun resumes the generator; the finished tokenizer is not retrained
   assert "resumed from" in again.stderr and "step 60" in again.stderr
