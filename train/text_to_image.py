@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from fmjax import guidance, heads, sharding, trainer
+from fmjax import workdir as fworkdir
 from fmjax import data as fdata
 from fmjax.data import captions as fcaptions
 from fmjax.data.text import DataError
@@ -139,8 +140,11 @@ def _vq_flops(c) -> float:
   return 6.0 * 2 * flops
 
 
-def train_vq(config, directory: str, train_images, eval_images):
-  """Phase 1: trains the VQ-VAE in `directory` (resumable; returns at once when done)."""
+def train_vq(config, directory: str, train_images, eval_images, workdir: str):
+  """Phase 1: trains the VQ-VAE in `directory` (resumable; returns at once when done).
+
+  From its first step the run's `workdir` is kept whatever happens next: a run stopped (or
+  failing) in phase 1 would otherwise remove the new workdir, tokenizer_vq/ with it."""
   c = common.as_flags(vqvae.VQConfig, "config.vq", **config.vq)
   sub = phase_config(config)
   if _steps_done(directory) >= sub.train.steps:
@@ -160,6 +164,9 @@ def train_vq(config, directory: str, train_images, eval_images):
       flops_per_example=_vq_flops(c), tokens_per_example=c.num_tokens,
       trainable=vqvae.trainable, post_update=vqvae.make_post_update(model))
   os.makedirs(directory, exist_ok=True)
+  lock = fworkdir.held(workdir)
+  if lock is not None:
+    lock.keep()
   common.fit(sub, directory, task, source=common.sources.Source())
 
 
@@ -288,7 +295,7 @@ def run(config, workdir: str):
                           *train_images.shape[1:])
   vq_dir = vq_workdir(config, workdir)
   if not config.tokenizer_from:
-    train_vq(config, vq_dir, train_images, eval_images)
+    train_vq(config, vq_dir, train_images, eval_images, workdir)
   vq_model, vq_params = load_vq(vq_dir)
   if vq_model.config.image_size != config.vq.image_size or \
       vq_model.config.channels != config.vq.channels:
