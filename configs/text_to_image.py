@@ -19,8 +19,11 @@ Variants:
   digits  MNIST t10k (config.data.train_path, default ../shared/data/mnist: the last
           num_eval images held out) at 32 x 32 with captions in many phrasings
           ("a handwritten seven", "the digit 7", ...; fmjax.data.captions.digit_caption),
-          an 8 x 8 grid of 128 codes, a 2 + 4 layer generator 192 wide, guidance 3. Sized
-          to train end to end on a 2-core CPU within the 45-minute target (not measured yet).
+          an 8 x 8 grid of 128 codes, a 2 + 4 layer generator 192 wide, guidance 3.
+          Measured on the shared 2-core CPU (nice 5, other jobs running): the tokenizer's
+          500 steps in 6 minutes (eval PSNR 24.7 dB, 99% of the codes used), generator
+          steps at ~1.4 s, so 1,500 steps take ~35 minutes: ~45 minutes end to end. The
+          classifier bar (>= 0.9 of samples labelled as the prompted digit) is not shown yet.
   shapes  generated scenes of two coloured shapes ("a red circle above a blue square",
           fmjax.data.captions.shapes), 32 x 32 RGB.
 Your own images: --config.data.train_path=FOLDER of images, each with a <stem>.txt caption
@@ -83,7 +86,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   t.learning_rate, t.warmup_steps, t.decay, t.end_factor = 1e-3, 100, "cosine", 0.05
   t.b2, t.weight_decay, t.batch_size = 0.98, 0.01, 64
   t.caption_dropout = 0.15  # share of captions replaced by the null (empty) caption
-  t.steps, t.log_every, t.eval_every, t.save_every, t.eval_batches = 4000, 100, 1000, 500, 8
+  t.steps, t.log_every, t.eval_every, t.save_every, t.eval_batches = 1500, 100, 500, 500, 8
 
   if variant == "tiny":
     config.vq = model_config(vqvae.get_config("tiny", channels=1, widths=(16, 16),
