@@ -120,10 +120,9 @@ def clip_scorer(clip_workdir: str):
     if images.shape[-1] != channels:
       images = (np.repeat(images, channels, -1) if images.shape[-1] == 1 else
                 images.mean(-1, keepdims=True))
-    ids = list(tok.encode(prompt)) + [tok.eos_id]
-    tokens = np.tile(np.asarray(ids, np.int32), (len(images), 1))
+    tokens, mask = fclip.tokenize(tok, [prompt] * len(images), model.config.text.max_length)
     return np.asarray(fclip.score(model, params, images.astype(np.float32) / 127.5 - 1.0,
-                                  tokens, np.ones(tokens.shape, bool)))
+                                  tokens, mask))
   return score
 
 
