@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Dense bf16 peak FLOP/s per JAX device (a TPU v2/v3 device is one core).
 PEAK_FLOPS = {
@@ -222,6 +223,23 @@ class MetricsWriter:
     for k, v in row.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)
+
+  def write_images(self, step: int, images: dict) -> None:
+    """Writes pictures as WORKDIR/<name>/step_XXXXXX.png and to TensorBoard (if enabled).
+
+    Args:
+      step: the training step they belong to.
+      images: {name: (H, W, C) uint8 array, C 1 or 3}.
+    """
+    if not self.enabled:
+      return
+    from PIL import Image
+    for name, image in images.items():
+      image = np.asarray(image, np.uint8)
+      path = os.path.join(self.workdir, name, f"step_{int(step):06d}.png")
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+      self._tb.add_image(name, image, step, dataformats="HWC")
 
   def close(self) -> None:
     """Flushes TensorBoard and draws loss_curve.png from metrics.jsonl (if enabled)."""

@@ -94,6 +94,9 @@ class Task:
       are trained and have optimizer state (a frozen base); None: every parameter.
     post_update: (params, batch, rng) -> params, applied to the parameters after each optimizer
       step, inside the jitted step (training.make_train_step), e.g. a VQ-VAE's EMA codebook.
+    images_fn: optional (predict) -> {name: (H, W, C) uint8 image}, predict as for score_fn:
+      pictures of the current params at each evaluation (e.g. samples for fixed prompts),
+      written to WORKDIR/<name>/step_XXXXXX.png and to TensorBoard.
   """
   model: Any
   model_config: Any
@@ -111,6 +114,7 @@ class Task:
   notes: tuple[str, ...] = ()  # lines logged once the run has passed its checks (memory plan)
   trainable: Callable | None = None
   post_update: Callable | None = None
+  images_fn: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,6 +398,9 @@ def _fit(config, workdir: str, task: Task, plan: Schedule, source, until: int | 
               m["mfu"] = metrics.mfu(examples_per_s * task.flops_per_example, peak_total)
           if step % t.eval_every == 0 or final:
             m.update(evaluate_if(task, p_eval, p_predict, state, mesh))
+            if task.images_fn is not None:
+              writer.write_images(step, task.images_fn(lambda batch: to_host(p_predict(
+                  state.params, sharding.shard_batch(batch, mesh)))))
             best.update(step, m, state)
           writer.write(step, {**counts, **m})
           counts = {}

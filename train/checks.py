@@ -364,6 +364,24 @@ RULES: dict[str, Callable] = {
         "encoder_layers": Int(0),
         **{k: Bool() for k in ("gated_mlp", "use_bias", "tie_embeddings", "pre_ln")},
     }.items()},
+    # text_to_image: the image tokenizer (config.vq), its phase's train keys, the samples
+    "tokenizer_from": Path("dir"),
+    **{f"vq.{k}": POSITIVE for k in ("image_size", "channels", "res_blocks", "groups",
+                                     "codebook_size", "code_dim", "kmeans_iters")},
+    "vq.widths": lambda value, config=None: None if isinstance(value, (tuple, list)) and value \
+        and all(Int(1)(w) is None for w in value) else "must be a list of positive integers",
+    "vq.commitment": NONNEGATIVE,
+    "vq.ema_decay": FRACTION,
+    "vq.epsilon": Float(0, open_low=True),
+    "vq.restart_below": NONNEGATIVE,
+    **{f"vq_train.{k}": POSITIVE for k in ("steps", "batch_size", "log_every", "eval_every",
+                                           "save_every")},
+    "vq_train.learning_rate": Float(0, open_low=True),
+    "vq_train.warmup_steps": COUNT,
+    "vq_train.weight_decay": NONNEGATIVE,
+    "train.caption_dropout": FRACTION,
+    "sample.per_prompt": POSITIVE,
+    "sample.guidance": Float(0, note="0: no guidance"),
     # lora: low-rank adapters on a frozen base (fmjax.lora)
     "lora.rank": Int(0, note="0 trains every parameter; e.g. 8 trains adapters of rank 8"),
     "lora.alpha": Float(0, open_low=True, note="the adapters' scale is alpha / rank"),
@@ -388,7 +406,7 @@ def _lora_targets(value) -> str | None:
 # metric, a prompt; the model's choices in MODELS, init_from in DEPENDENT). Every key of a
 # run config is in RULES or here (tests/test_checks.py), so a new key gets a rule or a reason.
 FREE_FORM = frozenset({
-    "init_from", "train.best_metric", "sample.prompt",
+    "init_from", "train.best_metric", "sample.prompt", "sample.prompts",
     *(f"data.{k}" for k in ("tfds_name", "text_key", "data_dir", "train_split", "eval_split",
                             "test_split", "source_lang", "target_lang", "text_columns",
                             "label_column", "label_names")),

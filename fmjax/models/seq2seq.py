@@ -20,6 +20,7 @@ into the cache once, and every later step reads them back.
 """
 
 import dataclasses
+from typing import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -124,9 +125,11 @@ def sinusoidal_positions(positions, dim: int):
   return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(*positions.shape, dim)
 
 
-def _embed_tokens(embed, ids, positions, dim):
+def _embed_tokens(embed, ids, positions, dim, position_embed=None):
   x = embed(ids) * jnp.asarray(np.sqrt(dim), embed.dtype)  # (B, T, D)
-  return x + sinusoidal_positions(positions, dim).astype(x.dtype)
+  pos = (sinusoidal_positions(positions, dim) if position_embed is None
+         else position_embed(positions))  # (B, T, D)
+  return x + pos.astype(x.dtype)
 
 
 def _arange(ids):
@@ -150,10 +153,12 @@ class TextDecoder(nn.Module):
   """Target embedding, positions, DecoderBlocks, final norm and the tied output projection.
 
   `embed` is the target embedding table (owned by the parent, shared with the encoder when
-  the vocabulary is)."""
+  the vocabulary is). `position_embed` (owned by the parent too) maps (B, T) positions to
+  (B, T, D) embeddings in place of the sinusoids: text_to_image.py's 2-D image-grid table."""
   config: Seq2SeqConfig
   embed: Embed
   runtime: Runtime = Runtime()
+  position_embed: Callable | None = None
 
   @nn.compact
   def __call__(self, tokens, memory, memory_mask, *, positions=None, train: bool = False,
@@ -177,8 +182,8 @@ class TextDecoder(nn.Module):
     """
     c, rt = self.config, self.runtime
     positions = _arange(tokens) if positions is None else positions
-    x = nn.Dropout(rt.dropout_rate)(_embed_tokens(self.embed, tokens, positions, c.embed_dim),
-                                   deterministic=not train)
+    x = nn.Dropout(rt.dropout_rate)(_embed_tokens(self.embed, tokens, positions, c.embed_dim,
+                                                  self.position_embed), deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     new_cache = None if cache is None else {}
     for i in range(c.decoder_layers):
