@@ -78,6 +78,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   d.vocab_size = 96  # SentencePiece pieces learned on the training captions
   d.max_length = 16  # caption tokens, EOS included (longer captions are cut)
   d.lowercase = True  # captions and prompts lower-cased ("The Digit 7" == "the digit 7")
+  # MNIST: captions per training image (each a copy with its own phrasing), and the share of
+  # captions given 1-3 random filler words ("the neat digit 7 please"), so that a prompt's
+  # other words do not matter, only its digit.
+  d.captions_per_image, d.filler_words = 1, 0.0
 
   s = config.sample = ml_collections.ConfigDict()
   s.prompts = DIGIT_PROMPTS  # the fixed prompts of the sample grid at each evaluation
@@ -100,6 +104,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     s.prompts, s.per_prompt = ("a handwritten seven", "the digit 1"), 2
     t.batch_size, t.learning_rate, t.warmup_steps = 32, 3e-3, 10
     t.steps, t.log_every, t.eval_every, t.save_every, t.eval_batches = 60, 20, 60, 30, 2
+    d.captions_per_image, d.filler_words = 2, 0.5
+  elif variant == "digits":
+    d.captions_per_image, d.filler_words = 4, 0.5
+    d.max_length, d.vocab_size = 32, 160  # room for the filler words
   elif variant == "shapes":
     config.vq.channels = 3
     d.train_path, d.vocab_size = "", 80

@@ -293,3 +293,17 @@ def test_check_scene_on_a_hand_drawn_image():
   assert not captions.check_scene(two_red, "a red circle above a red square")["shapes"]
   with pytest.raises(ValueError, match=r"\(S, S, 3\)"):
     captions.check_scene(image[..., 0], "a red square above a yellow circle")
+
+
+def test_filler_words_are_inserted_around_the_caption_and_name_no_number():
+  assert not set(captions.FILLER_WORDS) & set(captions.DIGIT_WORDS)
+  assert not any(ch.isdigit() for word in captions.FILLER_WORDS for ch in word)
+  rng = np.random.default_rng(0)
+  counts = set()
+  for _ in range(200):
+    out = captions.with_filler("the digit 7", rng).split()
+    added = len(out) - 3
+    counts.add(added)
+    rest = iter(out)  # the caption's own words stay, in order
+    assert all(any(w == x for x in rest) for w in ("the", "digit", "7"))
+  assert counts == {1, 2, 3}

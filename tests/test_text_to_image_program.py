@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -79,7 +80,7 @@ def test_tiny_learns_samples_and_resumes(trained):
   assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.2
   assert rows[-1]["eval/loss"] < np.log(32)  # below uniform over the 32 codes
   codes = np.load(workdir / "codes_train.npy")
-  assert codes.shape == (1024 - 128, 16) and 0 <= codes.min() and codes.max() < 32
+  assert codes.shape == (2 * (1024 - 128), 16) and 0 <= codes.min() and codes.max() < 32  # 2 captions each
   grid = np.asarray(Image.open(workdir / "samples" / "step_000060.png"))
   assert grid.shape == (2 + 2 * 66, 2 + 2 * 66)  # 2 prompts x 2 images, 16 px zoomed to 64
   assert list((workdir / "tensorboard").iterdir())
@@ -140,3 +141,27 @@ def test_reranking_keeps_the_best_candidate(tmp_path):
   rows = program.write_samples(str(tmp_path / "first"), ["a", "b"], candidates)
   assert [r["clip_score"] for r in rows] == [None, None]
   assert np.asarray(Image.open(tmp_path / "first" / "00000.png")).max() == 10
+
+
+def test_more_captions_copy_the_training_images_and_keep_the_held_out_ones_plain():
+  import ml_collections
+  from fmjax.data import captions
+  from train import text_to_image as program
+  config = ml_collections.ConfigDict({"seed": 0, "data": {"captions_per_image": 3,
+                                                          "filler_words": 1.0}})
+  images = np.arange(7, dtype=np.uint8).reshape(7, 1, 1, 1)
+  labels = np.array([7, 1, 8, 0, 3, 5, 9])
+  texts = [f"plain {i}" for i in range(7)]
+  more, captions_ = program._more_captions(images, labels, texts, 5, config)
+  assert more[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4] * 3 + [5, 6]
+  assert captions_[-2:] == ["plain 5", "plain 6"]  # the held-out ones: as they were
+  for i in range(5):  # the first copy: the image's own caption, with filler words added
+    words = captions_[i].split()
+    assert len(words) > 2 and words[0] != "plain" or words.index("plain") < words.index(str(i))
+    assert {"plain", str(i)} <= set(words) and set(words) - {"plain", str(i)} <= set(
+        captions.FILLER_WORDS)
+  for k in (1, 2):  # the others: new phrasings of the image's digit (with filler words)
+    for i in range(5):
+      words = re.findall(r"[a-z0-9]+", captions_[k * 5 + i].lower())  # "a 1.", "1, ..."
+      assert captions.DIGIT_WORDS[labels[i]] in words or str(labels[i]) in words
+  assert len(set(captions_[:15])) == 15

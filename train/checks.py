@@ -380,6 +380,8 @@ RULES: dict[str, Callable] = {
     "vq_train.warmup_steps": COUNT,
     "vq_train.weight_decay": NONNEGATIVE,
     "train.caption_dropout": FRACTION,
+    "data.captions_per_image": POSITIVE,
+    "data.filler_words": FRACTION,
     "sample.per_prompt": POSITIVE,
     "sample.guidance": Float(0, note="0: no guidance"),
     # lora: low-rank adapters on a frozen base (fmjax.lora)

@@ -60,7 +60,11 @@ def load_data(config):
   else:
     mnist = _mnist_files(d.train_path)
     if mnist:
-      images, _, texts = fcaptions.digits(*mnist, image_size=v.image_size, seed=config.seed)
+      images, labels, texts = fcaptions.digits(*mnist, image_size=v.image_size,
+                                               seed=config.seed)
+      n_train = len(images) - d.num_eval
+      if n_train >= 1 and (d.captions_per_image > 1 or d.filler_words > 0):
+        images, texts = _more_captions(images, labels, texts, n_train, config)
     else:
       images, texts = fcaptions.read_text_folder(d.train_path, image_size=v.image_size,
                                                  channels=1 if v.channels == 1 else 3)
@@ -75,10 +79,28 @@ def load_data(config):
   return images[:n_train], texts[:n_train], images[n_train:], texts[n_train:]
 
 
+def _more_captions(images, labels, texts, n_train: int, config):
+  """MNIST's training images each data.captions_per_image times, each copy with its own
+  caption, and a share data.filler_words of the captions with 1-3 FILLER_WORDS inserted;
+  the held-out images (after the first n_train) keep their one plain caption."""
+  d = config.data
+  captions = []
+  for k in range(d.captions_per_image):
+    for i in range(n_train):
+      rng = np.random.default_rng([config.seed, 7, k, i])
+      text = texts[i] if k == 0 else fcaptions.digit_caption(int(labels[i]), rng)
+      captions.append(fcaptions.with_filler(text, rng) if rng.random() < d.filler_words
+                      else text)
+  train = np.concatenate([images[:n_train]] * d.captions_per_image)
+  return (np.concatenate([train, images[n_train:]]),
+          captions + list(texts[n_train:]))
+
+
 def tokenizer_settings(config) -> list[str]:
   """The keys a workdir's tokenizer, codes and checkpoints depend on (fixed on resume)."""
   del config
   return ["data.vocab_size", "data.lowercase", "data.max_length", "data.train_path",
+          "data.captions_per_image", "data.filler_words",
           "tokenizer_from", "vq.image_size", "vq.channels", "vq.codebook_size"]
 
 

@@ -143,6 +143,39 @@ DIGIT_TEMPLATES = (
 )
 
 
+# Words a caption may gain at random (train/text_to_image's data.filler_words): the generator
+# then learns that only the digit's word or numeral matters, whatever else a prompt says. No
+# number words or numerals among them.
+FILLER_WORDS = tuple("""please show me draw make give create render generate paint picture
+image photo photograph sketch drawing scan doodle illustration style art simple clean neat
+messy bold thin thick small big large tiny huge nice good great lovely cute plain black white
+dark bright grey gray ink pen pencil chalk marker paper board screen here now just really very
+quite some this that my your our their its it is was be can could would should will want like
+need see look find get put write wrote written showing shown with without on in at of for from
+to by about over under into onto and or but so then also too again only still even not no yes
+the a an some any every each kind sort type version example sample single centred centered
+handwriting handwritten hand digit number numeral figure symbol character glyph mark sign
+written-out please-draw quick slow careful random""".split())
+
+
+def with_filler(caption: str, rng: np.random.Generator, *, max_words: int = 3) -> str:
+  """The caption with 1..max_words FILLER_WORDS inserted at random word positions.
+
+  Args:
+    caption: e.g. "the digit 7".
+    rng: the generator the count, the words and the positions are drawn with.
+    max_words: the most words inserted.
+
+  Returns:
+    e.g. "the neat digit 7 please".
+  """
+  words = caption.split()
+  for _ in range(int(rng.integers(1, max_words + 1))):
+    words.insert(int(rng.integers(0, len(words) + 1)),
+                 FILLER_WORDS[int(rng.integers(0, len(FILLER_WORDS)))])
+  return " ".join(words)
+
+
 def digit_phrasings(label: int) -> list[str]:
   """Every phrasing of one digit: each template with the word, then with the numeral.
 
