@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
 NAMES = ["01_gpt_quickstart", "02_bert_pretrain_finetune", "03_huggingface", "04_sharding",
-         "05_vit", "06_decoder_chat"]
+         "05_vit", "06_decoder_chat", "07_text_to_image"]
 
 
 def _load(path):
