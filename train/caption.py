@@ -38,19 +38,11 @@ def load_split(config, split: str):
 
 
 def tokenizer_settings(config) -> list[str]:
-  """The config keys that decide the tokenizer `build_tokenizer` makes (fixed on resume)."""
+  """The config keys that decide the tokenizer common.caption_tokenizer makes (fixed on resume)."""
   del config
   return ["data.vocab_size"]
 
 
-def build_tokenizer(config, workdir: str, texts):
-  saved = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(saved, fdata.tokenizers.METADATA_FILE)):
-    return fdata.load_tokenizer(saved)
-  tok = fdata.train_sentencepiece(texts, config.data.vocab_size)
-  if jax.process_index() == 0:
-    tok.save(saved)
-  return tok
 
 
 def encode(images, texts, tok, max_length: int) -> dict[str, np.ndarray]:
@@ -99,7 +91,7 @@ def run(config, workdir: str):
   if config.init_from:  # the tokenizer is learned per run: another run's ids would not match
     raise ValueError(f"config.init_from={config.init_from!r}: caption trains from fresh "
                      "weights; leave config.init_from empty")
-  tok = build_tokenizer(config, workdir, train_texts)
+  tok = common.caption_tokenizer(workdir, train_texts, config.data.vocab_size)
   decoder = common.model_config(seq2seq.Seq2SeqConfig, config.model, tok)
   encoder = common.as_flags(vit.ViTConfig, "config.vit", **config.vit)
   model = seq2seq.ImageCaptioner(decoder, encoder, common.runtime(config))

@@ -23,7 +23,6 @@ fmjax.models.clip.score (e.g. train/sample_images.py reranks generated candidate
 """
 
 import dataclasses
-import os
 import sys
 
 import flax.linen as nn
@@ -119,20 +118,11 @@ LOADERS = {"digits": load_digits, "shapes": load_shapes, "folder": load_folder}
 
 
 def tokenizer_settings(config) -> list[str]:
-  """The config keys that decide the tokenizer `build_tokenizer` makes (fixed on resume)."""
+  """The config keys that decide the tokenizer common.caption_tokenizer makes (fixed on resume)."""
   del config
   return ["data.vocab_size", "data.kind"]
 
 
-def build_tokenizer(config, workdir: str, texts):
-  """The workdir's saved tokenizer, or a lower-cased SentencePiece one learned on `texts`."""
-  saved = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(saved, fdata.tokenizers.METADATA_FILE)):
-    return fdata.load_tokenizer(saved)
-  tok = fdata.train_sentencepiece(texts, config.data.vocab_size, lowercase=True)
-  if jax.process_index() == 0:
-    tok.save(saved)
-  return tok
 
 
 def encode(split: Split, tok, max_length: int) -> dict[str, np.ndarray]:
@@ -220,7 +210,8 @@ def run(config, workdir: str):
   model_config(config, None)  # the architecture's own checks, before the data is read
   train_split, eval_split, classnames = LOADERS[d.kind](config, config.vit.image_size,
                                                         config.vit.num_channels)
-  tok = build_tokenizer(config, workdir, train_split.captions)
+  tok = common.caption_tokenizer(workdir, train_split.captions, config.data.vocab_size,
+                               lowercase=True)
   c = model_config(config, tok)
   model = clip.CLIP(c, common.runtime(config))
   length = c.text.max_length

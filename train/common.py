@@ -68,6 +68,30 @@ ARGUMENT_FLAGS = {
 }
 
 
+def caption_tokenizer(workdir: str, texts, vocab_size: int, *, lowercase: bool = False):
+  """A captioning program's tokenizer: WORKDIR/tokenizer when a run saved one, else a
+  SentencePiece vocabulary learned on `texts` and saved there (by process 0).
+
+  Args:
+    workdir: the run's workdir.
+    texts: the training captions.
+    vocab_size: the pieces to learn (config.data.vocab_size).
+    lowercase: whether the tokenizer lower-cases what it encodes.
+
+  Returns:
+    The fmjax.data tokenizer.
+  """
+  import jax
+  from fmjax import data as fdata
+  saved = os.path.join(workdir, "tokenizer")
+  if os.path.exists(os.path.join(saved, fdata.tokenizers.METADATA_FILE)):
+    return fdata.load_tokenizer(saved)
+  tok = fdata.train_sentencepiece(texts, vocab_size, **({"lowercase": True} if lowercase else {}))
+  if jax.process_index() == 0:
+    tok.save(saved)
+  return tok
+
+
 def enable_compilation_cache() -> str | None:
   """Turns on JAX's persistent compilation cache for this process, so that a rerun (resume,
   another variant of the same shapes, the next notebook session) loads its compiled steps

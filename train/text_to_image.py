@@ -104,15 +104,6 @@ def tokenizer_settings(config) -> list[str]:
           "tokenizer_from", "vq.image_size", "vq.channels", "vq.codebook_size"]
 
 
-def build_tokenizer(config, workdir: str, texts):
-  """The SentencePiece tokenizer of the captions: DIR/tokenizer, learned on the first run."""
-  saved = os.path.join(workdir, "tokenizer")
-  if os.path.exists(os.path.join(saved, fdata.tokenizers.METADATA_FILE)):
-    return fdata.load_tokenizer(saved)
-  tok = fdata.train_sentencepiece(texts, config.data.vocab_size)
-  if jax.process_index() == 0:
-    tok.save(saved)
-  return tok
 
 
 def encode_text(tok, texts, max_length: int):
@@ -328,7 +319,7 @@ def run(config, workdir: str):
   codes = {name: cached_codes(workdir, name, vq_model, vq_params, images)
            for name, images in (("train", train_images), ("eval", eval_images))}
 
-  tok = build_tokenizer(config, workdir, train_texts)
+  tok = common.caption_tokenizer(workdir, train_texts, d.vocab_size)
   c = generator_config(config, tok, vq_model.config)
   model = t2i.TextToImage(c, common.runtime(config))
   arrays = {}
