@@ -97,7 +97,7 @@ def read_runs(path: str) -> list[Run]:
         line = json.loads(text)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from None
-      if "command" in line and "impl" not in line:
+      if isinstance(line.get("command"), str) and "impl" not in line:  # a run's header
         runs.append(Run(command=line["command"], header=line))
       else:
         runs[-1].lines.append(line)
@@ -419,6 +419,33 @@ def _startup_rows(runs):
           for x in run.lines if "median_first_step_s" in x]
 
 
+def _t2i_rows(runs):
+  """One row per measurement of the last run of the digits bench."""
+  return [{"line": x, "lines": [x]} for x in runs["text_to_image_digits.jsonl"][-1].lines]
+
+
+def _t2i_result(line: dict) -> str:
+  what = line["what"]
+  if what == "train end to end":
+    return f"{num(line['wall_s'] / 60, 1)} min (target {num(line['target_s'] / 60)} min)"
+  if what == "image tokenizer":
+    return (f"held-out PSNR {num(line['eval/psnr'], 1)} dB, "
+            f"{pct(line['eval/usage'])} of the codes used in a batch, "
+            f"perplexity {num(line['eval/perplexity'])} (step {num(line['step'])})")
+  if what == "generated digits":
+    return (f"**{num(line['prompted_digit_share'], 3)}** read as the prompted digit (target "
+            f"{line['target']}; {line['prompts']} unseen prompts x {line['samples_per_prompt']}, "
+            f"guidance {line['guidance']}, per digit "
+            f"{min(line['per_digit'].values()):.2f}-{max(line['per_digit'].values()):.2f}); "
+            f"same-prompt spread {num(line['same_prompt_spread_vs_real'], 2)} of real "
+            f"digits', {pct(line['distinct_share'])} distinct; classifier "
+            f"{num(line['classifier_heldout_accuracy'], 4)} on held-out MNIST")
+  if what == "zero-shot MNIST":
+    return (f"zero-shot accuracy {num(line['eval/zero_shot_accuracy'], 4)} on 2,000 held-out "
+            f"digits (step {num(line['step'])})")
+  return DASH
+
+
 TABLES = (
     Table("train_speed", ("train_speed.jsonl",), _train_speed_rows, (
         ("command", lambda r: f"`{r['run'].command.split('train_speed.py ')[-1]}` "
@@ -485,6 +512,9 @@ TABLES = (
         ("sentiment right", lambda r: pct(r["line"]["sentiment_accuracy"])),
         ("s/step", lambda r: num(r["line"]["seconds_per_step"], 1)),
         ("peak RSS", lambda r: f"{r['line']['peak_rss_gb']:.2f} GB"))),
+    Table("text_to_image_digits", ("text_to_image_digits.jsonl",), _t2i_rows, (
+        ("measured", lambda r: f"{r['line']['model']}: {r['line']['what']}"),
+        ("result", lambda r: _t2i_result(r["line"]))), optional=True),
     Table("startup", ("startup.jsonl",), _startup_rows, (
         ("program", lambda r: f"`configs/gpt.py:{r['line']['config']}`"),
         ("compilation cache", lambda r: r["line"]["cache"]),

@@ -17,17 +17,13 @@ Variants:
   tiny    the bundled 1,024 MNIST digits (data/mnist_tiny) at 16 x 16, a 4 x 4 code grid, a
           tiny tokenizer and generator; seconds on a CPU; the tests run it.
   digits  MNIST t10k (config.data.train_path, default ../shared/data/mnist: the last
-          num_eval images held out) at 32 x 32 with captions in many phrasings
-          ("a handwritten seven", "the digit 7", ...; fmjax.data.captions.digit_caption),
+          num_eval images held out) at 32 x 32, each training image captioned 4 times in
+          many phrasings ("a handwritten seven", "the digit 7", ...;
+          fmjax.data.captions.digit_caption), half the captions with random filler words,
           an 8 x 8 grid of 128 codes, a 2 + 4 layer generator 192 wide, guidance 3.
-          Measured on the shared 2-core CPU (nice 5, other jobs running): the tokenizer's
-          500 steps in 6.5 minutes (eval PSNR 24.7 dB, 99% of the codes used), then 1,301
-          generator steps in 20 minutes (stopped by --config.train.time_budget_s=1200; eval
-          loss 1.31): 27 minutes end to end. An independent classifier (a scikit-learn MLP
-          on MNIST pixels, 0.947 on held-out digits) labels 0.945 of guided samples (scale
-          3, 10 per prompt) as the prompted digit for training phrasings, 0.73 for unseen
-          ones (0.91-0.97, but 0.10 for "please show me a seven"); not yet with
-          train.classify_images.
+          Measured (bench/text_to_image_digits.py, bench/RESULTS.md): 25.5 min end to end on
+          the 2-core CPU; an independent classifier reads 0.91 of the images generated for
+          unseen phrasings as the prompted digit.
   shapes  generated scenes of two coloured shapes ("a red circle above a blue square",
           fmjax.data.captions.shapes), 32 x 32 RGB.
 Your own images: --config.data.train_path=FOLDER of images, each with a <stem>.txt caption
