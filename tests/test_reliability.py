@@ -124,6 +124,9 @@ class Data:
   def __next__(self):
     for signum in self.signals.get(self.step + 1, ()):
       os.kill(os.getpid(), signum)  # the handler runs now, in this (main) thread
+      # ... once Python gets to it: a signal landing on another thread only flags it, and a
+      # second one flagged before the handler ran would be the same one.
+      time.sleep(0.05)
     batch = self.batch_at(self.step)
     self.step += 1
     return batch

@@ -354,7 +354,7 @@ def test_an_impossible_mfu_measures_the_peak_again(monkeypatch, tmp_path):
   trainer measures it again, once, and logs the true fraction."""
   calls = []
 
-  def peak(device=None, remeasure=False):
+  def peak(device=None, remeasure=False, **_):
     calls.append(remeasure)
     return (1e12 if remeasure else 1e-3), "test"
   monkeypatch.setattr(metrics, "peak_flops_per_device", peak)

@@ -31,14 +31,20 @@ from train import common
 from train import text_to_image as program
 
 FLAGS = flags.FLAGS  # --workdir is train.common's
-flags.DEFINE_string("prompts", None, "a text file, one prompt per line")
-flags.DEFINE_string("out", None, "the folder the PNGs, grid.png and index.jsonl go to")
-flags.DEFINE_integer("num_candidates", 1, "samples per prompt; the best by CLIP is kept")
-flags.DEFINE_string("clip_workdir", None, "a train.clip workdir to rerank the candidates")
-flags.DEFINE_float("guidance", None, "guidance scale (default: the run's sample.guidance)")
-flags.DEFINE_integer("seed", 0, "sampling seed")
-flags.DEFINE_float("temperature", None, "softmax temperature (default: the run's)")
-flags.DEFINE_integer("top_k", None, "sample among the k most likely codes (default: the run's)")
+
+
+def define_flags() -> None:
+  """The command line's flags, defined when this runs as the program (not on import: other
+  programs, train.sample among them, define --seed, --temperature and --top_k too)."""
+  flags.DEFINE_string("prompts", None, "a text file, one prompt per line")
+  flags.DEFINE_string("out", None, "the folder the PNGs, grid.png and index.jsonl go to")
+  flags.DEFINE_integer("num_candidates", 1, "samples per prompt; the best by CLIP is kept")
+  flags.DEFINE_string("clip_workdir", None, "a train.clip workdir to rerank the candidates")
+  flags.DEFINE_float("guidance", None, "guidance scale (default: the run's sample.guidance)")
+  flags.DEFINE_integer("seed", 0, "sampling seed")
+  flags.DEFINE_float("temperature", None, "softmax temperature (default: the run's)")
+  flags.DEFINE_integer("top_k", None,
+                       "sample among the k most likely codes (default: the run's)")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -205,4 +211,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, sys.argv, flags_parser=common.parse_flags)
